@@ -1,0 +1,72 @@
+"""Processors: the checkpoint's own where it can be built, else a small torchvision-free one.
+
+transformers' Qwen2-VL and Pixtral processors need torchvision. `MiniProcessor`
+does what they do for single-image prompts with PIL image processors: run the
+image processor, expand the image placeholder into the right number of image
+tokens, and (Qwen2-VL) add `mm_token_type_ids` for multimodal rotary positions.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import BatchFeature
+
+
+class MiniProcessor:
+    """Tokenizer + PIL image processor + the family's image-token expansion."""
+
+    def __init__(self, tokenizer, image_processor, family: str, *, merge: int = 1, patch: int = 16):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.family, self.merge, self.patch = family, merge, patch
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def _expand(self, image_inputs, i: int) -> str:
+        if self.family.startswith("qwen"):
+            n = int(image_inputs["image_grid_thw"][i].prod()) // self.merge**2
+            return "<|image_pad|>" * n
+        h, w = (int(s) // (self.patch * self.merge) for s in image_inputs["image_sizes"][i])
+        rows = ["[IMG]" * w + "[IMG_BREAK]"] * h
+        return "".join(rows)[: -len("[IMG_BREAK]")] + "[IMG_END]"
+
+    def __call__(self, text=None, images=None, return_tensors="pt", **kwargs):
+        text = [text] if isinstance(text, str) else list(text)
+        placeholder = "<|image_pad|>" if self.family.startswith("qwen") else "[IMG]"
+        data = {}
+        if images:
+            images = [im for group in images for im in (group if isinstance(group, (list, tuple)) else [group])]
+            image_inputs = self.image_processor(images=images, return_tensors="pt")
+            data.update(image_inputs)
+            n_placeholders = sum(t.count(placeholder) for t in text)
+            if n_placeholders != len(images):
+                raise ValueError(f"{len(images)} images but {n_placeholders} image placeholders in the text")
+            i = 0
+            for j, t in enumerate(text):
+                parts = t.split(placeholder)
+                text[j] = parts[0] + "".join(self._expand(image_inputs, i + k) + p for k, p in enumerate(parts[1:]))
+                i += len(parts) - 1
+        enc = self.tokenizer(text, return_tensors=return_tensors, **kwargs)
+        data.update(enc)
+        if self.family.startswith("qwen"):
+            image_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            data["mm_token_type_ids"] = (enc["input_ids"] == image_id).to(torch.int32)
+        return BatchFeature(data)
+
+
+def load_processor(path: str, adapter):
+    """The checkpoint's processor, or a MiniProcessor where transformers cannot build one here."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(path)
+    except (ImportError, ValueError, TypeError, OSError) as err:
+        if adapter.family not in ("qwen2_vl", "qwen2_5_vl", "pixtral", "mistral3"):
+            raise
+        config = transformers.AutoConfig.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        pil = {"qwen": "Qwen2VLImageProcessorPil"}.get(adapter.family[:4], "PixtralImageProcessorPil")
+        image_processor = getattr(transformers, pil).from_pretrained(path)
+        vc = config.vision_config
+        merge = getattr(vc, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1)
+        print(f"note: using modality_circuits' torchvision-free processor ({err.__class__.__name__}: {err})")
+        return MiniProcessor(tokenizer, image_processor, adapter.family, merge=merge, patch=vc.patch_size)
