@@ -80,6 +80,7 @@ class VLM:
     n_heads: int = field(init=False)
     head_dim: int = field(init=False)
     d_mlp: int = field(init=False)
+    image_size: int | None = None  # side of the square images rendered for this model
     image_token_ids: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
@@ -89,9 +90,13 @@ class VLM:
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.d_mlp = tc.intermediate_size
         tok = self.tokenizer
-        ids = [self.hf_model.config.image_token_id]
+        config = self.hf_model.config
+        ids = [getattr(config, "image_token_id", None) or config.image_token_index]
         ids += [tok.convert_tokens_to_ids(t) for t in self.adapter.extra_image_tokens]
         self.image_token_ids = tuple(ids)
+        if self.image_size is None:
+            vision_size = getattr(getattr(self.hf_model.config, "vision_config", None), "image_size", None)
+            self.image_size = min(vision_size or 448, 512)
 
     @property
     def tokenizer(self):
@@ -100,6 +105,11 @@ class VLM:
     @property
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
+
+    def trace(self, inputs: dict):
+        """An nnsight trace of one forward on `inputs` (moved to the model's device), local or remote."""
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        return self.nn.trace(**inputs, remote=self.remote) if self.remote else self.nn.trace(**inputs)
 
     def layers(self, root=None) -> list:
         """Decoder layers of `root` (default: the nnsight wrapper; pass `hf_model` for plain torch)."""
@@ -118,14 +128,14 @@ class VLM:
         return torch.isin(input_ids, torch.tensor(self.image_token_ids, device=input_ids.device))
 
 
-def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=False) -> VLM:
+def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=False, image_size=None) -> VLM:
     """Put an already built transformers VLM and its processor behind nnsight and its adapter."""
     import nnsight
 
     adapter = ADAPTERS[family_of(hf_model.config)]
     hf_model.eval()
     hf_model.requires_grad_(False)
-    return VLM(name, hf_model, nnsight.NNsight(hf_model), processor, adapter, hub_id=hub_id, remote=remote)
+    return VLM(name, hf_model, nnsight.NNsight(hf_model), processor, adapter, hub_id=hub_id, remote=remote, image_size=image_size)
 
 
 def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, remote=False) -> VLM:

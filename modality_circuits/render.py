@@ -24,6 +24,12 @@ OBJECT_COLOURS = {"ball": "red", "box": "brown", "car": "blue", "cat": "gray",
                   "fish": "orange", "house": "purple", "star": "yellow", "tree": "green"}
 SHAPES = OBJECTS + ("cross", "diamond", "ring", "triangle")
 PERSONS = ("girl", "boy", "man", "woman")
+OPERATOR_STROKES = {  # line segments in cell fractions
+    "+": (((.25, .5), (.75, .5)), ((.5, .25), (.5, .75))),
+    "-": (((.25, .5), (.75, .5)),),
+    "*": (((.3, .3), (.7, .7)), ((.3, .7), (.7, .3))),
+    "/": (((.3, .85), (.7, .15)),),
+}
 
 Box = tuple[float, float, float, float]
 
@@ -121,15 +127,22 @@ def object_grid(objects: list[str], size: int, colours: list[str] | None = None,
 
 
 def char_grid(text: str, size: int) -> Image.Image:
-    """One character per cell, rows wrapping; `*` is drawn as a multiplication cross."""
+    """One character per cell, rows wrapping; digits from the default font, operators drawn
+    as strokes (bigger than the font's, and `*` as a multiplication cross)."""
     if len(text) > GRID * GRID:
         raise ValueError(f"{text!r} has more than {GRID * GRID} characters")
     img = new_image(size)
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=round(size / GRID * 1.05))
-    for i, ch in enumerate(text.replace("*", "×")):
-        x0, y0, x1, y1 = cell_box(i, size)
-        draw.text(((x0 + x1) / 2, (y0 + y1) / 2), ch, fill=(0, 0, 0), font=font, anchor="mm")
+    cell = size / GRID
+    font = ImageFont.load_default(size=round(cell * 1.1))
+    for i, ch in enumerate(text):
+        box = cell_box(i, size)
+        if ch in OPERATOR_STROKES:
+            for a, b in OPERATOR_STROKES[ch]:
+                draw.line(_pts(box, a, b), fill=(0, 0, 0), width=max(1, round(cell / 9)))
+        else:
+            draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), ch, fill=(0, 0, 0),
+                      font=font, anchor="mm", stroke_width=round(cell / 40), stroke_fill=(0, 0, 0))
     return img
 
 

@@ -1,0 +1,165 @@
+"""Node scores and the Circuit object every step reads and writes.
+
+A node is (layer, unit, position); units are attention heads (o_proj input split
+into heads) and MLP neurons (down_proj input). Masks and scores share one layout:
+heads (layers, n_heads, positions) and neurons (layers, d_mlp, positions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Scores:
+    """Mean signed node scores over pairs: heads (L, H, T), neurons (L, I, T)."""
+
+    heads: torch.Tensor
+    neurons: torch.Tensor
+    spans: dict[str, tuple[int, int]]
+    model: str
+    n_pairs: int
+    meta: dict = field(default_factory=dict)
+
+    def position_effect(self) -> torch.Tensor:
+        """(T,) summed signed score of every node at each position."""
+        return self.heads.sum((0, 1)) + self.neurons.sum((0, 1))
+
+    def save(self, path: str) -> None:
+        _save(path, {"heads": self.heads, "neurons": self.neurons}, self._header())
+
+    def _header(self) -> dict:
+        return {"kind": "scores", "spans": self.spans, "model": self.model, "n_pairs": self.n_pairs, "meta": self.meta}
+
+    @classmethod
+    def load(cls, path: str) -> "Scores":
+        tensors, h = _load(path, "scores")
+        return cls(tensors["heads"], tensors["neurons"], _spans(h), h["model"], h["n_pairs"], h["meta"])
+
+
+def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k entries of largest |score| (ties broken by index order)."""
+    flat = scores.abs().flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+@dataclass
+class Circuit:
+    """Head and neuron node sets (boolean masks) with the token spans they refer to."""
+
+    heads: torch.Tensor  # bool (L, H, T)
+    neurons: torch.Tensor  # bool (L, I, T)
+    spans: dict[str, tuple[int, int]]
+    model: str
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_scores(cls, scores: Scores, *, fraction: float | None = None, count: int | None = None) -> "Circuit":
+        """Top ⌊f·N⌋ heads and top ⌊f·N⌋ neurons by |score|, ranked separately (or the top `count` of each)."""
+        if (fraction is None) == (count is None):
+            raise ValueError("give exactly one of fraction or count")
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+        if count is not None and count < 0:
+            raise ValueError(f"count must be non-negative, got {count}")
+
+        def k(t):
+            return min(count, t.numel()) if count is not None else int(fraction * t.numel())
+
+        meta = {"fraction": fraction, "count": count}
+        return cls(_top_mask(scores.heads, k(scores.heads)), _top_mask(scores.neurons, k(scores.neurons)),
+                   scores.spans, scores.model, meta)
+
+    @classmethod
+    def full(cls, like: "Circuit | Scores", value: bool = True) -> "Circuit":
+        """Every node (value=True) or no node (value=False) of the layout of `like`."""
+        heads = torch.full(like.heads.shape, value, dtype=torch.bool)
+        neurons = torch.full(like.neurons.shape, value, dtype=torch.bool)
+        return cls(heads, neurons, like.spans, like.model)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.heads.sum())
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.neurons.sum())
+
+    def _combine(self, other: "Circuit", op) -> "Circuit":
+        if self.heads.shape != other.heads.shape or self.neurons.shape != other.neurons.shape:
+            raise ValueError(f"circuits have different layouts: {tuple(self.heads.shape)} vs {tuple(other.heads.shape)}")
+        return Circuit(op(self.heads, other.heads), op(self.neurons, other.neurons), self.spans, self.model)
+
+    def __and__(self, other):
+        return self._combine(other, torch.logical_and)
+
+    def __or__(self, other):
+        return self._combine(other, torch.logical_or)
+
+    def __sub__(self, other):
+        return self._combine(other, lambda a, b: a & ~b)
+
+    def __eq__(self, other):
+        return torch.equal(self.heads, other.heads) and torch.equal(self.neurons, other.neurons)
+
+    def span_mask(self, span: str) -> torch.Tensor:
+        """(T,) bool, True at the positions of `span` ("D", "Q" or "G")."""
+        start, end = self.spans[span]
+        mask = torch.zeros(self.heads.shape[-1], dtype=torch.bool)
+        mask[start:end] = True
+        return mask
+
+    def restrict(self, span: str) -> "Circuit":
+        """Only the nodes at positions of `span`."""
+        m = self.span_mask(span)
+        return Circuit(self.heads & m, self.neurons & m, self.spans, self.model, dict(self.meta, span=span))
+
+    def save(self, path: str) -> None:
+        header = {"kind": "circuit", "spans": self.spans, "model": self.model, "meta": self.meta}
+        _save(path, {"heads": self.heads.to(torch.uint8), "neurons": self.neurons.to(torch.uint8)}, header)
+
+    @classmethod
+    def load(cls, path: str, *, model: str | None = None) -> "Circuit":
+        """Load a circuit; with `model`, refuse one saved for another model."""
+        tensors, h = _load(path, "circuit")
+        if model is not None and h["model"] != model:
+            raise ValueError(f"{path} holds a circuit for {h['model']!r}, not {model!r}")
+        return cls(tensors["heads"].bool(), tensors["neurons"].bool(), _spans(h), h["model"], h["meta"])
+
+
+def _spans(header: dict) -> dict[str, tuple[int, int]]:
+    return {k: tuple(v) for k, v in header["spans"].items()}
+
+
+def _save(path: str, tensors: dict, header: dict) -> None:
+    """Write safetensors with a JSON header atomically (temp file + rename)."""
+    meta = {"modality_circuits": json.dumps({**header, "format_version": FORMAT_VERSION})}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load(path: str, kind: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        raw = (f.metadata() or {}).get("modality_circuits")
+    if raw is None:
+        raise ValueError(f"{path} was not written by modality_circuits")
+    header = json.loads(raw)
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {header.get('format_version')}; this version reads {FORMAT_VERSION}")
+    if header["kind"] != kind:
+        raise ValueError(f"{path} holds {header['kind']}, not {kind}")
+    return load_file(path), header

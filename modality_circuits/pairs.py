@@ -1,0 +1,165 @@
+"""Aligned (prompt, counterfactual) pairs for a model: chat template, tokens, answer ids and D/Q/G spans.
+
+A prompt is the model's chat template around data part, query part and the
+generation prompt. Spans are found from the tokenised text (character offsets and
+image-token ids), never from hard-coded indices.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .tasks import MODALITIES, TASKS, Prompt, sample_pairs
+
+SPANS = ("D", "Q", "G")
+
+
+class AlignmentError(ValueError):
+    """A prompt and its counterfactual (or two pairs) differ in length or span layout."""
+
+
+@dataclass
+class Pair:
+    """A prompt p and its counterfactual p' with the same token layout.
+
+    inputs / cf_inputs: processor outputs (batch of 1) for p and p'.
+    spans: {"D"|"Q"|"G": (start, end)} token positions, end exclusive, shared by p and p'.
+    """
+
+    prompt: Prompt
+    cf: Prompt
+    inputs: dict
+    cf_inputs: dict
+    answer_id: int
+    cf_answer_id: int
+    spans: dict[str, tuple[int, int]]
+
+    @property
+    def length(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+
+def chat_text(model, prompt: Prompt) -> str:
+    """The prompt in the model's chat template, ending with the generation prompt."""
+    if prompt.modality == "image":
+        content = [{"type": "image"}, {"type": "text", "text": prompt.query}]
+    else:
+        content = [{"type": "text", "text": f"{prompt.data}\n{prompt.query}"}]
+    messages = [{"role": "user", "content": content}]
+    return model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(model, texts: list[str], images: list | None = None) -> dict:
+    """Processor outputs for a batch of chat texts (one image per text, or none)."""
+    if images:
+        return dict(model.processor(text=texts, images=[[im] for im in images], return_tensors="pt", add_special_tokens=False))
+    return dict(model.tokenizer(texts, return_tensors="pt", add_special_tokens=False))
+
+
+def batch(inputs: list[dict]) -> dict:
+    """Concatenate processor outputs of equal-length prompts along the batch (or patch) dimension."""
+    return {k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}
+
+
+def _token_span(offsets, start: int, end: int) -> tuple[int, int]:
+    idx = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    return idx[0], idx[-1] + 1
+
+
+def find_spans(model, prompt: Prompt, text: str, input_ids: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """D/Q/G token spans of one encoded prompt (input_ids: (seq,))."""
+    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    q_char = text.rindex(prompt.query)
+    q0, q1 = _token_span(offsets, q_char, q_char + len(prompt.query))
+    n, shift = len(ids), input_ids.shape[0] - len(ids)  # image prompts: the placeholder was expanded before Q
+    if input_ids[q0 + shift:].tolist() != ids[q0:]:
+        raise AlignmentError("could not locate the query tokens in the processor's encoding")
+    spans = {"Q": (q0 + shift, q1 + shift), "G": (q1 + shift, n + shift)}
+    if prompt.modality == "image":
+        pos = model.image_mask(input_ids).nonzero().flatten()
+        if len(pos) == 0 or pos[-1] - pos[0] + 1 != len(pos):
+            raise AlignmentError(f"image tokens are missing or not contiguous ({len(pos)} found)")
+        spans["D"] = (int(pos[0]), int(pos[-1]) + 1)
+    else:
+        d_char = text.rindex(prompt.data, 0, q_char)
+        spans["D"] = _token_span(offsets, d_char, d_char + len(prompt.data))
+    return {s: spans[s] for s in SPANS}
+
+
+def answer_token(model, text: str, prompt: Prompt) -> int:
+    """Id of the answer's first token as generated after `text`; multi-token answers are refused."""
+    tok = model.tokenizer
+    base = tok(text, add_special_tokens=False)["input_ids"]
+    full = tok(text + prompt.answer, add_special_tokens=False)["input_ids"]
+    new = full[len(base):]
+    if full[: len(base)] != base or not new:
+        raise ValueError(f"answer {prompt.answer!r} merges with the prompt's last token")
+    if len(new) > 1 and prompt.task != "arithmetic":
+        raise ValueError(f"answer {prompt.answer!r} is {len(new)} tokens; the metric needs single-token answers")
+    return new[0]
+
+
+def make_pair(model, prompt: Prompt, cf: Prompt) -> Pair:
+    """Encode p and p' and check they align: same length, same spans, same image size, different answers."""
+    if (prompt.task, prompt.modality) != (cf.task, cf.modality):
+        raise AlignmentError(f"pair mixes {prompt.task}/{prompt.modality} with {cf.task}/{cf.modality}")
+    if prompt.modality == "image" and prompt.image.size != cf.image.size:
+        raise AlignmentError(f"image sizes differ: {prompt.image.size} vs {cf.image.size}")
+    texts = [chat_text(model, p) for p in (prompt, cf)]
+    enc = [encode(model, [t], [p.image] if p.image is not None else None) for t, p in zip(texts, (prompt, cf))]
+    if enc[0]["input_ids"].shape != enc[1]["input_ids"].shape:
+        raise AlignmentError(
+            f"counterfactual has {enc[1]['input_ids'].shape[1]} tokens, prompt {enc[0]['input_ids'].shape[1]}: "
+            f"{prompt.data or prompt.query!r} vs {cf.data or cf.query!r}"
+        )
+    spans = [find_spans(model, p, t, e["input_ids"][0]) for p, t, e in zip((prompt, cf), texts, enc)]
+    if spans[0] != spans[1]:
+        raise AlignmentError(f"span layouts differ: {spans[0]} vs {spans[1]}")
+    ids = [answer_token(model, t, p) for t, p in zip(texts, (prompt, cf))]
+    if ids[0] == ids[1]:
+        raise AlignmentError(f"answers {prompt.answer!r} and {cf.answer!r} share their first token")
+    return Pair(prompt, cf, enc[0], enc[1], ids[0], ids[1], spans[0])
+
+
+def check_aligned(pairs: list[Pair]) -> None:
+    """All pairs must share length and span layout (circuits are per position)."""
+    if not pairs:
+        raise ValueError("no pairs given")
+    ref = pairs[0]
+    for i, p in enumerate(pairs):
+        if p.length != ref.length or p.spans != ref.spans:
+            raise AlignmentError(f"pair {i} has length {p.length} and spans {p.spans}; pair 0 has {ref.length}, {ref.spans}")
+
+
+def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None) -> list[Pair]:
+    """n aligned pairs of one task and modality for `model`, all with the same token layout.
+
+    Candidates whose counterfactual cannot be aligned, or whose layout differs from the
+    first pair's, are skipped with a warning that counts them; too few left is an error.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
+    size = image_size or model.image_size
+    candidates = sample_pairs(task, modality, 5 * n, seed=seed, image_size=size, data_dir=data_dir)
+    pairs, rejected = [], []
+    for p, cf in candidates:
+        try:
+            pair = make_pair(model, p, cf)
+            if pairs and (pair.length, pair.spans) != (pairs[0].length, pairs[0].spans):
+                raise AlignmentError(f"layout {pair.length} tokens {pair.spans} differs from the first pair's")
+        except AlignmentError as err:
+            rejected.append(str(err))
+            continue
+        pairs.append(pair)
+        if len(pairs) == n:
+            break
+    if rejected:
+        warnings.warn(f"{task}/{modality}: skipped {len(rejected)} candidate pairs that do not align, e.g. {rejected[0]}")
+    if len(pairs) < n:
+        raise AlignmentError(f"{task}/{modality}: only {len(pairs)} of {n} pairs align for {model.name}")
+    return pairs

@@ -1,0 +1,179 @@
+"""Prompt generation of the five tasks (modality_circuits.tasks / render)."""
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from modality_circuits import render
+from modality_circuits.tasks import (
+    ENTITIES, MODALITIES, ORDINALS, TASKS, _entity_icon, answer_set, load_image_data,
+    sample_pairs, vocabulary,
+)
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def text_pairs():
+    return {t: sample_pairs(t, "text", N, seed=7) for t in TASKS}
+
+
+@pytest.fixture(scope="module")
+def image_pairs():
+    return {t: sample_pairs(t, "image", 8, seed=7) for t in TASKS}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_pairs_differ_in_answer_and_share_structure(task, text_pairs):
+    answers = set(answer_set(task))
+    for p, cf in text_pairs[task]:
+        assert p.task == cf.task == task and p.modality == cf.modality == "text"
+        assert p.answer != cf.answer
+        assert {p.answer, cf.answer} <= answers
+        assert p.query == cf.query
+        assert len(p.data.split()) == len(cf.data.split())
+        assert p.image is None and cf.image is None
+        json.dumps(p.meta), json.dumps(cf.meta)
+
+
+def test_counting_answer_is_the_count(text_pairs):
+    for p, cf in text_pairs["counting"]:
+        assert p.meta["obj"] == cf.meta["obj"]
+        for q in (p, cf):
+            words = q.data.split()
+            assert len(words) == 7
+            assert q.answer == str(words.count(q.meta["obj"]))
+
+
+def test_arithmetic_result_and_first_digit(text_pairs):
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
+           "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+    for p, cf in text_pairs["arithmetic"]:
+        assert p.meta["op"] == cf.meta["op"]
+        assert (p.meta["a"], p.meta["b"]) != (cf.meta["a"], cf.meta["b"])
+        for q in (p, cf):
+            a, op, b = q.data.split()
+            assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
+            if op in "-/":
+                assert int(a) >= int(b)
+            assert q.answer == str(ops[op](int(a), int(b))) == str(q.meta["result"])
+            assert q.meta["first"] == q.answer[0]
+        assert p.answer[0] != cf.answer[0]
+
+
+def test_color_ordering_answer_is_colour_at_index(text_pairs):
+    for p, cf in text_pairs["color_ordering"]:
+        for q in (p, cf):
+            words = q.data.split()
+            colours, objects = words[0::2], words[1::2]
+            assert len(colours) == 4 and len(set(colours)) == 4 and objects == q.meta["objects"]
+            k, side = re.fullmatch(r"What is the colour of the (\w+) object from the (\w+)\?",
+                                   q.query).groups()
+            i = ORDINALS.index(k)
+            assert q.answer == (colours[i] if side == "left" else colours[3 - i])
+
+
+def test_factual_and_sentiment_counterfactuals(text_pairs):
+    table = {name: ans for name, _, ans in ENTITIES}
+    for p, cf in text_pairs["factual_recall"]:
+        assert table[p.data] == p.answer and table[cf.data] == cf.answer
+    for p, cf in text_pairs["sentiment"]:
+        assert p.meta["person"] == cf.meta["person"]
+        assert p.data.split()[:3] == cf.data.split()[:3]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_images(task, image_pairs):
+    for p, cf in image_pairs[task]:
+        for q in (p, cf):
+            assert q.data is None and q.modality == "image"
+            assert q.image.mode == "RGB" and q.image.size == (64, 64)
+            assert q.answer in answer_set(task)
+        assert p.image.tobytes() != cf.image.tobytes()
+    big = sample_pairs(task, "image", 1, seed=7, image_size=112)[0][0]
+    assert big.image.size == (112, 112)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_determinism_and_modality_alignment(task):
+    a = sample_pairs(task, "image", 5, seed=3)
+    b = sample_pairs(task, "image", 5, seed=3)
+    c = sample_pairs(task, "image", 5, seed=4)
+    t = sample_pairs(task, "text", 5, seed=3)
+    assert [p.image.tobytes() for pair in a for p in pair] == \
+           [p.image.tobytes() for pair in b for p in pair]
+    assert [p.image.tobytes() for pair in a for p in pair] != \
+           [p.image.tobytes() for pair in c for p in pair]
+    assert [(p.meta, p.query, p.answer) for pair in a for p in pair] == \
+           [(p.meta, p.query, p.answer) for pair in t for p in pair]
+    assert sample_pairs(task, "text", 5, seed=3) == t
+    assert [p.data for pair in sample_pairs(task, "text", 5, seed=4) for p in pair] != \
+           [p.data for pair in t for p in pair]
+
+
+def test_vocabulary_covers_all_words(text_pairs):
+    vocab = set(vocabulary())
+    assert vocabulary() == sorted(vocab)
+    assert {str(d) for d in range(10)} | {"+", "-", "*", "/"} <= vocab
+    for task in TASKS:
+        assert set(answer_set(task)) <= vocab
+        for pair in text_pairs[task]:
+            for p in pair:
+                for w in f"{p.data} {p.query} {p.answer}".split():
+                    assert w in vocab, w
+                    assert set(re.findall(r"\w+|[^\w\s]+", w)) <= vocab, w
+
+
+def test_entity_icons_are_distinct():
+    icons = [tuple(_entity_icon(i)) for i in range(len(ENTITIES))]
+    assert len(set(icons)) == len(icons)
+    assert all(2 <= len(ic) <= 4 for ic in icons)
+
+
+def test_unknown_task_or_modality():
+    with pytest.raises(ValueError, match="unknown task"):
+        sample_pairs("juggling", "text", 1)
+    with pytest.raises(ValueError, match="unknown modality"):
+        sample_pairs("counting", "audio", 1)
+    with pytest.raises(ValueError, match="unknown task"):
+        answer_set("juggling")
+    with pytest.raises(ValueError):
+        render.char_grid("x" * 17, 64)
+
+
+def _write_csv(tmp_path, rows, header="item,question,answer,image"):
+    (tmp_path / "factual_recall.csv").write_text(
+        "\n".join([header] + [",".join(r) for r in rows]) + "\n")
+
+
+def test_load_image_data_and_csv_pairs(tmp_path):
+    (tmp_path / "img").mkdir()
+    q = "What sport does this person play?"
+    rows = [("Lionel Messi", q, "football", "img/a.png"), ("Roger Federer", q, "tennis", "img/b.png"),
+            ("Tiger Woods", q, "golf", "img/c.png")]
+    for (_, _, _, path), colour in zip(rows, ("red", "blue", "green")):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / path)
+    _write_csv(tmp_path, rows)
+    data = load_image_data(tmp_path, "factual_recall")
+    assert [d["item"] for d in data] == [r[0] for r in rows]
+    assert data[0]["image"] == str(tmp_path / "img/a.png")
+    for modality in MODALITIES:
+        for p, cf in sample_pairs("factual_recall", modality, 6, seed=1, data_dir=tmp_path):
+            assert p.answer != cf.answer and p.query == cf.query == q
+            if modality == "image":
+                assert p.image.size == (64, 64)
+                assert p.image.getpixel((32, 32)) != cf.image.getpixel((32, 32))
+            else:
+                assert p.data in {r[0] for r in rows}
+
+
+def test_load_image_data_errors(tmp_path):
+    _write_csv(tmp_path, [("Lionel Messi", "q", "football", "missing.png")])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image_data(tmp_path, "factual_recall")
+    _write_csv(tmp_path, [("Lionel Messi", "q", "football")], header="item,question,answer")
+    with pytest.raises(ValueError, match="image"):
+        load_image_data(tmp_path, "factual_recall")
+    with pytest.raises(FileNotFoundError, match="sentiment.csv"):
+        load_image_data(tmp_path, "sentiment")
