@@ -42,7 +42,8 @@ def _jinja(template: str, image: str) -> str:
     return head + body + "{% if add_generation_prompt %}" + tail + "{% endif %}"
 
 
-def word_tokenizer(specials: list[str], extra_words=(), chat_template: str | None = None) -> T.PreTrainedTokenizerFast:
+def word_tokenizer(specials: list[str], extra_words=(), chat_template: str | None = None,
+                   named: dict | None = None) -> T.PreTrainedTokenizerFast:
     """A word-level tokenizer (digits split one per token) trained on the task vocabulary."""
     from .tasks import vocabulary
 
@@ -53,20 +54,15 @@ def word_tokenizer(specials: list[str], extra_words=(), chat_template: str | Non
     tok.train_from_iterator(words, trainer)
     return T.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", chat_template=chat_template,
-        additional_special_tokens=specials,
+        additional_special_tokens=specials, extra_special_tokens=named or {},
     )
 
 
 def _tokenizer(family: str) -> T.PreTrainedTokenizerFast:
     specials, template, image = _TEMPLATES[_STYLE[family]]
     extra = template.replace("{body}", " ").split() + ["system", "You", "are", "a", "helpful", "assistant", "USER", "ASSISTANT", "user", "model"]
-    tok = word_tokenizer(specials, extra, _jinja(template, image))
-    if family == "gemma3":
-        tok.boi_token, tok.eoi_token, tok.image_token = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-        tok.boi_token_id, tok.eoi_token_id, tok.image_token_id = tok.convert_tokens_to_ids(
-            [tok.boi_token, tok.eoi_token, tok.image_token]
-        )
-    return tok
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    return word_tokenizer(specials, extra, _jinja(template, image), named if family == "gemma3" else None)
 
 
 def _text_config(cls, tok, **kw):

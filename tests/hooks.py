@@ -1,0 +1,120 @@
+"""Independent reference implementations with plain torch hooks (no nnsight), for the correctness tests."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from modality_circuits.pairs import batch
+
+
+def _modules(model):
+    """[(attn_out module, mlp_out module)] per decoder layer of the plain transformers model."""
+    return [(model.attn_out(layer), model.mlp_out(layer)) for layer in model.layers(model.hf_model)]
+
+
+@contextlib.contextmanager
+def _pre_hooks(hooks):
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def activations(model, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (head input (B,T,H*D), neuron input (B,T,I)) of one forward."""
+    acts = []
+
+    def grab(module, args):
+        acts.append(args[0].detach().clone())
+
+    mods = [m for pair in _modules(model) for m in pair]
+    with _pre_hooks([(m, grab) for m in mods]), torch.no_grad():
+        model.hf_model(**inputs)
+    return [(acts[2 * i], acts[2 * i + 1]) for i in range(len(acts) // 2)]
+
+
+def logit_diff(model, inputs, pair, hooks=()) -> torch.Tensor:
+    with _pre_hooks(hooks), torch.no_grad():
+        logits = model.hf_model(**inputs).logits[:, -1]
+    return logits[:, pair.answer_id] - logits[:, pair.cf_answer_id]
+
+
+def patch_node(model, pair, kind, layer, unit, pos) -> float:
+    """LD(p with node := its p' value) − LD(p), by a pre-hook that overwrites the slice."""
+    cf = activations(model, pair.cf_inputs)[layer][0 if kind == "head" else 1]
+    d = model.head_dim
+
+    def hook(module, args):
+        x = args[0].clone()
+        sl = slice(unit * d, (unit + 1) * d) if kind == "head" else slice(unit, unit + 1)
+        x[:, pos, sl] = cf[:, pos, sl]
+        return (x, *args[1:])
+
+    module = _modules(model)[layer][0 if kind == "head" else 1]
+    return float(logit_diff(model, pair.inputs, pair, [(module, hook)]) - logit_diff(model, pair.inputs, pair))
+
+
+def ablate(model, pair, circuit) -> float:
+    """LD(p) with every node outside `circuit` set to its p' value, hooks layer by layer."""
+    cf = activations(model, pair.cf_inputs)
+    H, hooks = model.n_heads, []
+    for i, (attn, mlp) in enumerate(_modules(model)):
+        for module, keep, c in ((attn, circuit.heads[i], cf[i][0]), (mlp, circuit.neurons[i], cf[i][1])):
+            def hook(module, args, keep=keep, c=c, heads=module is attn):
+                x = args[0].clone()
+                k = keep.T  # (T, units)
+                if heads:
+                    k = k.repeat_interleave(x.shape[-1] // H, dim=1)
+                x[0][~k] = c[0][~k]
+                return (x, *args[1:])
+            hooks.append((module, hook))
+    return float(logit_diff(model, pair.inputs, pair, hooks))
+
+
+def ig_scores(model, pair, steps):
+    """Step-at-a-time IG on the merged decoder input: heads (L,H,T), neurons (L,I,T) for one pair."""
+    layer0 = model.layers(model.hf_model)[0]
+    merged = {}
+
+    def grab(module, args):
+        merged["x"] = args[0].detach().clone()
+
+    for name, inp in (("p", pair.inputs), ("cf", pair.cf_inputs)):
+        with _pre_hooks([(layer0, grab)]), torch.no_grad():
+            model.hf_model(**inp)
+        merged[name] = merged.pop("x")
+    a_p, a_cf = activations(model, pair.inputs), activations(model, pair.cf_inputs)
+    mods = _modules(model)
+    grads = [[0.0, 0.0] for _ in mods]
+    for j in range(1, steps + 1):
+        x = merged["cf"] + j / steps * (merged["p"] - merged["cf"])
+        held = []
+
+        def keep(module, args):
+            t = args[0]
+            t.retain_grad()
+            held.append(t)
+
+        def swap(module, args):
+            return (x.clone().requires_grad_(True), *args[1:])
+
+        hooks = [(layer0, swap)] + [(m, keep) for pair_ in mods for m in pair_]
+        with _pre_hooks(hooks):
+            logits = model.hf_model(**pair.inputs).logits[0, -1]
+            (logits[pair.answer_id] - logits[pair.cf_answer_id]).backward()
+        for i in range(len(mods)):
+            grads[i][0] = grads[i][0] + held[2 * i].grad / steps
+            grads[i][1] = grads[i][1] + held[2 * i + 1].grad / steps
+    heads, neurons = [], []
+    for i in range(len(mods)):
+        sh = ((a_cf[i][0] - a_p[i][0]) * grads[i][0])[0]
+        heads.append(sh.view(sh.shape[0], model.n_heads, -1).sum(-1).T)
+        neurons.append(((a_cf[i][1] - a_p[i][1]) * grads[i][1])[0].T)
+    return torch.stack(heads), torch.stack(neurons)
+
+
+def batched(pairs):
+    return batch([p.inputs for p in pairs])

@@ -1,0 +1,141 @@
+"""Foundation: every family loads offline, traces read heads/neurons, pairs align with correct spans."""
+import pytest
+import torch
+from PIL import Image
+
+import modality_circuits as mc
+from modality_circuits import tasks
+from modality_circuits.models import ADAPTERS, SHORT_NAMES, family_of
+from modality_circuits.pairs import AlignmentError, batch, build_pairs, make_pair
+from modality_circuits.tasks import Prompt
+
+
+def test_trace_reads_heads_and_neurons_at_all_positions(tiny):
+    pairs = build_pairs("counting", "image", tiny, n=2)
+    inputs = batch([p.inputs for p in pairs])
+    T = pairs[0].length
+    with tiny.trace(inputs):
+        layers = tiny.layers()
+        heads = tiny.attn_out(layers[0]).input.save()
+        neurons = tiny.mlp_out(layers[-1]).input.save()
+    assert len(tiny.layers()) == tiny.n_layers
+    assert heads.shape == (2, T, tiny.n_heads * tiny.head_dim)
+    assert neurons.shape == (2, T, tiny.d_mlp)
+    # the trace's values are the model's: compare with a plain forward pass
+    with torch.no_grad():
+        plain = tiny.hf_model(**inputs)
+    with tiny.trace(inputs):
+        logits = tiny.nn.output.logits.save()
+    torch.testing.assert_close(logits, plain.logits)
+
+
+@pytest.mark.parametrize("modality", tasks.MODALITIES)
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_pairs_align_with_spans(tiny, task, modality):
+    pairs = build_pairs(task, modality, tiny, n=3, seed=1)
+    for pair in pairs:
+        ids, cf_ids = pair.inputs["input_ids"][0], pair.cf_inputs["input_ids"][0]
+        assert ids.shape == cf_ids.shape and pair.spans == pairs[0].spans
+        (d0, d1), (q0, q1), (g0, g1) = (pair.spans[s] for s in "DQG")
+        assert d1 <= q0 < q1 == g0 < g1 == len(ids)
+        assert pair.answer_id != pair.cf_answer_id
+        tok = tiny.tokenizer
+        assert tok.decode(ids[q0:q1]).replace(" ", "") == pair.prompt.query.replace(" ", "")
+        if modality == "image":
+            image_pos = tiny.image_mask(ids).nonzero().flatten().tolist()
+            assert image_pos == list(range(d0, d1)), "D must be exactly the image tokens"
+        else:
+            assert tok.decode(ids[d0:d1]).replace(" ", "") == pair.prompt.data.replace(" ", "")
+            assert not tiny.image_mask(ids).any()
+        # the answer token is the first token of the answer
+        assert tok.decode([pair.answer_id]).strip() == pair.prompt.answer[: len(tok.decode([pair.answer_id]).strip())]
+
+
+def test_image_and_text_pairs_share_query_and_generation_spans(llava):
+    text = build_pairs("color_ordering", "text", llava, n=1, seed=3)[0]
+    image = build_pairs("color_ordering", "image", llava, n=1, seed=3)[0]
+    tq, iq = text.spans["Q"], image.spans["Q"]
+    assert tq[1] - tq[0] == iq[1] - iq[0]
+    assert text.inputs["input_ids"][0, tq[0]:].tolist() == image.inputs["input_ids"][0, iq[0]:].tolist()
+
+
+def _pair(task="counting", modality="text", seed=0, size=64):
+    return tasks.sample_pairs(task, modality, 1, seed=seed, image_size=size)[0]
+
+
+def test_counterfactual_of_different_length_is_refused(llava):
+    p, cf = _pair()
+    longer = Prompt(cf.task, cf.modality, cf.data + " cat", None, cf.query, cf.answer, cf.meta)
+    with pytest.raises(AlignmentError, match="tokens"):
+        make_pair(llava, p, longer)
+
+
+def test_counterfactual_with_other_span_layout_is_refused(llava):
+    p, cf = _pair()
+    words = cf.data.split()
+    shifted = Prompt(cf.task, cf.modality, " ".join(words[:-1]), None, "cat " + cf.query, cf.answer, cf.meta)
+    with pytest.raises(AlignmentError, match="span"):
+        make_pair(llava, p, shifted)
+
+
+def test_image_of_another_size_is_refused(llava):
+    p, cf = _pair(modality="image")
+    big = Prompt(cf.task, cf.modality, None, cf.image.resize((96, 96)), cf.query, cf.answer, cf.meta)
+    with pytest.raises(AlignmentError, match="size"):
+        make_pair(llava, p, big)
+
+
+def test_multi_token_answer_is_refused(llava):
+    p, cf = _pair(task="sentiment")
+    multi = Prompt(p.task, p.modality, p.data, None, p.query, "very happy", p.meta)
+    with pytest.raises(ValueError, match="single-token"):
+        make_pair(llava, multi, cf)
+
+
+def test_same_answer_is_refused(llava):
+    p, _ = _pair()
+    with pytest.raises(AlignmentError, match="answers"):
+        make_pair(llava, p, p)
+
+
+def test_unknown_task_and_modality(llava):
+    with pytest.raises(ValueError, match="unknown task"):
+        build_pairs("juggling", "text", llava, n=1)
+    with pytest.raises(ValueError, match="unknown modality"):
+        build_pairs("counting", "audio", llava, n=1)
+
+
+def test_missing_image_file(tmp_path, llava):
+    (tmp_path / "factual_recall.csv").write_text("item,question,answer,image\nX,What sport?,tennis,nope.png\n")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        build_pairs("factual_recall", "image", llava, n=1, data_dir=tmp_path)
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="supported families: .*gemma3.*llava.*qwen2_vl"):
+        family_of(GPT2Config())
+
+
+def test_adapter_table_and_short_names():
+    assert {"qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mistral3", "gemma3"} <= set(ADAPTERS)
+    assert SHORT_NAMES["qwen2-vl-7b"] == "Qwen/Qwen2-VL-7B-Instruct"
+    assert SHORT_NAMES["pixtral-12b"] == "mistral-community/pixtral-12b"
+    assert SHORT_NAMES["gemma-3-12b"] == "google/gemma-3-12b-it"
+
+
+def test_load_model_from_saved_checkpoint(tmp_path, tiny):
+    """A checkpoint on disk loads through load_model, the same path as a hub id."""
+    tiny.hf_model.save_pretrained(tmp_path)
+    proc = tiny.processor
+    (proc if hasattr(proc, "save_pretrained") else proc.tokenizer).save_pretrained(tmp_path)
+    if not hasattr(proc, "save_pretrained"):
+        proc.image_processor.save_pretrained(tmp_path)
+    loaded = mc.load_model(str(tmp_path))
+    assert loaded.adapter == tiny.adapter and loaded.image_token_ids == tiny.image_token_ids
+    pair = build_pairs("counting", "image", tiny, n=1)[0]
+    with torch.no_grad():
+        a = tiny.hf_model(**pair.inputs).logits
+        b = loaded.hf_model(**pair.inputs).logits
+    torch.testing.assert_close(a, b)
