@@ -1,0 +1,145 @@
+"""Attribution, exact patching and faithfulness against independent plain-torch hook implementations."""
+import pytest
+import torch
+
+import hooks
+from modality_circuits.attribution import attribute
+from modality_circuits.circuit import Circuit, Scores
+from modality_circuits.pairs import AlignmentError, build_pairs
+from modality_circuits.patching import exact_patching, faithfulness, faithfulness_value
+
+
+def _all_nodes(scores, neuron_stride=12):
+    L, H, T = scores.heads.shape
+    I = scores.neurons.shape[1]
+    heads = [("head", l, u, t) for l in range(L) for u in range(H) for t in range(T)]
+    neurons = [("neuron", l, u, t) for l in range(L) for u in range(0, I, neuron_stride) for t in range(T)]
+    flat = torch.cat([scores.heads.flatten(), scores.neurons[:, ::neuron_stride].flatten()])
+    return heads + neurons, flat
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_ig_equals_step_at_a_time_hooks(tiny, modality):
+    """Batched IG through nnsight == IG computed one step at a time with torch hooks (same k)."""
+    pair = build_pairs("counting", modality, tiny, n=1, seed=2)[0]
+    scores = attribute(tiny, [pair], steps=3, progress=False)
+    heads, neurons = hooks.ig_scores(tiny, pair, 3)
+    torch.testing.assert_close(scores.heads, heads, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(scores.neurons, neurons, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_exact_patching_equals_hooks_and_ig_tracks_it(tiny, modality):
+    pairs = build_pairs("arithmetic", modality, tiny, n=2, seed=0)
+    ig = attribute(tiny, pairs, steps=16, progress=False)
+    nodes, flat = _all_nodes(ig)
+    exact = exact_patching(tiny, pairs, nodes)
+    for i in range(0, len(nodes), 41):  # independent check on a spread of nodes
+        ref = sum(hooks.patch_node(tiny, p, *nodes[i]) for p in pairs) / len(pairs)
+        assert exact[i].item() == pytest.approx(ref, abs=1e-5)
+    r = torch.corrcoef(torch.stack([flat, exact]))[0, 1].item()
+    print(f"{tiny.name} {modality}: Pearson r(IG k=16, exact patching) = {r:.3f} over {len(nodes)} nodes")
+    assert r > 0.8  # a wrong sign gives r < 0; a wrong position decorrelates
+
+
+def test_k1_is_first_order_product(llava):
+    """steps=1: score = (a(p') − a(p)) · ∂LD/∂a at p, computed by hand with hooks."""
+    pair = build_pairs("color_ordering", "image", llava, n=1, seed=4)[0]
+    scores = attribute(llava, [pair], steps=1, progress=False)
+    a_p, a_cf = hooks.activations(llava, pair.inputs), hooks.activations(llava, pair.cf_inputs)
+    held = []
+
+    def keep(module, args):
+        args[0].requires_grad_(True).retain_grad()
+        held.append(args[0])
+
+    mods = [m for layer in llava.layers(llava.hf_model) for m in (llava.attn_out(layer), llava.mlp_out(layer))]
+    handles = [m.register_forward_pre_hook(keep) for m in mods]
+    logits = llava.hf_model(**pair.inputs).logits[0, -1]
+    (logits[pair.answer_id] - logits[pair.cf_answer_id]).backward()
+    for h in handles:
+        h.remove()
+    for i in range(llava.n_layers):
+        by_hand = ((a_cf[i][1] - a_p[i][1]) * held[2 * i + 1].grad)[0].T
+        torch.testing.assert_close(scores.neurons[i], by_hand, atol=1e-6, rtol=1e-4)
+        dh = ((a_cf[i][0] - a_p[i][0]) * held[2 * i].grad)[0]
+        torch.testing.assert_close(scores.heads[i], dh.view(dh.shape[0], llava.n_heads, -1).sum(-1).T, atol=1e-6, rtol=1e-4)
+
+
+def test_scores_stream_over_chunks(llava):
+    """Chunking the pairs does not change the mean scores."""
+    pairs = build_pairs("counting", "text", llava, n=5, seed=0)
+    one = attribute(llava, pairs, steps=2, max_rows=100, progress=False)
+    many = attribute(llava, pairs, steps=2, max_rows=3, progress=False)
+    torch.testing.assert_close(one.heads, many.heads)
+    torch.testing.assert_close(one.neurons, many.neurons)
+
+
+def test_faithfulness_full_empty_and_hooks(tiny):
+    pairs = build_pairs("sentiment", "image", tiny, n=3, seed=0)
+    scores = attribute(tiny, pairs, steps=2, progress=False)
+    full, empty = Circuit.full(scores, True), Circuit.full(scores, False)
+    # exact up to float32 rounding between batch rows (the same patching code path computes all three)
+    assert faithfulness(tiny, full, pairs).value == pytest.approx(1.0, abs=1e-4)
+    assert faithfulness(tiny, empty, pairs).value == pytest.approx(0.0, abs=1e-4)
+    circuit = Circuit.from_scores(scores, fraction=0.2)
+    result = faithfulness(tiny, circuit, pairs)
+    ref_c = torch.tensor([hooks.ablate(tiny, p, circuit) for p in pairs])
+    ref_full = torch.tensor([hooks.ablate(tiny, p, full) for p in pairs])
+    ref_empty = torch.tensor([hooks.ablate(tiny, p, empty) for p in pairs])
+    torch.testing.assert_close(result.ld_circuit, ref_c, atol=1e-5, rtol=1e-4)
+    assert result.value == pytest.approx(faithfulness_value(ref_c, ref_full, ref_empty), abs=1e-4)
+    per_pair = faithfulness(tiny, circuit, pairs, aggregation="mean_of_ratios").value
+    assert per_pair == pytest.approx(((ref_c - ref_empty) / (ref_full - ref_empty)).mean().item(), abs=1e-3)
+
+
+def test_circuit_by_fraction_count_and_sets(llava):
+    pairs = build_pairs("counting", "image", llava, n=2)
+    scores = attribute(llava, pairs, steps=1, progress=False)
+    L, H, T = scores.heads.shape
+    I = scores.neurons.shape[1]
+    c = Circuit.from_scores(scores, fraction=0.1)
+    assert c.n_heads == int(0.1 * L * H * T) and c.n_neurons == int(0.1 * L * I * T)
+    # the kept heads are the top ones by |score|
+    assert scores.heads.abs()[c.heads].min() >= scores.heads.abs()[~c.heads].max()
+    small = Circuit.from_scores(scores, count=3)
+    assert small.n_heads == 3 and small.n_neurons == 3
+    assert (small & c) == small and (small | c) == c and (small - c).n_heads == 0
+    q = c.restrict("Q")
+    q0, q1 = c.spans["Q"]
+    assert q.heads[..., :q0].sum() == 0 and q.heads[..., q1:].sum() == 0
+    assert q.heads[..., q0:q1].sum() == c.heads[..., q0:q1].sum()
+
+
+def test_save_load_roundtrip_and_refusals(tmp_path, llava):
+    pairs = build_pairs("counting", "text", llava, n=2)
+    scores = attribute(llava, pairs, steps=1, progress=False)
+    scores.save(tmp_path / "s.safetensors")
+    again = Scores.load(tmp_path / "s.safetensors")
+    torch.testing.assert_close(again.heads, scores.heads)
+    assert again.spans == scores.spans
+    c = Circuit.from_scores(scores, fraction=0.3)
+    c.save(tmp_path / "c.safetensors")
+    assert Circuit.load(tmp_path / "c.safetensors", model=llava.name) == c
+    with pytest.raises(ValueError, match="not 'other-model'"):
+        Circuit.load(tmp_path / "c.safetensors", model="other-model")
+    with pytest.raises(ValueError, match="holds scores"):
+        Circuit.load(tmp_path / "s.safetensors")
+    foreign = Circuit(c.heads, c.neurons, c.spans, "other-model")
+    with pytest.raises(ValueError, match="found on"):
+        faithfulness(llava, foreign, pairs)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_fraction_outside_unit_interval(llava, fraction):
+    pairs = build_pairs("counting", "text", llava, n=1)
+    scores = attribute(llava, pairs, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Circuit.from_scores(scores, fraction=fraction)
+
+
+def test_pairs_of_different_length_are_refused(llava):
+    text = build_pairs("counting", "text", llava, n=1)
+    image = build_pairs("counting", "image", llava, n=1)
+    with pytest.raises(AlignmentError, match="pair 1"):
+        attribute(llava, text + image, steps=1, progress=False)
