@@ -130,7 +130,7 @@ def check_encoding(model, cells: dict) -> None:
         ref = encode(model, [text], [p.image] if p.image is not None else None)
         assert cell._encode_ids(text, p) == ref["input_ids"][0].tolist(), (task, modality)
         if p.image is not None:
-            mine = normalise(torch.from_numpy(np.asarray(p.image)).permute(2, 0, 1)[None], ip)
+            mine = normalise(torch.from_numpy(np.array(p.image)).permute(2, 0, 1)[None], ip)
             assert torch.allclose(mine, ref["pixel_values"], atol=1e-5), (task, modality)
 
 
@@ -346,7 +346,7 @@ def main(argv=None):
     ]
     for g in groups:
         g["base_lr"] = g["lr"]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8, fused=True)
 
     err = {c: 1.0 for c in CELLS}  # EMA of the training error per cell
     log, val_log = [], []
@@ -381,7 +381,7 @@ def main(argv=None):
             logits = last_logits(hf, ids, mask, pix)
             loss = F.cross_entropy(logits, ans, reduction="sum") / n_total
             loss.backward()
-            total_loss += float(loss)
+            total_loss += loss.item()
             hit = (logits.argmax(-1) == ans).tolist()
             for c in set(tags):
                 sel = [h for h, tg in zip(hit, tags) if tg == c]

@@ -7,12 +7,12 @@ heads (layers, n_heads, positions) and neurons (layers, d_mlp, positions).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .store import atomic
 
 FORMAT_VERSION = 1
 
@@ -144,10 +144,8 @@ def _spans(header: dict) -> dict[str, tuple[int, int]]:
 def _save(path: str, tensors: dict, header: dict) -> None:
     """Write safetensors with a JSON header atomically (temp file + rename)."""
     meta = {"modality_circuits": json.dumps({**header, "format_version": FORMAT_VERSION})}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
 
 
 def _load(path: str, kind: str) -> tuple[dict, dict]:

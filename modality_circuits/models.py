@@ -139,9 +139,13 @@ def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=Fa
 
 
 def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, remote=False) -> VLM:
-    """Load a VLM by short name, hub id or local path ("toy" is the embedded default)."""
+    """Load a VLM by short name, hub id or local path ("toy": the embedded default; "tiny-<family>": random test model)."""
     import transformers
 
+    if name_or_path.startswith("tiny-"):
+        from .testing import tiny_model
+
+        return tiny_model(name_or_path.removeprefix("tiny-"))
     if name_or_path == "toy":
         from .toy import toy_path
 

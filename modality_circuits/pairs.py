@@ -163,3 +163,29 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
     if len(pairs) < n:
         raise AlignmentError(f"{task}/{modality}: only {len(pairs)} of {n} pairs align for {model.name}")
     return pairs
+
+
+def predictions(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int = 64) -> torch.Tensor:
+    """(P, V) next-token logits at the last position of each pair's prompt (which="prompt") or counterfactual."""
+    out = []
+    for start in range(0, len(pairs), max_rows):
+        chunk = pairs[start:start + max_rows]
+        with model.trace(batch([p.inputs if which == "prompt" else p.cf_inputs for p in chunk])):
+            logits = model.nn.output.logits[:, -1].save()
+        out.append(logits.float().cpu())
+    return torch.cat(out)
+
+
+def keep_correct(model, pairs: list[Pair]) -> list[Pair]:
+    """The pairs whose prompt and counterfactual the model both answers correctly (top-1 token)."""
+    ok_p = predictions(model, pairs).argmax(-1) == torch.tensor([p.answer_id for p in pairs])
+    ok_cf = predictions(model, pairs, "cf").argmax(-1) == torch.tensor([p.cf_answer_id for p in pairs])
+    return [p for p, ok in zip(pairs, (ok_p & ok_cf).tolist()) if ok]
+
+
+def split(pairs: list, fraction: float = 0.75) -> tuple[list, list]:
+    """Deterministic (discovery, evaluation) split: the first `fraction` of pairs, and the rest."""
+    cut = int(round(fraction * len(pairs)))
+    if not 0 < cut < len(pairs):
+        raise ValueError(f"cannot split {len(pairs)} pairs {fraction:.0%}/{1 - fraction:.0%}: need more pairs")
+    return pairs[:cut], pairs[cut:]

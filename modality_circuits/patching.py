@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .circuit import Circuit
-from .pairs import Pair, batch, check_aligned
+from .pairs import Pair, batch, check_aligned, predictions
 
 
 def _logit_diff(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -27,10 +27,7 @@ def _answers(pairs: list[Pair], device) -> torch.Tensor:
 
 def logit_diffs(model, pairs: list[Pair], which: str = "prompt") -> torch.Tensor:
     """(P,) LD(p) (which="prompt") or LD(p') (which="cf") of each pair, unpatched."""
-    inputs = batch([p.inputs if which == "prompt" else p.cf_inputs for p in pairs])
-    with model.trace(inputs):
-        logits = model.nn.output.logits[:, -1].save()
-    return _logit_diff(logits, _answers(pairs, logits.device)).cpu()
+    return _logit_diff(predictions(model, pairs, which), _answers(pairs, "cpu"))
 
 
 def _ablate_trace(model, inputs, answers, keep_heads, keep_neurons, circ_of_row, n_cf):
@@ -132,3 +129,68 @@ def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, in
             ld = nnsight.save(_logit_diff(model.nn.output.logits[P:, -1], answers))
         out.append((ld.cpu().view(len(chunk), P) - base).mean(1))
     return torch.cat(out)
+
+
+MIB_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+FINE_GRID = tuple(round(0.01 * i, 2) for i in range(1, 31))
+
+
+@dataclass
+class Curve:
+    """Faithfulness over circuit fractions, with the discovered (smallest faithful) fraction, CPR and CMD."""
+
+    fractions: list[float]
+    values: list[float]
+    ld_circuits: torch.Tensor  # (F, P)
+    ld_full: torch.Tensor
+    ld_empty: torch.Tensor
+    threshold: float
+    minimal_fraction: float | None  # smallest fraction with F >= threshold (None if never reached)
+    cpr: float  # area under F over fraction in [0, 1]
+    cmd: float  # area under |1 − F|
+
+
+def faithfulness_curve(model, scores, pairs: list[Pair], fractions=None, *, threshold: float = 0.8,
+                       aggregation: str = "ratio_of_means", progress: bool = False) -> Curve:
+    """F of the top-f circuits of `scores` over a grid (default: MIB's grid plus a fine 1..30 % grid)."""
+    fractions = sorted(set(fractions or MIB_GRID + FINE_GRID))
+    circuits = [Circuit.from_scores(scores, fraction=f) for f in fractions]
+    lds = ablation_lds(model, [Circuit.full(scores, True), Circuit.full(scores, False), *circuits], pairs, progress=progress)
+    full, empty = lds[0], lds[1]
+    values = [faithfulness_value(ld, full, empty, aggregation) for ld in lds[2:]]
+    minimal = next((f for f, v in zip(fractions, values) if v >= threshold), None)
+    x = torch.tensor([0.0, *fractions], dtype=torch.float64)
+    y = torch.tensor([0.0, *values], dtype=torch.float64)
+    if x[-1] < 1.0:  # the curve ends at the full model
+        x, y = torch.cat([x, torch.ones(1, dtype=x.dtype)]), torch.cat([y, torch.ones(1, dtype=y.dtype)])
+    return Curve(fractions, values, lds[2:], full, empty, threshold, minimal,
+                 float(torch.trapezoid(y, x)), float(torch.trapezoid((1 - y).abs(), x)))
+
+
+@dataclass
+class PositionEffect:
+    """Mean effect on LD of patching every node at a position to its p' value; per position and per span."""
+
+    per_position: torch.Tensor  # (T,)
+    per_span: dict[str, float]
+
+
+def position_effect(model, pairs: list[Pair], scores=None) -> PositionEffect:
+    """Exact effect (one ablation per position), or the attributed one when `scores` are given."""
+    check_aligned(pairs)
+    spans = pairs[0].spans
+    if scores is not None:
+        effect = scores.position_effect()
+    else:
+        T = pairs[0].length
+        full = Circuit(torch.ones(model.n_layers, model.n_heads, T, dtype=torch.bool),
+                       torch.ones(model.n_layers, model.d_mlp, T, dtype=torch.bool), spans, model.name)
+        probes = []
+        for t in range(T):
+            c = Circuit.full(full, True)
+            c.heads[..., t] = False
+            c.neurons[..., t] = False
+            probes.append(c)
+        lds = ablation_lds(model, [full, *probes], pairs)
+        effect = (lds[1:] - lds[:1]).mean(1)
+    return PositionEffect(effect, {s: float(effect[a:b].mean()) for s, (a, b) in spans.items()})

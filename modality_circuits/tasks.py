@@ -309,3 +309,12 @@ def load_image_data(data_dir: str | Path, task: str) -> list[dict]:
             raise FileNotFoundError(f"image {image} listed in {path} not found")
         r["image"] = str(image)
     return rows
+
+
+def __getattr__(name):
+    """`tasks.build_pairs` / `tasks.Pair`: defined in pairs.py (which imports this module), served lazily."""
+    if name in ("build_pairs", "Pair"):
+        from . import pairs
+
+        return getattr(pairs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

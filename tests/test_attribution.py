@@ -143,3 +143,44 @@ def test_pairs_of_different_length_are_refused(llava):
     image = build_pairs("counting", "image", llava, n=1)
     with pytest.raises(AlignmentError, match="pair 1"):
         attribute(llava, text + image, steps=1, progress=False)
+
+
+def test_faithfulness_curve_metrics(llava):
+    from modality_circuits.patching import faithfulness_curve
+
+    pairs = build_pairs("arithmetic", "text", llava, n=3, seed=1)
+    scores = attribute(llava, pairs, steps=2, progress=False)
+    curve = faithfulness_curve(llava, scores, pairs, fractions=[0.05, 0.2, 0.5, 1.0])
+    assert curve.values[-1] == pytest.approx(1.0, abs=1e-4)
+    for f, v in zip(curve.fractions, curve.values):
+        one = faithfulness(llava, Circuit.from_scores(scores, fraction=f), pairs).value
+        assert v == pytest.approx(one, abs=1e-4)
+    x = [0.0, 0.05, 0.2, 0.5, 1.0]
+    y = [0.0, *curve.values]
+    area = sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(4))
+    gap = sum((x[i + 1] - x[i]) * (abs(1 - y[i]) + abs(1 - y[i + 1])) / 2 for i in range(4))
+    assert curve.cpr == pytest.approx(area, abs=1e-6)
+    assert curve.cmd == pytest.approx(gap, abs=1e-6)
+    faithful = [f for f, v in zip(curve.fractions, curve.values) if v >= 0.8]
+    assert curve.minimal_fraction == (faithful[0] if faithful else None)
+
+
+def test_position_effect_exact_matches_hooks(llava):
+    from modality_circuits.patching import position_effect
+
+    pairs = build_pairs("counting", "image", llava, n=2, seed=0)
+    effect = position_effect(llava, pairs)
+    T = pairs[0].length
+    t = pairs[0].spans["Q"][0]
+    ones = Circuit(torch.ones(llava.n_layers, llava.n_heads, T, dtype=torch.bool),
+                   torch.ones(llava.n_layers, llava.d_mlp, T, dtype=torch.bool), pairs[0].spans, llava.name)
+    probe = Circuit.full(ones)
+    probe.heads[..., t] = False
+    probe.neurons[..., t] = False
+    ref = sum(hooks.ablate(llava, p, probe) - hooks.ablate(llava, p, ones) for p in pairs) / len(pairs)
+    assert effect.per_position[t].item() == pytest.approx(ref, abs=1e-5)
+    d0, d1 = pairs[0].spans["D"]
+    assert effect.per_span["D"] == pytest.approx(effect.per_position[d0:d1].mean().item())
+    attributed = position_effect(llava, pairs, scores=attribute(llava, pairs, steps=8, progress=False))
+    r = torch.corrcoef(torch.stack([attributed.per_position, effect.per_position]))[0, 1]
+    assert r > 0.8

@@ -1,0 +1,61 @@
+"""The embedded toy VLM: loading through the adapter, size, and a regression guard on accuracy."""
+import pytest
+
+from modality_circuits import toy
+from modality_circuits.tasks import TASKS
+
+TEST_SEED = 31_337  # never used for training (training streams use seeds >= 1e9) nor for the report
+
+
+def _weights_present() -> bool:
+    try:
+        toy.toy_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_weights = pytest.mark.skipif(
+    not _weights_present(), reason=f"toy VLM weights absent from {toy.TOY_DIR}; run `{toy.TRAIN_COMMAND}`"
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from modality_circuits import load_model
+
+    return load_model("toy")
+
+
+def test_toy_path_names_the_training_script_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "TOY_DIR", tmp_path / "toy_vlm")
+    with pytest.raises(FileNotFoundError, match="train_toy_vlm.py"):
+        toy.toy_path()
+
+
+@needs_weights
+def test_loads_through_the_llava_adapter(model):
+    import transformers as T
+
+    assert model.adapter.family == "llava"
+    assert isinstance(model.hf_model, T.LlavaForConditionalGeneration)
+    assert isinstance(model.processor, T.LlavaProcessor)
+    assert isinstance(model.processor.image_processor, T.LlavaImageProcessorPil)
+    assert model.image_size == toy.IMAGE_SIZE
+    assert model.image_token_ids == (model.tokenizer.convert_tokens_to_ids("<image>"),)
+
+
+@needs_weights
+def test_model_folder_is_small():
+    files = [f for f in toy.TOY_DIR.iterdir() if f.is_file()]
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= {f.name for f in files}
+    assert sum(f.stat().st_size for f in files) <= 25 * 1024 * 1024
+
+
+@needs_weights
+@pytest.mark.parametrize("task", TASKS)
+def test_heldout_accuracy(model, task):
+    text = sum(toy.accuracy(model, task, "text", 50, seed=TEST_SEED)) / 50
+    image = sum(toy.accuracy(model, task, "image", 50, seed=TEST_SEED)) / 50
+    assert text >= 0.8, f"{task}: text accuracy {text:.2f} on 50 held-out prompts"
+    assert image >= 0.4, f"{task}: image accuracy {image:.2f} on 50 held-out prompts"
