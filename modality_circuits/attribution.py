@@ -19,8 +19,11 @@ def _ig_rows(pairs: list[Pair], steps: int) -> dict:
     return batch([x for p in pairs for x in [p.cf_inputs] + [p.inputs] * steps])
 
 
-def _ig_trace(model, inputs: dict, answers: torch.Tensor, steps: int):
-    """One forward+backward over P pairs × (k+1) rows; returns summed head (L,T,H) and neuron (L,T,I) scores."""
+def _ig_trace(model, inputs: dict, answers: torch.Tensor, steps: int, per_pair: bool = False):
+    """One forward+backward over P pairs × (k+1) rows.
+
+    Returns head (L, T, H) and neuron (L, T, I) scores summed over pairs, or (L, P, T, ·) with per_pair.
+    """
     L, H, k = model.n_layers, model.n_heads, steps
     alpha = torch.arange(k + 1, dtype=model.hf_model.dtype, device=model.device) / k
     with model.trace(inputs):
@@ -47,28 +50,37 @@ def _ig_trace(model, inputs: dict, answers: torch.Tensor, steps: int):
                     s = (a[:, 0] - a[:, -1]) * g  # (P, T, width)
                     if key == "heads":
                         s = s.view(*s.shape[:2], H, -1).sum(-1)
-                    out[key][i] = s.sum(0).detach()
+                    out[key][i] = s.detach() if per_pair else s.sum(0).detach()
     return torch.stack(out["heads"]), torch.stack(out["neurons"])
 
 
-def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int = 48, progress: bool = True) -> Scores:
+def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int = 48, per_pair: bool = False,
+              progress: bool = True) -> Scores:
     """Integrated-gradient scores of every head and neuron at every position, averaged over pairs.
 
     Returns Scores with heads (layers, heads, positions) and neurons (layers, d_mlp, positions).
     steps=1 is attribution patching. Pairs are processed in chunks of at most `max_rows`
     interpolation rows (k+1 per pair), one backward per chunk; sums stream across chunks.
+    per_pair=True also keeps every pair's scores (Scores.per_pair, for bootstrapping; small models only).
     """
     check_aligned(pairs)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_chunk = max(1, max_rows // (steps + 1))
     heads = neurons = 0
+    kept = []
     chunks = range(0, len(pairs), per_chunk)
     for start in tqdm(chunks, desc=f"attribute k={steps}", disable=not progress, leave=False):
         chunk = pairs[start:start + per_chunk]
         answers = torch.tensor([[p.answer_id, p.cf_answer_id] for p in chunk], device=model.device)
-        h, n = _ig_trace(model, _ig_rows(chunk, steps), answers, steps)
+        h, n = _ig_trace(model, _ig_rows(chunk, steps), answers, steps, per_pair)
+        if per_pair:  # (L, P, T, units) -> (P, L, units, T)
+            kept.append((h.permute(1, 0, 3, 2).cpu(), n.permute(1, 0, 3, 2).cpu()))
+            h, n = h.sum(1), n.sum(1)
         heads, neurons = heads + h, neurons + n
     n = len(pairs)
-    return Scores((heads / n).permute(0, 2, 1).contiguous().cpu(), (neurons / n).permute(0, 2, 1).contiguous().cpu(),
-                  dict(pairs[0].spans), model.name, n, {"steps": steps})
+    scores = Scores((heads / n).permute(0, 2, 1).contiguous().cpu(), (neurons / n).permute(0, 2, 1).contiguous().cpu(),
+                    dict(pairs[0].spans), model.name, n, {"steps": steps})
+    if per_pair:
+        scores.per_pair = (torch.cat([h for h, _ in kept]), torch.cat([n for _, n in kept]))
+    return scores

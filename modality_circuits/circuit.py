@@ -27,6 +27,14 @@ class Scores:
     model: str
     n_pairs: int
     meta: dict = field(default_factory=dict)
+    per_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, L, H, T), (P, L, I, T) if kept
+
+    def resample(self, idx) -> "Scores":
+        """Scores averaged over the pairs `idx` (with repeats) of per_pair: one bootstrap draw."""
+        if self.per_pair is None:
+            raise ValueError("these scores kept no per-pair values: attribute(..., per_pair=True)")
+        h, n = self.per_pair
+        return Scores(h[idx].mean(0), n[idx].mean(0), self.spans, self.model, len(idx), self.meta)
 
     def position_effect(self) -> torch.Tensor:
         """(T,) summed signed score of every node at each position."""

@@ -6,6 +6,7 @@ image-token ids), never from hard-coded indices.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 
@@ -183,8 +184,22 @@ def keep_correct(model, pairs: list[Pair]) -> list[Pair]:
     return [p for p, ok in zip(pairs, (ok_p & ok_cf).tolist()) if ok]
 
 
-def split(pairs: list, fraction: float = 0.75) -> tuple[list, list]:
-    """Deterministic (discovery, evaluation) split: the first `fraction` of pairs, and the rest."""
+def prompt_key(prompt: Prompt) -> str:
+    """Identity of a prompt's content (same key = same prompt)."""
+    return json.dumps([prompt.task, prompt.modality, prompt.query, prompt.meta], sort_keys=True, default=str)
+
+
+def split(pairs: list[Pair], fraction: float = 0.75) -> tuple[list[Pair], list[Pair]]:
+    """Deterministic disjoint split: the first `fraction` of the distinct prompts, and the rest.
+
+    Repeated prompts are dropped first, so the two parts never share a prompt.
+    """
+    seen, unique = set(), []
+    for p in pairs:
+        if prompt_key(p.prompt) not in seen:
+            seen.add(prompt_key(p.prompt))
+            unique.append(p)
+    pairs = unique
     cut = int(round(fraction * len(pairs)))
     if not 0 < cut < len(pairs):
         raise ValueError(f"cannot split {len(pairs)} pairs {fraction:.0%}/{1 - fraction:.0%}: need more pairs")

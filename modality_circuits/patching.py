@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .circuit import Circuit
 from .pairs import Pair, batch, check_aligned, predictions
+from .stats import CI, bootstrap
 
 
 def _logit_diff(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -53,22 +54,30 @@ def _ablate_trace(model, inputs, answers, keep_heads, keep_neurons, circ_of_row,
 
 
 def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows: int = 64, progress: bool = False) -> torch.Tensor:
-    """(C, P) LD of every pair with every node outside each circuit set to its p' value."""
+    """(C, P) LD of every pair with every node outside each circuit set to its p' value.
+
+    Identical circuits are evaluated once, so equal circuits give equal numbers.
+    """
     check_aligned(pairs)
     for c in circuits:
         if c.heads.shape[-1] != pairs[0].length:
             raise ValueError(f"circuit covers {c.heads.shape[-1]} positions, pairs have {pairs[0].length}")
-    keep_h = torch.stack([c.heads for c in circuits])
-    keep_n = torch.stack([c.neurons for c in circuits])
+    keys = [(c.heads.numpy().tobytes(), c.neurons.numpy().tobytes()) for c in circuits]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    unique = sorted(set(first.values()))
+    keep_h = torch.stack([circuits[i].heads for i in unique])
+    keep_n = torch.stack([circuits[i].neurons for i in unique])
     P, out = len(pairs), []
     per_chunk = max(1, max_rows // P - 1)  # circuits per trace, P rows each plus P p' rows
-    for start in tqdm(range(0, len(circuits), per_chunk), desc="ablate", disable=not progress, leave=False):
-        idx = torch.arange(start, min(start + per_chunk, len(circuits)))
+    for start in tqdm(range(0, len(unique), per_chunk), desc="ablate", disable=not progress, leave=False):
+        idx = torch.arange(start, min(start + per_chunk, len(unique)))
         inputs = batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs] * len(idx))
         answers = _answers(pairs, model.device).repeat(len(idx), 1)
         ld = _ablate_trace(model, inputs, answers, keep_h[idx], keep_n[idx], idx.repeat_interleave(P) - start, P)
         out.append(ld.view(len(idx), P))
-    return torch.cat(out)
+    lds = torch.cat(out)
+    row = {u: j for j, u in enumerate(unique)}
+    return lds[[row[first[k]] for k in keys]]
 
 
 @dataclass
@@ -80,6 +89,11 @@ class Faithfulness:
     ld_full: torch.Tensor  # (P,) nothing patched
     ld_empty: torch.Tensor  # (P,) every node patched
     aggregation: str = "ratio_of_means"
+
+    def ci(self, resamples: int = 1000, seed: int = 0) -> CI:
+        """Bootstrap interval of F over the evaluation pairs."""
+        return bootstrap(lambda i: faithfulness_value(self.ld_circuit[i], self.ld_full[i], self.ld_empty[i], self.aggregation),
+                         len(self.ld_full), resamples=resamples, seed=seed)
 
 
 def faithfulness_value(ld_c, ld_full, ld_empty, aggregation: str = "ratio_of_means") -> float:
