@@ -18,6 +18,8 @@ def _common(p: argparse.ArgumentParser, task=True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="results folder; files go to <out>/<model>/")
     p.add_argument("--data-dir", default=None, help="folder with <task>.csv and images for factual recall / sentiment")
+    p.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
+                   help="run traces on NDIF (optionally at HOST; 'local' = nnsight's serialisation dry run)")
     p.add_argument("--all-prompts", action="store_true",
                    help="keep prompts the model answers wrongly (default: only correctly answered ones)")
 
@@ -48,7 +50,7 @@ def cmd_discover(args) -> None:
     from .models import load_model
     from .pairs import split
 
-    model = load_model(args.model)
+    model = load_model(args.model, remote=args.remote)
     discovery, _ = split(_pairs(model, args))
     start = time.perf_counter()
     scores = attribute(model, discovery, steps=args.steps)
@@ -68,7 +70,7 @@ def cmd_evaluate(args) -> None:
     from .patching import faithfulness_curve
     from .store import write_json
 
-    model = load_model(args.model)
+    model = load_model(args.model, remote=args.remote)
     out = _run_dir(args, model)
     if not (out / "scores.safetensors").exists():
         sys.exit(f"no scores in {out}: run `modality-circuits discover` with the same --model/--task/--modality first")
