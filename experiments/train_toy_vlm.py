@@ -305,6 +305,10 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--val-n", type=int, default=200)
     ap.add_argument("--heldout-n", type=int, default=500)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks trained (trials)")
+    ap.add_argument("--warm-tasks", nargs="*", default=[], choices=TASKS,
+                    help="curriculum: only these tasks during the first --warm-steps steps")
+    ap.add_argument("--warm-steps", type=int, default=0)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--heads", type=int, default=4)
@@ -368,9 +372,10 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
 
-        counts = {}
+        tasks = args.warm_tasks if step <= args.warm_steps and args.warm_tasks else args.tasks
+        counts = {c: 0 for c in CELLS}
         for modality in MODALITIES:
-            mc = [c for c in CELLS if c[1] == modality]
+            mc = [c for c in CELLS if c[1] == modality and c[0] in tasks]
             uniform = allocate({c: 1.0 for c in mc}, round(half * args.min_share), rng)
             weighted = allocate({c: max(err[c], args.err_floor) for c in mc}, half - sum(uniform.values()), rng)
             counts.update({c: uniform[c] + weighted[c] for c in mc})

@@ -90,6 +90,71 @@ def cmd_evaluate(args) -> None:
           f"CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f} -> {out / 'curve.json'}")
 
 
+def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
+    p.add_argument("--model", default="toy", help="'toy' (embedded default), 'tiny-<family>', a short name, hub id or path")
+    if tasks_arg:
+        p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
+    p.add_argument("--n", type=int, default=48, help="correctly answered pairs per task and modality")
+    p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    p.add_argument("--out", default="results", help="results folder; files go to <out>/<model>/")
+    p.add_argument("--data-dir", default=None, help="folder with <task>.csv and images for factual recall / sentiment")
+    p.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
+                   help="run traces on NDIF (optionally at HOST; 'local' = nnsight's serialisation dry run)")
+    p.add_argument("--all-prompts", action="store_true", help="keep wrongly answered prompts (random test models)")
+    p.add_argument("--force", action="store_true", help="recompute finished steps instead of reusing them")
+
+
+def _study(args):
+    from .models import load_model
+    from .study import Study
+
+    model = load_model(args.model, remote=args.remote)
+    return Study(model, out=args.out, tasks=tuple(args.tasks), n=args.n, steps=args.steps, seed=args.seed,
+                 resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force)
+
+
+def experiment(doc: str, steps: tuple[str, ...], draw, argv=None) -> None:
+    """Entry point of an experiments/ script: run `steps` of the study (resumable), then draw(folder, tasks)."""
+    from . import study as st
+
+    p = argparse.ArgumentParser(description=doc)
+    _study_args(p)
+    args = p.parse_args(argv)
+    s = _study(args)
+    st.run(s, steps)
+    print(draw(s.dir, s.tasks))
+
+
+def cmd_reproduce(args) -> None:
+    from . import figures
+    from . import study as st
+    from .report import write_report
+
+    s = _study(args)
+    start = time.perf_counter()
+    print(f"reproducing the study on {s.model.name} for {', '.join(s.tasks)} -> {s.dir}")
+    st.run(s)
+    figures.gallery(s.model, s.dir, s.tasks, seed=s.seed)
+    for draw in (figures.position_effect, figures.faithfulness_curves, figures.overlap_heatmap,
+                 figures.interchange_bars, figures.alignment_lines, figures.backpatch_bars):
+        draw(s.dir, s.tasks)
+    report = write_report(s.dir, s.tasks, s.model.name, s.resamples)
+    print(f"done in {time.perf_counter() - start:.0f}s: {report}, {s.dir / 'summary.json'} and figures in {s.dir}")
+
+
+def cmd_analysis(args) -> None:
+    """overlap / interchange / alignment / backpatch of one task: run (or reuse) the step and print its JSON."""
+    import json
+
+    from . import study as st
+
+    args.tasks = [args.task]
+    s = _study(args)
+    print(json.dumps(st.STEPS[args.command](s, args.task), indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modality-circuits", description="Find and compare the circuits "
                                      "vision-language models use for the same task given as text and as an image.")
@@ -104,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.8, help="faithfulness that counts as a faithful circuit")
     p.add_argument("--aggregation", default="ratio_of_means", choices=["ratio_of_means", "mean_of_ratios"])
     p.set_defaults(func=cmd_evaluate)
+    helps = {
+        "overlap": "nIoU of the textual and visual circuits of a task per span (D, Q, G)",
+        "interchange": "swap each span's sub-circuit between the textual and visual circuits",
+        "alignment": "per layer, how text-like the image-token residuals are",
+        "backpatch": "back-patch late image-token residuals into earlier layers; gain on a test split",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _study_args(p, tasks_arg=False)
+        p.add_argument("--task", required=True, choices=tasks.TASKS)
+        p.set_defaults(func=cmd_analysis)
+    p = sub.add_parser("reproduce", help="the whole study: circuits, analyses, figures, summary.json and report.md")
+    _study_args(p)
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

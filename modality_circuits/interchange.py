@@ -60,6 +60,25 @@ class Interchange:
     score: float  # with the mean random faithfulness
     score_draws: list[float]  # the score against each random draw (its spread)
     ci: CI  # bootstrap over prompts of `score`
+    lds: torch.Tensor  # (4 + n_random, P): full, empty, original, swapped, random draws
+
+    def resampled(self, idx) -> float:
+        """`score` recomputed on the pairs `idx` (one bootstrap draw)."""
+        return _score(self.lds, idx)
+
+
+def _faith(lds: torch.Tensor, idx) -> list[float]:
+    """F of rows 2.. of lds (rows 0, 1: full model and empty circuit) on the pairs idx."""
+    return [faithfulness_value(ld[idx], lds[0][idx], lds[1][idx]) for ld in lds[2:]]
+
+
+def _norm(f_swapped: float, f_original: float, f_random: float) -> float:
+    return (f_swapped - f_random) / (f_original - f_random) if f_original != f_random else float("nan")
+
+
+def _score(lds: torch.Tensor, idx) -> float:
+    f = _faith(lds, idx)
+    return _norm(f[1], f[0], sum(f[2:]) / len(f[2:]))
 
 
 def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span: str, *, n_random: int = 5,
@@ -73,17 +92,6 @@ def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span
     randoms = [rest | random_like(mapped, span, gen) for _ in range(n_random)]
     circuits = [Circuit.full(target, True), Circuit.full(target, False), target, rest | mapped, *randoms]
     lds = ablation_lds(model, circuits, pairs)
-
-    def faith(idx):
-        return [faithfulness_value(ld[idx], lds[0][idx], lds[1][idx]) for ld in lds[2:]]
-
-    def score(f, random):
-        return (f[1] - random) / (f[0] - random) if f[0] != random else float("nan")
-
-    def stat(idx):
-        f = faith(idx)
-        return score(f, sum(f[2:]) / n_random)
-
-    f = faith(torch.arange(len(pairs)))
-    ci = bootstrap(lambda idx: stat(torch.as_tensor(idx)), len(pairs), resamples=resamples, seed=seed)
-    return Interchange(span, f[0], f[1], f[2:], ci.value, [score(f, r) for r in f[2:]], ci)
+    f = _faith(lds, torch.arange(len(pairs)))
+    ci = bootstrap(lambda idx: _score(lds, idx), len(pairs), resamples=resamples, seed=seed)
+    return Interchange(span, f[0], f[1], f[2:], ci.value, [_norm(f[1], f[0], r) for r in f[2:]], ci, lds)

@@ -22,13 +22,17 @@ class CI:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def bootstrap(stat: Callable[[np.ndarray], float], n: int, *, resamples: int = 1000, level: float = 0.95,
+def bootstrap(stat: Callable[..., float], n: int | tuple[int, ...], *, resamples: int = 1000, level: float = 0.95,
               seed: int = 0) -> CI:
-    """CI of stat(indices) over `resamples` resamplings of n prompt indices with replacement."""
-    if n < 1:
-        raise ValueError("bootstrap needs at least one prompt")
+    """Percentile CI of stat(indices) over `resamples` resamplings of n prompt indices with replacement.
+
+    With n a tuple of sizes (independent prompt sets), stat receives one index array per set.
+    """
+    sizes = n if isinstance(n, tuple) else (n,)
+    if min(sizes) < 1:
+        raise ValueError("bootstrap needs at least one prompt in every set")
     rng = np.random.default_rng(seed)
-    draws = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)], dtype=float)
+    draws = np.array([stat(*(rng.integers(0, k, k) for k in sizes)) for _ in range(resamples)], dtype=float)
     draws = draws[np.isfinite(draws)]
     lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]) if len(draws) else (np.nan, np.nan)
-    return CI(float(stat(np.arange(n))), float(lo), float(hi))
+    return CI(float(stat(*(np.arange(k) for k in sizes))), float(lo), float(hi))

@@ -1,0 +1,252 @@
+"""The whole study for one model, as resumable steps writing results/<model>/.
+
+Each step writes one JSON file (atomically) and is skipped when that file exists, so an
+interrupted run resumes where it stopped. Large intermediates (per-pair scores) live in
+<model>/.cache/. The figures (figures.py) and the report read only the JSON files.
+
+Layout: <out>/<model>/<task>/<modality>/{accuracy,curve,position_effect}.json, scores and circuit
+(.safetensors); <out>/<model>/<task>/{overlap,interchange,alignment,backpatch}.json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import tasks as task_defs
+from .attribution import attribute
+from .circuit import Circuit, Scores
+from .pairs import build_pairs, keep_correct, predictions, split
+from .stats import bootstrap
+from .store import model_dir, read_json, write_json
+
+SPANS = ("D", "Q", "G")
+
+
+@dataclass
+class Study:
+    """Settings of one study run; `dir` is <out>/<model name>/."""
+
+    model: object  # a loaded VLM
+    out: str = "results"
+    tasks: tuple[str, ...] = task_defs.TASKS
+    n: int = 48  # correctly answered pairs per task and modality (75 % discovery, 25 % evaluation)
+    steps: int = 5
+    seed: int = 0
+    resamples: int = 1000
+    threshold: float = 0.8
+    all_prompts: bool = False
+    data_dir: str | None = None
+    force: bool = False
+    _pairs: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def dir(self) -> Path:
+        return model_dir(self.out, self.model.name)
+
+    def path(self, task: str, name: str, modality: str | None = None) -> Path:
+        return self.dir / task / (modality or "") / name
+
+    def candidates(self, task: str, modality: str):
+        """Every built pair (correct or not), 3n of them (all_prompts: n)."""
+        key = ("all", task, modality)
+        if key not in self._pairs:
+            n = self.n if self.all_prompts else 3 * self.n
+            self._pairs[key] = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir)
+        return self._pairs[key]
+
+    def pairs(self, task: str, modality: str):
+        """(discovery, evaluation) splits of the kept pairs."""
+        key = ("kept", task, modality)
+        if key not in self._pairs:
+            cands = self.candidates(task, modality)
+            kept = cands if self.all_prompts else keep_correct(self.model, cands)[: self.n]
+            if len(kept) < 4:
+                raise RuntimeError(f"{self.model.name} answers only {len(kept)} {task}/{modality} pairs correctly; "
+                                   "too few for a circuit (use all_prompts for random test models)")
+            self._pairs[key] = split(kept)
+        return self._pairs[key]
+
+
+def _step(study: Study, path: Path, compute):
+    """Read `path` if it exists (and not study.force), else compute, write atomically and return."""
+    if path.exists() and not study.force:
+        return read_json(path)
+    result = compute()
+    write_json(path, result)
+    return result
+
+
+def accuracy(study: Study, task: str, modality: str) -> dict:
+    """Top-1 accuracy on the prompts of all built pairs, with CI."""
+    def compute():
+        pairs = study.candidates(task, modality)
+        ok = (predictions(study.model, pairs).argmax(-1) == torch.tensor([p.answer_id for p in pairs])).float().numpy()
+        return {"accuracy": bootstrap(lambda i: ok[i].mean(), len(ok), resamples=study.resamples).as_dict(),
+                "n_prompts": len(ok)}
+    return _step(study, study.path(task, "accuracy.json", modality), compute)
+
+
+def scores(study: Study, task: str, modality: str) -> Scores:
+    """IG scores on the discovery split (per-pair values cached for the overlap bootstrap)."""
+    path = study.path(task, "scores.safetensors", modality)
+    cache = study.dir / ".cache" / f"{task}-{modality}-per-pair.pt"
+    if path.exists() and cache.exists() and not study.force:
+        s = Scores.load(path)
+        s.per_pair = torch.load(cache)
+        return s
+    discovery, _ = study.pairs(task, modality)
+    s = attribute(study.model, discovery, steps=study.steps, per_pair=True, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s.save(path)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(s.per_pair, cache)
+    return s
+
+
+def curve(study: Study, task: str, modality: str) -> dict:
+    """Faithfulness curve on the evaluation split, per-fraction CIs, the discovered circuit."""
+    from .patching import faithfulness_curve, faithfulness_value
+
+    def compute():
+        s = scores(study, task, modality)
+        _, evaluation = study.pairs(task, modality)
+        c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold)
+        cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i]), len(evaluation),
+                         resamples=study.resamples).as_dict() for ld in c.ld_circuits]
+        chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.argmax(c.values))]
+        Circuit.from_scores(s, fraction=chosen).save(study.path(task, "circuit.safetensors", modality))
+        at = c.fractions.index(chosen)
+        return {"fractions": c.fractions, "faithfulness": c.values, "ci": cis, "threshold": c.threshold,
+                "minimal_fraction": c.minimal_fraction, "circuit_fraction": chosen, "faithfulness_at_circuit": cis[at],
+                "cpr": c.cpr, "cmd": c.cmd, "n_eval_pairs": len(evaluation)}
+    return _step(study, study.path(task, "curve.json", modality), compute)
+
+
+def circuit(study: Study, task: str, modality: str) -> Circuit:
+    curve(study, task, modality)
+    return Circuit.load(study.path(task, "circuit.safetensors", modality), model=study.model.name)
+
+
+def position_effect(study: Study, task: str, modality: str) -> dict:
+    """Exact effect of patching every node at a position, per span, with CIs over evaluation pairs."""
+    from .patching import ablation_lds
+
+    def compute():
+        _, evaluation = study.pairs(task, modality)
+        m = study.model
+        T, spans = evaluation[0].length, evaluation[0].spans
+        full = Circuit(torch.ones(m.n_layers, m.n_heads, T, dtype=torch.bool),
+                       torch.ones(m.n_layers, m.d_mlp, T, dtype=torch.bool), spans, m.name)
+        probes = []
+        for t in range(T):
+            c = Circuit.full(full)
+            c.heads[..., t] = False
+            c.neurons[..., t] = False
+            probes.append(c)
+        lds = ablation_lds(m, [full, *probes], evaluation)
+        effect = (lds[1:] - lds[:1]).numpy()  # (T, P)
+        per_span = {s: bootstrap(lambda i, a=a, b=b: effect[a:b][:, i].mean(), effect.shape[1],
+                                 resamples=study.resamples).as_dict() for s, (a, b) in spans.items()}
+        attributed = scores(study, task, modality).position_effect()
+        return {"per_position": effect.mean(1).tolist(), "per_span": per_span, "spans": spans,
+                "attributed_per_position": attributed.tolist()}
+    return _step(study, study.path(task, "position_effect.json", modality), compute)
+
+
+def overlap(study: Study, task: str) -> dict:
+    """nIoU of the textual and visual circuits per span; CI by resampling discovery pairs of both modalities."""
+    from .overlap import overlap as span_overlap
+
+    def compute():
+        text, image = (circuit(study, task, m) for m in ("text", "image"))
+        point = span_overlap(text, image)
+        st, si = scores(study, task, "text"), scores(study, task, "image")
+        ft, fi = (read_json(study.path(task, "curve.json", m))["circuit_fraction"] for m in ("text", "image"))
+        cache = {}
+
+        def draw(it, ii):
+            key = (it.tobytes(), ii.tobytes())
+            if key not in cache:
+                cache[key] = span_overlap(Circuit.from_scores(st.resample(it), fraction=ft),
+                                          Circuit.from_scores(si.resample(ii), fraction=fi))
+            return cache[key]
+
+        sizes = (st.per_pair[0].shape[0], si.per_pair[0].shape[0])
+        result = {}
+        for s in SPANS:
+            ci = bootstrap(lambda it, ii, s=s: draw(it, ii)[s].niou, sizes, resamples=study.resamples)
+            result[s] = {"niou": ci.as_dict(), "niou_heads": point[s].niou_heads, "niou_neurons": point[s].niou_neurons,
+                         "iou_heads": point[s].iou_heads, "iou_neurons": point[s].iou_neurons}
+        return result
+    return _step(study, study.path(task, "overlap.json"), compute)
+
+
+def interchange(study: Study, task: str, n_random: int = 5) -> dict:
+    """Swap each span between the two circuits, both directions; score averaged over directions."""
+    from .interchange import interchange as swap
+
+    def compute():
+        text, image = (circuit(study, task, m) for m in ("text", "image"))
+        ev_text, ev_image = study.pairs(task, "text")[1], study.pairs(task, "image")[1]
+        result = {}
+        for s in SPANS:
+            vis = swap(study.model, image, text, ev_image, s, n_random=n_random, seed=study.seed, resamples=10)
+            txt = swap(study.model, text, image, ev_text, s, n_random=n_random, seed=study.seed, resamples=10)
+            both = bootstrap(lambda i, j: np.nanmean([vis.resampled(i), txt.resampled(j)]),
+                             (len(ev_image), len(ev_text)), resamples=study.resamples)
+            result[s] = {"score": both.as_dict(),
+                         **{f"{name}_{k}": v for name, r in (("visual", vis), ("text", txt)) for k, v in
+                            (("score", r.score), ("f_original", r.f_original), ("f_swapped", r.f_swapped),
+                             ("f_random", r.f_random), ("score_draws", r.score_draws))}}
+        return result
+    return _step(study, study.path(task, "interchange.json"), compute)
+
+
+def alignment(study: Study, task: str) -> dict:
+    """Per layer, max cosine similarity of image-token residuals to the aligned textual data tokens."""
+    from .alignment import alignment as align
+
+    def compute():
+        image, text = study.candidates(task, "image"), study.candidates(task, "text")
+        a = align(study.model, image, text, resamples=study.resamples)
+        return {"per_layer": a.per_layer.tolist(), "ci": [c.as_dict() for c in a.ci], "n_prompts": len(a.per_prompt)}
+    return _step(study, study.path(task, "alignment.json"), compute)
+
+
+def backpatch(study: Study, task: str) -> dict:
+    """Back-patching on visual prompts and, as control, on textual prompts; config chosen on a selection split."""
+    from .backpatch import backpatch as run
+
+    def compute():
+        result = {}
+        for modality in ("image", "text"):
+            r = run(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed)
+            result[modality] = {"config": {"src": r.config[0], "dst": r.config[1], "window": r.config[2]},
+                                "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain": r.gain.as_dict(),
+                                "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection}
+        return result
+    return _step(study, study.path(task, "backpatch.json"), compute)
+
+
+STEPS = {
+    "accuracy": lambda s, t: [accuracy(s, t, m) for m in ("text", "image")],
+    "curve": lambda s, t: [curve(s, t, m) for m in ("text", "image")],
+    "position_effect": lambda s, t: [position_effect(s, t, m) for m in ("text", "image")],
+    "overlap": overlap,
+    "interchange": interchange,
+    "alignment": alignment,
+    "backpatch": backpatch,
+}
+
+
+def run(study: Study, steps=tuple(STEPS)) -> None:
+    """Run `steps` for every task of the study, skipping finished ones, with a progress bar."""
+    jobs = [(t, s) for t in study.tasks for s in steps]
+    bar = tqdm(jobs, desc=f"study {study.model.name}")
+    for task, step in bar:
+        bar.set_postfix_str(f"{task}: {step}")
+        STEPS[step](study, task)

@@ -1,0 +1,56 @@
+"""The whole study on a tiny model: reproduce, resume, every experiment script writes its figure."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from modality_circuits.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--model", "tiny-llava", "--tasks", "counting", "sentiment", "--n", "8", "--resamples", "20", "--all-prompts"]
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    main(["reproduce", *ARGS, "--out", str(out)])
+    return out / "tiny-llava"
+
+
+def test_reproduce_writes_summary_report_and_figures(study_dir):
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert set(summary) == {"counting", "sentiment"}
+    for key in ("accuracy", "minimal_faithful_fraction", "niou", "interchange", "backpatch_gain"):
+        assert key in summary["counting"]
+    assert set(summary["counting"]["niou"]) == {"D", "Q", "G"}
+    assert {"low", "high", "value"} <= set(summary["counting"]["backpatch_gain"]["image"])
+    report = (study_dir / "report.md").read_text()
+    assert "## Back-patching" in report and "nIoU" in report
+    for name in ("gallery", "position_effect", "faithfulness", "overlap", "interchange", "alignment", "backpatch"):
+        assert (study_dir / f"{name}.png").stat().st_size > 1000
+        assert (study_dir / f"{name}.pdf").stat().st_size > 1000
+
+
+def test_rerun_reuses_finished_steps_and_redoes_missing_ones(study_dir):
+    curve = study_dir / "counting" / "text" / "curve.json"
+    overlap = study_dir / "sentiment" / "overlap.json"
+    stamp = curve.stat().st_mtime_ns
+    before = json.loads(overlap.read_text())
+    overlap.unlink()  # as if the run had been interrupted before this step
+    main(["reproduce", *ARGS, "--out", str(study_dir.parent)])
+    assert curve.stat().st_mtime_ns == stamp
+    assert json.loads(overlap.read_text()) == before
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "experiments").glob("[ft][ia][gb]_*.py")))
+def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, capsys):
+    args = ARGS if script != "fig_gallery.py" else ["--model", "tiny-llava", "--tasks", "counting"]
+    monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(study_dir.parent)])
+    runpy.run_path(str(ROOT / "experiments" / script), run_name="__main__")
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    if script.startswith("fig_"):
+        assert Path(printed).stat().st_size > 1000 and printed.endswith(".png")
+    else:
+        assert printed.startswith("| task |") or "|" in printed
