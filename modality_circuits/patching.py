@@ -187,12 +187,13 @@ class PositionEffect:
 
     per_position: torch.Tensor  # (T,)
     per_span: dict[str, float]
+    per_pair: torch.Tensor | None = None  # (T, P) exact effects, for bootstrapping
 
 
 def position_effect(model, pairs: list[Pair], scores=None) -> PositionEffect:
     """Exact effect (one ablation per position), or the attributed one when `scores` are given."""
     check_aligned(pairs)
-    spans = pairs[0].spans
+    spans, per_pair = pairs[0].spans, None
     if scores is not None:
         effect = scores.position_effect()
     else:
@@ -205,6 +206,7 @@ def position_effect(model, pairs: list[Pair], scores=None) -> PositionEffect:
             c.heads[..., t] = False
             c.neurons[..., t] = False
             probes.append(c)
-        lds = ablation_lds(model, [full, *probes], pairs)
-        effect = (lds[1:] - lds[:1]).mean(1)
-    return PositionEffect(effect, {s: float(effect[a:b].mean()) for s, (a, b) in spans.items()})
+        per_pair = ablation_lds(model, [full, *probes], pairs)
+        per_pair = per_pair[1:] - per_pair[:1]
+        effect = per_pair.mean(1)
+    return PositionEffect(effect, {s: float(effect[a:b].mean()) for s, (a, b) in spans.items()}, per_pair)

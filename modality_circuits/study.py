@@ -133,22 +133,12 @@ def circuit(study: Study, task: str, modality: str) -> Circuit:
 
 def position_effect(study: Study, task: str, modality: str) -> dict:
     """Exact effect of patching every node at a position, per span, with CIs over evaluation pairs."""
-    from .patching import ablation_lds
+    from .patching import position_effect as exact_effect
 
     def compute():
         _, evaluation = study.pairs(task, modality)
-        m = study.model
-        T, spans = evaluation[0].length, evaluation[0].spans
-        full = Circuit(torch.ones(m.n_layers, m.n_heads, T, dtype=torch.bool),
-                       torch.ones(m.n_layers, m.d_mlp, T, dtype=torch.bool), spans, m.name)
-        probes = []
-        for t in range(T):
-            c = Circuit.full(full)
-            c.heads[..., t] = False
-            c.neurons[..., t] = False
-            probes.append(c)
-        lds = ablation_lds(m, [full, *probes], evaluation)
-        effect = (lds[1:] - lds[:1]).numpy()  # (T, P)
+        spans = evaluation[0].spans
+        effect = exact_effect(study.model, evaluation).per_pair.numpy()  # (T, P)
         per_span = {s: bootstrap(lambda i, a=a, b=b: effect[a:b][:, i].mean(), effect.shape[1],
                                  resamples=study.resamples).as_dict() for s, (a, b) in spans.items()}
         attributed = scores(study, task, modality).position_effect()
