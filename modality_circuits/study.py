@@ -20,7 +20,7 @@ from . import tasks as task_defs
 from .attribution import attribute
 from .circuit import Circuit, Scores
 from .pairs import build_pairs, keep_correct, predictions, split
-from .stats import bootstrap
+from .stats import CI, bootstrap
 from .store import model_dir, read_json, write_json
 
 SPANS = ("D", "Q", "G")
@@ -41,6 +41,7 @@ class Study:
     all_prompts: bool = False
     data_dir: str | None = None
     force: bool = False
+    max_per_pair_bytes: int = 2 * 2**30  # keep per-pair scores (for the nIoU CI) only below this size
     _pairs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -94,16 +95,20 @@ def scores(study: Study, task: str, modality: str) -> Scores:
     """IG scores on the discovery split (per-pair values cached for the overlap bootstrap)."""
     path = study.path(task, "scores.safetensors", modality)
     cache = study.dir / ".cache" / f"{task}-{modality}-per-pair.pt"
-    if path.exists() and cache.exists() and not study.force:
+    if path.exists() and not study.force:
         s = Scores.load(path)
-        s.per_pair = torch.load(cache)
+        s.per_pair = torch.load(cache) if cache.exists() else None
         return s
     discovery, _ = study.pairs(task, modality)
-    s = attribute(study.model, discovery, steps=study.steps, per_pair=True, progress=False)
+    m = study.model
+    per_pair_bytes = 4 * len(discovery) * m.n_layers * (m.n_heads + m.d_mlp) * discovery[0].length
+    keep = per_pair_bytes <= study.max_per_pair_bytes
+    s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False)
+    if keep:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(s.per_pair, cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     s.save(path)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(s.per_pair, cache)
     return s
 
 
@@ -165,10 +170,13 @@ def overlap(study: Study, task: str) -> dict:
                                           Circuit.from_scores(si.resample(ii), fraction=fi))
             return cache[key]
 
-        sizes = (st.per_pair[0].shape[0], si.per_pair[0].shape[0])
         result = {}
         for s in SPANS:
-            ci = bootstrap(lambda it, ii, s=s: draw(it, ii)[s].niou, sizes, resamples=study.resamples)
+            if st.per_pair is None or si.per_pair is None:  # too large to keep: no interval
+                ci = CI(point[s].niou, float("nan"), float("nan"))
+            else:
+                sizes = (st.per_pair[0].shape[0], si.per_pair[0].shape[0])
+                ci = bootstrap(lambda it, ii, s=s: draw(it, ii)[s].niou, sizes, resamples=study.resamples)
             result[s] = {"niou": ci.as_dict(), "niou_heads": point[s].niou_heads, "niou_neurons": point[s].niou_neurons,
                          "iou_heads": point[s].iou_heads, "iou_neurons": point[s].iou_neurons}
         return result
