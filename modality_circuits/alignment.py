@@ -16,17 +16,44 @@ from .pairs import Pair, batch, check_aligned
 from .stats import CI, bootstrap
 
 
-def residuals(model, pairs: list[Pair], span: str = "D") -> torch.Tensor:
-    """(P, L, n, d) decoder-layer outputs at the positions of `span` of each pair's prompt."""
-    check_aligned(pairs)
-    start, end = pairs[0].spans[span]
-    with model.trace(batch([p.inputs for p in pairs])):
+def _residuals_trace(model, inputs: dict, start: int, end: int) -> list:
+    layers = model.layers()
+    with model.trace(inputs):
         out = nnsight.save([])
-        for layer in model.layers():
+        for layer in layers:
             h = layer.output
             h = h[0] if isinstance(h, tuple) else h
             out.append(h[:, start:end].detach().float().cpu())
-    return torch.stack(out, 1)
+    return out
+
+
+def residuals(model, pairs: list[Pair], span: str = "D") -> torch.Tensor:
+    """(P, L, n, d) decoder-layer outputs at the positions of `span` of each pair's prompt.
+
+    Remote, these are per-pair activations coming back over the wire: `alignment` keeps them on the server.
+    """
+    check_aligned(pairs)
+    start, end = pairs[0].spans[span]
+    return torch.stack(model.call(_residuals_trace, batch([p.inputs for p in pairs]), start, end), 1)
+
+
+def _alignment_session(model, image_inputs: dict, image_span: tuple, text_inputs: dict, text_span: tuple) -> torch.Tensor:
+    """One request: both forward passes and the similarities; only the (P, L) per-prompt means come back."""
+    root, layers = model.nn, model.layers()
+    with model.session():
+        res = []
+        for inputs, (start, end) in ((image_inputs, image_span), (text_inputs, text_span)):
+            with root.trace(**inputs):
+                hs = []
+                for layer in layers:
+                    h = layer.output
+                    h = h[0] if isinstance(h, tuple) else h
+                    hs.append(h[:, start:end].detach().float())
+            res.append(torch.stack(hs, 1))  # (P, L, n, d), stays where the model runs
+        img = torch.nn.functional.normalize(res[0], dim=-1)
+        txt = torch.nn.functional.normalize(res[1], dim=-1)
+        per_prompt = nnsight.save((img @ txt.transpose(-1, -2)).max(-1).values.mean(-1).cpu())  # (P, L)
+    return per_prompt
 
 
 def match(image_pairs: list[Pair], text_pairs: list[Pair]) -> list[tuple[int, int]]:
@@ -48,10 +75,11 @@ def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resampl
     idx = match(image_pairs, text_pairs)
     if not idx:
         raise ValueError("no image prompt has a textual prompt with the same content; build both with the same seed")
-    img = residuals(model, [image_pairs[i] for i, _ in idx])  # (P, L, n_img, d)
-    txt = residuals(model, [text_pairs[j] for _, j in idx])  # (P, L, n_txt, d)
-    cos = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).transpose(-1, -2)
-    per_prompt = cos.max(-1).values.mean(-1)  # (P, L)
+    images, texts = [image_pairs[i] for i, _ in idx], [text_pairs[j] for _, j in idx]
+    check_aligned(images)
+    check_aligned(texts)
+    per_prompt = model.call(_alignment_session, model.prepare(batch([p.inputs for p in images])), images[0].spans["D"],
+                            model.prepare(batch([p.inputs for p in texts])), texts[0].spans["D"])  # (P, L)
     cis = [bootstrap(lambda i, l=l: float(per_prompt[i, l].mean()), len(per_prompt), resamples=resamples)
            for l in range(per_prompt.shape[1])]
     return Alignment(per_prompt.mean(0), per_prompt, cis)

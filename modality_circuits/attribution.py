@@ -10,6 +10,7 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
+from . import remote
 from .circuit import Scores
 from .pairs import Pair, batch, check_aligned
 
@@ -19,68 +20,94 @@ def _ig_rows(pairs: list[Pair], steps: int) -> dict:
     return batch([x for p in pairs for x in [p.cf_inputs] + [p.inputs] * steps])
 
 
-def _ig_trace(model, inputs: dict, answers: torch.Tensor, steps: int, per_pair: bool = False):
-    """One forward+backward over P pairs × (k+1) rows.
+def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
+    """One request: a forward+backward over P pairs × (k+1) rows for each chunk (inputs, answers (P, 2)).
 
-    Returns head (L, T, H) and neuron (L, T, I) scores summed over pairs, or (L, P, T, ·) with per_pair.
+    Head (L, T, H) and neuron (L, T, I) scores summed over pairs are added, chunk by chunk and on
+    the server, to `totals` (None or the running sums); returns the new sums and, with per_pair,
+    each chunk's per-pair scores (P, L, units, T). The bodies use only torch, nnsight and envoys.
     """
     L, H, k = model.n_layers, model.n_heads, steps
-    alpha = torch.arange(k + 1, dtype=model.hf_model.dtype, device=model.device) / k
-    with model.trace(inputs):
-        layers = model.layers()
-        h = layers[0].input
-        P = h.shape[0] // (k + 1)
-        h = h.view(P, k + 1, *h.shape[1:])
-        e_cf, e = h[:, :1], h[:, -1:]
-        x = (e_cf + alpha.view(1, -1, 1, 1) * (e - e_cf)).flatten(0, 1).detach().requires_grad_(True)
-        layers[0].input = x
-        heads, neurons = [], []
-        for layer in layers:  # nnsight serves values in execution order
-            heads.append(model.attn_out(layer).input)
-            neurons.append(model.mlp_out(layer).input)
-        logits = model.nn.output.logits[:, -1].view(P, k + 1, -1)[:, 1:]
-        ld = logits.gather(-1, answers.view(P, 1, 2).expand(P, k, 2))
-        metric = (ld[..., 0] - ld[..., 1]).sum()
-        out = nnsight.save({"heads": [None] * L, "neurons": [None] * L})
-        with metric.backward():
-            for i in reversed(range(L)):
-                for key, acts in (("neurons", neurons), ("heads", heads)):
-                    a = acts[i].view(P, k + 1, *acts[i].shape[1:])
-                    g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].mean(1)
-                    s = (a[:, 0] - a[:, -1]) * g  # (P, T, width)
-                    if key == "heads":
-                        s = s.view(*s.shape[:2], H, -1).sum(-1)
-                    out[key][i] = s.detach() if per_pair else s.sum(0).detach()
-    return torch.stack(out["heads"]), torch.stack(out["neurons"])
+    root, layers = model.nn, model.layers()
+    attn, mlp = [model.attn_out(layer) for layer in layers], [model.mlp_out(layer) for layer in layers]
+    alpha = torch.arange(k + 1, dtype=torch.float32) / k
+    heads_sum, neurons_sum = totals
+    with model.session():
+        kept = []
+        for inputs, answers in chunks:
+            with root.trace(**inputs):
+                h = layers[0].input
+                P = h.shape[0] // (k + 1)
+                h = h.view(P, k + 1, *h.shape[1:])
+                e_cf, e = h[:, :1], h[:, -1:]
+                a = alpha.to(h.device, h.dtype).view(1, -1, 1, 1)
+                x = (e_cf + a * (e - e_cf)).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
+                layers[0].input = x
+                heads, neurons = [], []
+                for i in range(L):  # nnsight serves values in execution order
+                    heads.append(attn[i].input)
+                    neurons.append(mlp[i].input)
+                logits = root.output.logits[:, -1].view(P, k + 1, -1)[:, 1:]
+                ld = logits.gather(-1, answers.to(logits.device).view(P, 1, 2).expand(P, k, 2))
+                metric = (ld[..., 0] - ld[..., 1]).sum()
+                out_h, out_n = [None] * L, [None] * L
+                with metric.backward():
+                    for i in reversed(range(L)):
+                        for out, acts in ((out_n, neurons), (out_h, heads)):
+                            act = acts[i].view(P, k + 1, *acts[i].shape[1:])
+                            g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].mean(1)
+                            s = (act[:, 0] - act[:, -1]) * g  # (P, T, width)
+                            if out is out_h:
+                                s = s.view(*s.shape[:2], H, -1).sum(-1)
+                            out[i] = s.detach() if per_pair else s.sum(0).detach()
+            del h, e_cf, e, a, x, heads, neurons, logits, ld, metric  # the next chunk must not hold these too
+            chunk_h, chunk_n = torch.stack(out_h), torch.stack(out_n)
+            if per_pair:  # (L, P, T, units) -> (P, L, units, T)
+                kept.append((chunk_h.permute(1, 0, 3, 2).cpu(), chunk_n.permute(1, 0, 3, 2).cpu()))
+                chunk_h, chunk_n = chunk_h.sum(1), chunk_n.sum(1)
+            heads_sum = chunk_h if heads_sum is None else heads_sum + chunk_h
+            neurons_sum = chunk_n if neurons_sum is None else neurons_sum + chunk_n
+        result = nnsight.save((heads_sum, neurons_sum, kept))
+    return result
 
 
 def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int = 48, per_pair: bool = False,
-              progress: bool = True) -> Scores:
+              progress: bool = True, checkpoint=None) -> Scores:
     """Integrated-gradient scores of every head and neuron at every position, averaged over pairs.
 
     Returns Scores with heads (layers, heads, positions) and neurons (layers, d_mlp, positions).
     steps=1 is attribution patching. Pairs are processed in chunks of at most `max_rows`
     interpolation rows (k+1 per pair), one backward per chunk; sums stream across chunks.
     per_pair=True also keeps every pair's scores (Scores.per_pair, for bootstrapping; small models only).
+    Remote: `model.chunks_per_request` chunks per request, only the running sums come back.
+    checkpoint: a file that keeps the sums after every request; a run with the same model, pairs
+    and settings resumes from it (a file of another run is replaced).
     """
     check_aligned(pairs)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_chunk = max(1, max_rows // (steps + 1))
-    heads = neurons = 0
-    kept = []
-    chunks = range(0, len(pairs), per_chunk)
-    for start in tqdm(chunks, desc=f"attribute k={steps}", disable=not progress, leave=False):
-        chunk = pairs[start:start + per_chunk]
-        answers = torch.tensor([[p.answer_id, p.cf_answer_id] for p in chunk], device=model.device)
-        h, n = _ig_trace(model, _ig_rows(chunk, steps), answers, steps, per_pair)
-        if per_pair:  # (L, P, T, units) -> (P, L, units, T)
-            kept.append((h.permute(1, 0, 3, 2).cpu(), n.permute(1, 0, 3, 2).cpu()))
-            h, n = h.sum(1), n.sum(1)
-        heads, neurons = heads + h, neurons + n
-    n = len(pairs)
+    chunks = [pairs[start:start + per_chunk] for start in range(0, len(pairs), per_chunk)]
+    state = {"done": 0, "heads": None, "neurons": None, "kept": []}
+    store = None
+    if checkpoint is not None:
+        store = remote.Checkpoint(checkpoint, remote.fingerprint(
+            "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps, per_pair, per_chunk,
+            [(p.inputs, p.cf_inputs, p.answer_id, p.cf_answer_id) for p in pairs]))
+        state = store.load() or state
+    bar = tqdm(total=len(chunks), initial=state["done"], desc=f"attribute k={steps}", disable=not progress, leave=False)
+    for group in remote.groups(chunks[state["done"]:], model.chunks_per_request):
+        work = [(model.prepare(_ig_rows(chunk, steps)), torch.tensor([[p.answer_id, p.cf_answer_id] for p in chunk]))
+                for chunk in group]
+        h, n, kept = model.call(_ig_session, work, steps, per_pair, (state["heads"], state["neurons"]))
+        state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "kept": state["kept"] + list(kept)}
+        if store is not None:
+            store.save(state)
+        bar.update(len(group))
+    bar.close()
+    heads, neurons, n = state["heads"], state["neurons"], len(pairs)
     scores = Scores((heads / n).permute(0, 2, 1).contiguous().cpu(), (neurons / n).permute(0, 2, 1).contiguous().cpu(),
                     dict(pairs[0].spans), model.name, n, {"steps": steps})
     if per_pair:
-        scores.per_pair = (torch.cat([h for h, _ in kept]), torch.cat([n for _, n in kept]))
+        scores.per_pair = (torch.cat([h for h, _ in state["kept"]]), torch.cat([n for _, n in state["kept"]]))
     return scores

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import nnsight
 import torch
 
-from . import tasks
+from . import remote, tasks
 from .pairs import Pair, answer_token, batch, chat_text, check_aligned, split
 from .stats import CI, bootstrap
 
@@ -28,38 +28,66 @@ def answer_ids(model, pairs: list[Pair]) -> torch.Tensor:
     return torch.tensor(sorted(ids | {q.answer_id for q in pairs}))
 
 
-def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int = 64) -> torch.Tensor:
-    """(C, P, V) last-position logits of every pair under every back-patching config."""
+def _backpatch_session(model, inputs: dict, span: tuple, chunks: list, ids) -> list:
+    """One request: a cache pass, then one pass per chunk (n, writes); the cache never leaves the server.
+
+    writes[layer] lists (config j in the chunk, src layer): rows j·P..(j+1)·P get, at `layer`'s output
+    and the data positions, the cached output of `src`. Returns each chunk's (n, P, V) last-position
+    logits (float32), or only the columns `ids`.
+    """
+    start, end = span
+    root, layers = model.nn, model.layers()
+    with model.session():
+        with root.trace(**inputs):  # cache pass: decoder-layer outputs at the data positions
+            cache = []
+            for layer in layers:
+                h = layer.output
+                cache.append((h[0] if isinstance(h, tuple) else h)[:, start:end].clone())
+        out = []
+        for n, writes in chunks:
+            P = len(inputs["input_ids"])
+            rows = {key: torch.cat([inputs[key]] * n) for key in inputs}
+            with root.trace(**rows):
+                for l in range(len(layers)):
+                    if writes[l]:
+                        h = layers[l].output
+                        h = h[0] if isinstance(h, tuple) else h
+                        for j, src in writes[l]:
+                            h[j * P:(j + 1) * P, start:end] = cache[src].to(h.dtype)
+                logits = root.output.logits[:, -1]
+            logits = logits.float()
+            if ids is not None:
+                logits = logits[:, ids.to(logits.device)]
+            out.append(logits.cpu().view(n, P, -1))
+            del h, logits  # the next chunk must not hold these too
+        result = nnsight.save(out)
+    return result
+
+
+def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int = 64, ids=None) -> torch.Tensor:
+    """(C, P, V) last-position logits of every pair under every back-patching config.
+
+    ids: token ids to keep (e.g. the task's answer set): (C, P, len(ids)), so that remote runs send
+    back a few logits instead of the vocabulary. Remote: `model.chunks_per_request` chunks of configs
+    per request, each request one session whose first pass caches the residuals on the server.
+    """
     check_aligned(pairs)
     L = model.n_layers
     for src, dst, w in configs:
         if not (0 <= dst <= src and src + w <= L and w >= 1):
             raise ValueError(f"config (src={src}, dst={dst}, window={w}) needs 0 <= dst <= src and src + window <= {L}")
-    start, end = pairs[0].spans["D"]
-    P, inputs = len(pairs), batch([p.inputs for p in pairs])
-    with model.trace(inputs):  # cache pass: decoder-layer outputs at the data positions
-        cache = nnsight.save([])
-        for layer in model.layers():
-            h = layer.output
-            cache.append((h[0] if isinstance(h, tuple) else h)[:, start:end].clone())
-    out = []
-    per_chunk = max(1, max_rows // P)
-    for c0 in range(0, len(configs), per_chunk):
-        chunk = configs[c0:c0 + per_chunk]
-        # layer -> [(config index in chunk, src layer)] writes
-        writes = {l: [] for l in range(L)}
+    P, inputs = len(pairs), model.prepare(batch([p.inputs for p in pairs]))
+    ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
+    chunks = []
+    for chunk in remote.groups(configs, max(1, max_rows // P)):
+        writes = [[] for _ in range(L)]  # layer -> [(config index in chunk, src layer)]
         for j, (src, dst, w) in enumerate(chunk):
             for i in range(w):
                 writes[dst + i].append((j, src + i))
-        with model.trace(batch([p.inputs for p in pairs] * len(chunk))):
-            for l, layer in enumerate(model.layers()):
-                if writes[l]:
-                    h = layer.output
-                    h = h[0] if isinstance(h, tuple) else h
-                    for j, src in writes[l]:
-                        h[j * P:(j + 1) * P, start:end] = cache[src].to(h.dtype)
-            logits = model.nn.output.logits[:, -1].save()
-        out.append(logits.float().cpu().view(len(chunk), P, -1))
+        chunks.append((len(chunk), writes))
+    out = []
+    for group in remote.groups(chunks, model.chunks_per_request):
+        out.extend(model.call(_backpatch_session, inputs, pairs[0].spans["D"], group, ids))
     return torch.cat(out)
 
 
@@ -67,6 +95,11 @@ def correct(logits: torch.Tensor, pairs: list[Pair], answers: torch.Tensor) -> t
     """(..., P) bool: the highest-scoring answer of the task's answer set is the right one."""
     pred = answers[logits[..., answers].argmax(-1)]
     return pred == torch.tensor([p.answer_id for p in pairs])
+
+
+def _correct_among(logits: torch.Tensor, pairs: list[Pair], answers: torch.Tensor) -> torch.Tensor:
+    """`correct` for logits already restricted to the columns `answers` (backpatch_logits(..., ids=answers))."""
+    return answers[logits.argmax(-1)] == torch.tensor([p.answer_id for p in pairs])
 
 
 def default_configs(n_layers: int, windows=(1, 2), max_configs: int = 120) -> list[Config]:
@@ -95,11 +128,13 @@ def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, 
     selection, test = split(pairs, selection_fraction)
     configs = configs or default_configs(model.n_layers)
     answers = answer_ids(model, pairs)
-    base_sel = correct(backpatch_logits(model, selection, [(0, 0, 1)])[0], selection, answers).float().mean()
-    acc = correct(backpatch_logits(model, selection, configs), selection, answers).float().mean(-1)
+    # only the answer-set logits travel: argmax over them is what `correct` reads
+    base_sel = _correct_among(backpatch_logits(model, selection, [(0, 0, 1)], ids=answers)[0], selection, answers)
+    base_sel = base_sel.float().mean()
+    acc = _correct_among(backpatch_logits(model, selection, configs, ids=answers), selection, answers).float().mean(-1)
     best = int(acc.argmax())  # ties: the first in the grid
-    both = backpatch_logits(model, test, [(0, 0, 1), configs[best]])
-    ok = correct(both, test, answers).float()  # (2, P)
+    both = backpatch_logits(model, test, [(0, 0, 1), configs[best]], ids=answers)
+    ok = _correct_among(both, test, answers).float()  # (2, P)
     n = len(test)
     return Backpatch(
         configs[best], {"base": float(base_sel), **{str(c): float(a) for c, a in zip(configs, acc)}},

@@ -6,11 +6,18 @@ layers live, which token ids are image tokens, how many heads) is read from
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from . import remote as _remote
+
+#: The pipeline task a hosted VLM is deployed under on NDIF (part of nnsight's model key).
+REMOTE_TASK = "image-text-to-text"
 
 #: Short names of the study's three models (and the embedded default).
 SHORT_NAMES = {
@@ -67,11 +74,19 @@ def family_of(config) -> str:
 
 @dataclass
 class VLM:
-    """A loaded model: the transformers module, its nnsight wrapper, processor and adapter facts."""
+    """A loaded model: the transformers module, its nnsight wrapper, processor and adapter facts.
+
+    `remote` says where traces run (see `modality_circuits.remote`): False (here), True (NDIF),
+    a host URL, or "local" (the serialisation dry run). With a hosted setting `hf_model` is the
+    weightless (meta-device) skeleton nnsight builds from the config, `nn` an nnsight
+    TransformersModel named by its hub id, and the weights live on the server.
+    Requests that fail on a dropped connection are retried `retries` times with exponential
+    backoff from `retry_backoff` seconds; `chunks_per_request` chunks of work go in one request.
+    """
 
     name: str
     hf_model: torch.nn.Module
-    nn: Any  # nnsight wrapper; traces run through it
+    nn: Any  # nnsight wrapper (a RemoteableMixin model); traces run through it
     processor: Any
     adapter: Adapter
     hub_id: str | None = None
@@ -82,8 +97,12 @@ class VLM:
     d_mlp: int = field(init=False)
     image_size: int | None = None  # side of the square images rendered for this model
     image_token_ids: tuple[int, ...] = field(init=False)
+    retries: int = 3
+    retry_backoff: float = 2.0
+    chunks_per_request: int = 8
 
     def __post_init__(self):
+        self.remote = _remote.normalize(self.remote)
         tc = operator.attrgetter(self.adapter.text_config)(self.hf_model.config)
         self.n_layers = tc.num_hidden_layers
         self.n_heads = tc.num_attention_heads
@@ -103,13 +122,62 @@ class VLM:
         return getattr(self.processor, "tokenizer", self.processor)
 
     @property
+    def hosted(self) -> bool:
+        """Whether the weights live on a server (the local module is a weightless skeleton)."""
+        return next(self.hf_model.parameters()).device.type == "meta"
+
+    @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the weights' device, or the CPU when the weights are on a server."""
+        device = next(self.hf_model.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
+
+    def with_remote(self, remote) -> "VLM":
+        """This model with another `remote` setting (sharing weights, processor and wrapper where it can).
+
+        False and "local" need the weights here; True or a host URL need the hub id (the pre-flight
+        check of `load_model` runs first).
+        """
+        remote = _remote.check(remote)
+        if _remote.is_hosted(remote):
+            if self.hosted:
+                return dataclasses.replace(self, remote=remote)
+            if self.hub_id is None:
+                raise ValueError(f"{self.name} was built in memory and has no hub id, so no server can host it; "
+                                 "use remote='local' for the serialisation dry run")
+            nn = hosted_wrapper(self.hub_id, self.processor)
+            return dataclasses.replace(self, hf_model=nn._module, nn=nn, remote=remote)
+        if self.hosted:
+            raise ValueError(f"{self.name} was loaded without weights for remote execution; "
+                             f"load_model({self.name!r}) loads them to run here")
+        return dataclasses.replace(self, remote=remote)
+
+    def backend(self):
+        """The nnsight backend of this model's `remote` setting (None: in place)."""
+        remote = _remote.normalize(self.remote)
+        if _remote.is_hosted(remote) and not self.hosted:
+            raise ValueError(f"{self.name} was loaded locally; load_model({self.name!r}, remote=...) or "
+                             "model.with_remote(...) names it by hub id for a server")
+        if remote == "local" and self.hosted:
+            raise ValueError(f"{self.name} has no weights here for remote='local'; load it with load_model(name)")
+        return _remote.backend(self.nn, remote)
+
+    def prepare(self, inputs: dict) -> dict:
+        """Processor outputs with their tensors on `device` (the CPU for a hosted model: the server moves them)."""
+        device = self.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def trace(self, inputs: dict):
-        """An nnsight trace of one forward on `inputs` (moved to the model's device), local or remote."""
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        return self.nn.trace(**inputs, remote=self.remote) if self.remote else self.nn.trace(**inputs)
+        """An nnsight trace of one forward on `inputs`, run where `remote` says (one request when remote)."""
+        return self.nn.trace(**self.prepare(inputs), backend=self.backend())
+
+    def session(self):
+        """An nnsight session: its traces (written `with model.nn.trace(**inputs)`) go in one request when remote."""
+        return self.nn.session(backend=self.backend())
+
+    def call(self, fn, *args, **kwargs):
+        """fn(self, *args, **kwargs), retried after a dropped connection when remote (see `remote.call`)."""
+        return _remote.call(self, fn, *args, **kwargs)
 
     def layers(self, root=None) -> list:
         """Decoder layers of `root` (default: the nnsight wrapper; pass `hf_model` for plain torch)."""
@@ -128,24 +196,59 @@ class VLM:
         return torch.isin(input_ids, torch.tensor(self.image_token_ids, device=input_ids.device))
 
 
+def local_wrapper(hf_model):
+    """nnsight's remoteable wrapper around loaded weights: traces run here, or through the dry run.
+
+    A plain nnsight `Remotable` over the module (an nnsight class, so a serialised request names
+    nothing of this package): the same module tree and envoy paths as `NNsight(hf_model)`.
+    """
+    from nnsight.modeling.mixins.remotable import Remotable
+
+    return Remotable(hf_model)
+
+
+def hosted_wrapper(hub_id: str, processor):
+    """nnsight's TransformersModel for `hub_id`, built on the meta device (no weights), keyed for NDIF.
+
+    The module tree is the checkpoint's own transformers class (AutoModelForImageTextToText maps every
+    supported family to the class of `ADAPTERS`), so envoy paths match the local wrapper's. The
+    processor is handed over so nothing else is fetched. A local folder (or an offline hub) keeps its
+    id as given instead of being canonicalised through the Hub.
+    """
+    from nnsight.modeling import huggingface
+    from nnsight.modeling.transformers import TransformersModel
+
+    if os.path.isdir(hub_id) or os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        huggingface._ID_CACHE.setdefault(hub_id, hub_id)
+    return TransformersModel(hub_id, task=REMOTE_TASK, processor=processor)
+
+
 def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=False, image_size=None) -> VLM:
     """Put an already built transformers VLM and its processor behind nnsight and its adapter."""
-    import nnsight
-
     adapter = ADAPTERS[family_of(hf_model.config)]
     hf_model.eval()
     hf_model.requires_grad_(False)
-    return VLM(name, hf_model, nnsight.NNsight(hf_model), processor, adapter, hub_id=hub_id, remote=remote, image_size=image_size)
+    return VLM(name, hf_model, local_wrapper(hf_model), processor, adapter, hub_id=hub_id, remote=remote,
+               image_size=image_size)
 
 
 def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, remote=False) -> VLM:
-    """Load a VLM by short name, hub id or local path ("toy": the embedded default; "tiny-<family>": random test model)."""
+    """Load a VLM by short name, hub id or local path ("toy": the embedded default; "tiny-<family>": random test model).
+
+    remote: False (run here), True (NDIF host from nnsight's configuration / NDIF_HOST), a host URL,
+    or "local" (serialisation dry run on the local weights). For True or a URL the API key and the
+    host are checked first (RemoteUnavailable), then only the config and processor are loaded.
+    """
     import transformers
 
+    remote = _remote.check(remote)  # before any work: a missing key or a dead host fails here
     if name_or_path.startswith("tiny-"):
         from .testing import tiny_model
 
-        return tiny_model(name_or_path.removeprefix("tiny-"))
+        if _remote.is_hosted(remote):
+            raise ValueError(f"{name_or_path} is built in memory, so no server can host it; "
+                             "use remote='local' for the serialisation dry run, or save it and serve the folder")
+        return tiny_model(name_or_path.removeprefix("tiny-")).with_remote(remote)
     if name_or_path == "toy":
         from .toy import toy_path
 
@@ -153,8 +256,12 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     hub_id = SHORT_NAMES.get(name_or_path.lower(), name_or_path)
     config = transformers.AutoConfig.from_pretrained(hub_id)
     adapter = ADAPTERS[family_of(config)]
-    if remote:
-        raise NotImplementedError("remote execution is not available yet")
+    from .processing import load_processor
+
+    if _remote.is_hosted(remote):
+        processor = load_processor(hub_id, adapter)
+        nn = hosted_wrapper(hub_id, processor)
+        return VLM(name_or_path, nn._module, nn, processor, adapter, hub_id=hub_id, remote=remote)
     model_cls = getattr(transformers, adapter.model_class)
     kwargs = {"dtype": dtype or "auto"}
     if device_map is not None:
@@ -162,7 +269,5 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     hf_model = model_cls.from_pretrained(hub_id, **kwargs)
     if device is not None and device_map is None:
         hf_model.to(device)
-    from .processing import load_processor
-
     processor = load_processor(hub_id, adapter)
     return wrap(hf_model, processor, name=name_or_path, hub_id=hub_id, remote=remote)

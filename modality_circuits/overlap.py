@@ -64,7 +64,8 @@ class SpanOverlap:
     @property
     def niou(self) -> float:
         """The span's score: mean of the head and neuron nIoU."""
-        return float(np.nanmean([self.niou_heads, self.niou_neurons]))
+        finite = [v for v in (self.niou_heads, self.niou_neurons) if np.isfinite(v)]
+        return float(np.mean(finite)) if finite else float("nan")
 
 
 def overlap(text: Circuit, visual: Circuit) -> dict[str, SpanOverlap]:

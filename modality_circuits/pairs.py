@@ -10,8 +10,10 @@ import json
 import warnings
 from dataclasses import dataclass
 
+import nnsight
 import torch
 
+from . import remote
 from .tasks import MODALITIES, TASKS, Prompt, sample_pairs
 
 SPANS = ("D", "Q", "G")
@@ -166,15 +168,24 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
     return pairs
 
 
+def _logits_session(model, chunks: list) -> list:
+    """One request: last-position logits (float32) of each chunk of inputs."""
+    root = model.nn
+    with model.session():
+        out = []
+        for inputs in chunks:
+            with root.trace(**inputs):
+                logits = root.output.logits[:, -1]
+            out.append(logits.float().cpu())
+        result = nnsight.save(out)
+    return result
+
+
 def predictions(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int = 64) -> torch.Tensor:
     """(P, V) next-token logits at the last position of each pair's prompt (which="prompt") or counterfactual."""
-    out = []
-    for start in range(0, len(pairs), max_rows):
-        chunk = pairs[start:start + max_rows]
-        with model.trace(batch([p.inputs if which == "prompt" else p.cf_inputs for p in chunk])):
-            logits = model.nn.output.logits[:, -1].save()
-        out.append(logits.float().cpu())
-    return torch.cat(out)
+    chunks = [model.prepare(batch([p.inputs if which == "prompt" else p.cf_inputs for p in pairs[start:start + max_rows]]))
+              for start in range(0, len(pairs), max_rows)]
+    return torch.cat([x for group in remote.groups(chunks, model.chunks_per_request) for x in model.call(_logits_session, group)])
 
 
 def keep_correct(model, pairs: list[Pair]) -> list[Pair]:

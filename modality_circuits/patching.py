@@ -11,8 +11,9 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
+from . import remote
 from .circuit import Circuit
-from .pairs import Pair, batch, check_aligned, predictions
+from .pairs import Pair, batch, check_aligned
 from .stats import CI, bootstrap
 
 
@@ -26,37 +27,77 @@ def _answers(pairs: list[Pair], device) -> torch.Tensor:
     return torch.tensor([[p.answer_id, p.cf_answer_id] for p in pairs], device=device)
 
 
-def logit_diffs(model, pairs: list[Pair], which: str = "prompt") -> torch.Tensor:
+def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
+    """A bool mask as bits (8 per byte) for the wire, with its shape and size; unpacked in the trace bodies."""
+    flat = mask.flatten()
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    packed = (flat.view(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return packed, tuple(mask.shape), mask.numel()
+
+
+def _ld_session(model, chunks: list) -> list:
+    """One request: unpatched LD (float32) of each chunk (inputs, answers (R, 2)) -> [(R,)]."""
+    root = model.nn
+    with model.session():
+        lds = []
+        for inputs, answers in chunks:
+            with root.trace(**inputs):
+                logits = root.output.logits[:, -1].float()
+                ld = logits.gather(-1, answers.to(logits.device))
+            lds.append((ld[:, 0] - ld[:, 1]).cpu())
+        result = nnsight.save(lds)
+    return result
+
+
+def logit_diffs(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int = 64) -> torch.Tensor:
     """(P,) LD(p) (which="prompt") or LD(p') (which="cf") of each pair, unpatched."""
-    return _logit_diff(predictions(model, pairs, which), _answers(pairs, "cpu"))
+    chunks = [pairs[start:start + max_rows] for start in range(0, len(pairs), max_rows)]
+    work = [(model.prepare(batch([p.inputs if which == "prompt" else p.cf_inputs for p in chunk])),
+             _answers(chunk, "cpu")) for chunk in chunks]
+    return torch.cat([ld for group in remote.groups(work, model.chunks_per_request)
+                      for ld in model.call(_ld_session, group)])
 
 
-def _ablate_trace(model, inputs, answers, keep_heads, keep_neurons, circ_of_row, n_cf):
-    """LD of rows n_cf.. where, per layer, nodes with keep=False take the value of their pair's p' row.
+def _ablate_session(model, cf_inputs: dict, inputs: dict, answers: torch.Tensor, chunks: list) -> list:
+    """One request: for each chunk, LD of its patched rows, where per layer nodes with keep=False take p' values.
 
-    keep_heads (C, L, H, T), keep_neurons (C, L, I, T): bool masks per circuit; circ_of_row (R,) picks
-    the circuit of each patched row; patched row r copies from p' row (r mod n_cf).
+    cf_inputs / inputs: the P pairs' p' and p; each chunk (n, masks, circ_of_row) runs P p' rows then
+    n·P rows of p; masks: packed keep_heads (n, L, H, T) and keep_neurons (n, L, I, T); circ_of_row
+    (n·P,) picks each patched row's circuit; patched row r copies from p' row (r mod P).
     """
-    H = model.n_heads
-    src = torch.arange(len(circ_of_row)) % n_cf
-    with model.trace(inputs):
-        for i, layer in enumerate(model.layers()):
-            for envoy, keep in ((model.attn_out(layer), keep_heads), (model.mlp_out(layer), keep_neurons)):
-                a = envoy.input
-                own, cf = a[n_cf:], a[:n_cf][src]
-                k = keep[:, i][circ_of_row].transpose(1, 2).to(a.device)  # (R, T, units)
-                if keep is keep_heads:
-                    own, cf = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1)
-                    k = k.unsqueeze(-1)
-                envoy.input = torch.cat([a[:n_cf], torch.where(k, own, cf).flatten(2)])
-        ld = nnsight.save(_logit_diff(model.nn.output.logits[n_cf:, -1], answers))
-    return ld.cpu()
+    H, P = model.n_heads, len(answers)
+    root = model.nn
+    envoys = [(model.attn_out(layer), model.mlp_out(layer)) for layer in model.layers()]
+    bits = torch.arange(8, dtype=torch.uint8)
+    with model.session():
+        lds = []
+        for n, masks, circ_of_row in chunks:
+            keeps = [((packed[:, None] >> bits) & 1).bool().flatten()[:size].view(shape) for packed, shape, size in masks]
+            rows = {key: torch.cat([cf_inputs[key]] + [inputs[key]] * n) for key in inputs}
+            src = torch.arange(len(circ_of_row)) % P
+            with root.trace(**rows):
+                for i in range(len(envoys)):
+                    for j in range(2):  # heads, then neurons
+                        a = envoys[i][j].input
+                        own, cf = a[P:], a[:P][src.to(a.device)]
+                        k = keeps[j][:, i].to(a.device)[circ_of_row.to(a.device)].transpose(1, 2)  # (R, T, units)
+                        if j == 0:
+                            own, cf = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1)
+                            k = k.unsqueeze(-1)
+                        envoys[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)])
+                logits = root.output.logits[P:, -1]
+                ld = logits.gather(-1, answers.repeat(n, 1).to(logits.device))
+            lds.append((ld[:, 0] - ld[:, 1]).cpu())
+            del a, own, cf, k, logits  # the next chunk must not hold these too
+        result = nnsight.save(lds)
+    return result
 
 
 def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows: int = 64, progress: bool = False) -> torch.Tensor:
     """(C, P) LD of every pair with every node outside each circuit set to its p' value.
 
-    Identical circuits are evaluated once, so equal circuits give equal numbers.
+    Identical circuits are evaluated once, so equal circuits give equal numbers. Remote:
+    `model.chunks_per_request` chunks of circuits per request, masks sent as bits, only LDs back.
     """
     check_aligned(pairs)
     for c in circuits:
@@ -69,12 +110,17 @@ def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows:
     keep_n = torch.stack([circuits[i].neurons for i in unique])
     P, out = len(pairs), []
     per_chunk = max(1, max_rows // P - 1)  # circuits per trace, P rows each plus P p' rows
-    for start in tqdm(range(0, len(unique), per_chunk), desc="ablate", disable=not progress, leave=False):
-        idx = torch.arange(start, min(start + per_chunk, len(unique)))
-        inputs = batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs] * len(idx))
-        answers = _answers(pairs, model.device).repeat(len(idx), 1)
-        ld = _ablate_trace(model, inputs, answers, keep_h[idx], keep_n[idx], idx.repeat_interleave(P) - start, P)
-        out.append(ld.view(len(idx), P))
+    cf_inputs = model.prepare(batch([p.cf_inputs for p in pairs]))
+    inputs = model.prepare(batch([p.inputs for p in pairs]))
+    answers = _answers(pairs, "cpu")
+    chunks = [torch.arange(start, min(start + per_chunk, len(unique))) for start in range(0, len(unique), per_chunk)]
+    bar = tqdm(total=len(chunks), desc="ablate", disable=not progress, leave=False)
+    for group in remote.groups(chunks, model.chunks_per_request):
+        work = [(len(idx), (_pack(keep_h[idx]), _pack(keep_n[idx])), idx.repeat_interleave(P) - idx[0]) for idx in group]
+        lds = model.call(_ablate_session, cf_inputs, inputs, answers, work)
+        out.extend(ld.view(len(idx), P) for ld, idx in zip(lds, group))
+        bar.update(len(group))
+    bar.close()
     lds = torch.cat(out)
     row = {u: j for j, u in enumerate(unique)}
     return lds[[row[first[k]] for k in keys]]
@@ -113,35 +159,67 @@ def faithfulness(model, circuit: Circuit, pairs: list[Pair], *, aggregation: str
     return Faithfulness(faithfulness_value(*lds, aggregation), *lds, aggregation)
 
 
+def _patch_session(model, cf_inputs: dict, inputs: dict, answers: torch.Tensor, base: torch.Tensor, chunks: list) -> list:
+    """One request: for each chunk (n, plan), the mean over pairs of LD(p with one node patched) − LD(p), (n,).
+
+    Rows: P p' rows, then P rows of p per node; plan[layer] lists (0 heads | 1 neurons, rows, src, pos, unit)
+    index tensors of the writes at that layer.
+    """
+    H, P = model.n_heads, len(answers)
+    root = model.nn
+    envoys = [(model.attn_out(layer), model.mlp_out(layer)) for layer in model.layers()]
+    with model.session():
+        effects = []
+        for n, plan in chunks:
+            rows_in = {key: torch.cat([cf_inputs[key]] + [inputs[key]] * n) for key in inputs}
+            with root.trace(**rows_in):
+                for i in range(len(envoys)):
+                    for j, rows, src, t, u in plan[i]:  # heads before neurons: execution order
+                        a = envoys[i][j].input.clone()
+                        view = a.view(*a.shape[:2], H, -1) if j == 0 else a
+                        rows, src, t, u = rows.to(a.device), src.to(a.device), t.to(a.device), u.to(a.device)
+                        view[rows, t, u] = view[src, t, u]
+                        envoys[i][j].input = a
+                logits = root.output.logits[P:, -1]
+                ld = logits.gather(-1, answers.repeat(n, 1).to(logits.device))
+            effects.append(((ld[:, 0] - ld[:, 1]).cpu().view(n, P) - base).mean(1))
+            del a, view, logits  # the next chunk must not hold these too
+        result = nnsight.save(effects)
+    return result
+
+
 def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int = 128,
                    progress: bool = False) -> torch.Tensor:
     """(N,) mean over pairs of LD(p with a_n := a_n(p')) − LD(p) for nodes ("head"|"neuron", layer, unit, pos)."""
     check_aligned(pairs)
-    P, H = len(pairs), model.n_heads
+    P = len(pairs)
     base = logit_diffs(model, pairs)
     per_chunk = max(1, max_rows // P - 1)
-    out = []
-    for start in tqdm(range(0, len(nodes), per_chunk), desc="exact patching", disable=not progress, leave=False):
+    cf_inputs = model.prepare(batch([p.cf_inputs for p in pairs]))
+    inputs = model.prepare(batch([p.inputs for p in pairs]))
+    answers = _answers(pairs, "cpu")
+    chunks = []
+    for start in range(0, len(nodes), per_chunk):
         chunk = nodes[start:start + per_chunk]
-        inputs = batch([p.cf_inputs for p in pairs] + [p.inputs for _ in chunk for p in pairs])
-        answers = _answers(pairs, model.device).repeat(len(chunk), 1)
         kinds = [k for k, *_ in chunk]
         layer_of, unit, pos = (torch.tensor([n[i] for n in chunk]) for i in (1, 2, 3))
-        with model.trace(inputs):
-            for i, layer in enumerate(model.layers()):
-                for kind, envoy in (("head", model.attn_out(layer)), ("neuron", model.mlp_out(layer))):
-                    js = torch.tensor([j for j, k in enumerate(kinds) if k == kind and layer_of[j] == i], dtype=torch.long)
-                    if len(js) == 0:
-                        continue
-                    # node j patches rows P + j*P .. P + (j+1)*P from the p' rows 0..P
+        plan = []
+        for i in range(model.n_layers):
+            writes = []
+            for j, kind in enumerate(("head", "neuron")):
+                js = torch.tensor([c for c, k in enumerate(kinds) if k == kind and layer_of[c] == i], dtype=torch.long)
+                if len(js):  # node c patches rows P + c*P .. P + (c+1)*P from the p' rows 0..P
                     rows = (P + js[:, None] * P + torch.arange(P)).flatten()
-                    src, t, u = torch.arange(P).repeat(len(js)), pos[js].repeat_interleave(P), unit[js].repeat_interleave(P)
-                    a = envoy.input.clone()
-                    view = a.view(*a.shape[:2], H, -1) if kind == "head" else a
-                    view[rows, t, u] = view[src, t, u]
-                    envoy.input = a
-            ld = nnsight.save(_logit_diff(model.nn.output.logits[P:, -1], answers))
-        out.append((ld.cpu().view(len(chunk), P) - base).mean(1))
+                    writes.append((j, rows, torch.arange(P).repeat(len(js)), pos[js].repeat_interleave(P),
+                                   unit[js].repeat_interleave(P)))
+            plan.append(writes)
+        chunks.append((len(chunk), plan))
+    out = []
+    bar = tqdm(total=len(chunks), desc="exact patching", disable=not progress, leave=False)
+    for group in remote.groups(chunks, model.chunks_per_request):
+        out.extend(model.call(_patch_session, cf_inputs, inputs, answers, base, group))
+        bar.update(len(group))
+    bar.close()
     return torch.cat(out)
 
 

@@ -42,6 +42,12 @@ def summarize(folder: Path, tasks) -> dict:
     return out
 
 
+def _nanmean(values) -> float:
+    """Mean over the finite values (nan when there are none)."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
     return f"{scale * c['value']:{fmt}} [{scale * c['low']:{fmt}}, {scale * c['high']:{fmt}}]"
 
@@ -95,7 +101,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int) -> Path:
     for t, n in zip(tasks, names):
         v = s[t]["interchange"]
         lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
-    mean = {sp: np.nanmean([s[t]["interchange"][sp]["value"] for t in tasks]) for sp in "DQG"}
+    mean = {sp: _nanmean([s[t]["interchange"][sp]["value"] for t in tasks]) for sp in "DQG"}
     lines += ["", f"Mean over tasks: D {mean['D']:.2f}, Q {mean['Q']:.2f}, G {mean['G']:.2f}. Reference: Q and G swap "
               f"well (≈0.7–1.0), D does not (≈0) — {'agrees' if mean['D'] < min(mean['Q'], mean['G']) else 'differs'} "
               "in ordering. ![interchange](interchange.png)", ""]

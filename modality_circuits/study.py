@@ -194,7 +194,7 @@ def interchange(study: Study, task: str, n_random: int = 5) -> dict:
         for s in SPANS:
             vis = swap(study.model, image, text, ev_image, s, n_random=n_random, seed=study.seed, resamples=10)
             txt = swap(study.model, text, image, ev_text, s, n_random=n_random, seed=study.seed, resamples=10)
-            both = bootstrap(lambda i, j: np.nanmean([vis.resampled(i), txt.resampled(j)]),
+            both = bootstrap(lambda i, j: (vis.resampled(i) + txt.resampled(j)) / 2,
                              (len(ev_image), len(ev_text)), resamples=study.resamples)
             result[s] = {"score": both.as_dict(),
                          **{f"{name}_{k}": v for name, r in (("visual", vis), ("text", txt)) for k, v in
