@@ -14,24 +14,26 @@ from transformers import BatchFeature
 class MiniProcessor:
     """Tokenizer + PIL image processor + the family's image-token expansion."""
 
-    def __init__(self, tokenizer, image_processor, family: str, *, merge: int = 1, patch: int = 16):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.family, self.merge, self.patch = family, merge, patch
+    def __init__(self, tokenizer, image_processor, adapter, *, merge: int = 1, patch: int = 16):
+        self.tokenizer, self.image_processor, self.adapter = tokenizer, image_processor, adapter
+        self.merge, self.patch = merge, patch
+        self.qwen = adapter.family in ("qwen2_vl", "qwen2_5_vl")
 
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def _expand(self, image_inputs, i: int) -> str:
-        if self.family.startswith("qwen"):
-            n = int(image_inputs["image_grid_thw"][i].prod()) // self.merge**2
-            return "<|image_pad|>" * n
+        """The token string image i expands into: Qwen's pads, or Pixtral's rows closed by break/end tokens."""
+        image = self.adapter.image_placeholder
+        if self.qwen:
+            return image * (int(image_inputs["image_grid_thw"][i].prod()) // self.merge**2)
         h, w = (int(s) // (self.patch * self.merge) for s in image_inputs["image_sizes"][i])
-        rows = ["[IMG]" * w + "[IMG_BREAK]"] * h
-        return "".join(rows)[: -len("[IMG_BREAK]")] + "[IMG_END]"
+        row_break, end = self.adapter.extra_image_tokens
+        return (row_break.join([image * w] * h)) + end
 
     def __call__(self, text=None, images=None, return_tensors="pt", **kwargs):
         text = [text] if isinstance(text, str) else list(text)
-        placeholder = "<|image_pad|>" if self.family.startswith("qwen") else "[IMG]"
+        placeholder = self.adapter.image_placeholder
         data = {}
         if images:
             images = [im for group in images for im in (group if isinstance(group, (list, tuple)) else [group])]
@@ -47,8 +49,8 @@ class MiniProcessor:
                 i += len(parts) - 1
         enc = self.tokenizer(text, return_tensors=return_tensors, **kwargs)
         data.update(enc)
-        if self.family.startswith("qwen"):
-            image_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        if self.qwen:  # Qwen2-VL's multimodal rotary positions need to know the image tokens
+            image_id = self.tokenizer.convert_tokens_to_ids(placeholder)
             data["mm_token_type_ids"] = (enc["input_ids"] == image_id).to(torch.int32)
         return BatchFeature(data)
 
@@ -69,4 +71,4 @@ def load_processor(path: str, adapter):
         vc = config.vision_config
         merge = getattr(vc, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1)
         print(f"note: using modality_circuits' torchvision-free processor ({err.__class__.__name__}: {err})")
-        return MiniProcessor(tokenizer, image_processor, adapter.family, merge=merge, patch=vc.patch_size)
+        return MiniProcessor(tokenizer, image_processor, adapter, merge=merge, patch=vc.patch_size)

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from .models import VLM, wrap
+from .models import ADAPTERS, VLM, wrap
 from .processing import MiniProcessor
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mistral3", "gemma3")
@@ -99,7 +99,7 @@ def _build(family: str, tok):
         cfg.vision_start_token_id, cfg.vision_end_token_id = ids("<|vision_start|>"), ids("<|vision_end|>")
         size = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
         ip = T.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, size=size)
-        return model(cfg), MiniProcessor(tok, ip, family, merge=2, patch=16)
+        return model(cfg), MiniProcessor(tok, ip, ADAPTERS[family], merge=2, patch=16)
     if family == "llava":
         vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                     image_size=IMAGE_SIZE, patch_size=16, projection_dim=32)
@@ -115,10 +115,10 @@ def _build(family: str, tok):
         if family == "pixtral":
             cfg = T.LlavaConfig(text_config=text, vision_config=_vision_pixtral(), image_token_id=ids("[IMG]"),
                                 vision_feature_layer=-1, vision_feature_select_strategy="full")
-            return T.LlavaForConditionalGeneration(cfg), MiniProcessor(tok, ip, family, merge=1, patch=16)
+            return T.LlavaForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS[family], merge=1, patch=16)
         cfg = T.Mistral3Config(text_config=text, vision_config=_vision_pixtral(), image_token_index=ids("[IMG]"),
                                spatial_merge_size=2, vision_feature_layer=-1)
-        return T.Mistral3ForConditionalGeneration(cfg), MiniProcessor(tok, ip, family, merge=2, patch=16)
+        return T.Mistral3ForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS[family], merge=2, patch=16)
     if family == "gemma3":
         text = _text_config(T.Gemma3TextConfig, tok, sliding_window=64, query_pre_attn_scalar=8)
         vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
