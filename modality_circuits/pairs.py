@@ -140,8 +140,8 @@ def check_aligned(pairs: list[Pair]) -> None:
 def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None) -> list[Pair]:
     """n aligned pairs of one task and modality for `model`, all with the same token layout.
 
-    Candidates whose counterfactual cannot be aligned, or whose layout differs from the
-    first pair's, are skipped with a warning that counts them; too few left is an error.
+    Candidates whose counterfactual cannot be aligned are skipped; of the rest, the most common
+    layout (length and spans) is kept. A warning counts what was skipped; too few left is an error.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -149,22 +149,24 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
         raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
     size = image_size or model.image_size
     candidates = sample_pairs(task, modality, 5 * n, seed=seed, image_size=size, data_dir=data_dir)
-    pairs, rejected = [], []
+    layouts, rejected = {}, []
     for p, cf in candidates:
         try:
             pair = make_pair(model, p, cf)
-            if pairs and (pair.length, pair.spans) != (pairs[0].length, pairs[0].spans):
-                raise AlignmentError(f"layout {pair.length} tokens {pair.spans} differs from the first pair's")
         except AlignmentError as err:
             rejected.append(str(err))
             continue
-        pairs.append(pair)
-        if len(pairs) == n:
+        group = layouts.setdefault((pair.length, tuple(sorted(pair.spans.items()))), [])
+        group.append(pair)
+        if len(group) == n:
             break
-    if rejected:
-        warnings.warn(f"{task}/{modality}: skipped {len(rejected)} candidate pairs that do not align, e.g. {rejected[0]}")
+    pairs = max(layouts.values(), key=len, default=[])
+    skipped = len(rejected) + sum(len(g) for g in layouts.values()) - len(pairs)
+    if skipped:
+        example = rejected[0] if rejected else "a different token layout"
+        warnings.warn(f"{task}/{modality}: skipped {skipped} candidate pairs that do not align, e.g. {example}")
     if len(pairs) < n:
-        raise AlignmentError(f"{task}/{modality}: only {len(pairs)} of {n} pairs align for {model.name}")
+        raise AlignmentError(f"{task}/{modality}: only {len(pairs)} of {n} pairs share one token layout for {model.name}")
     return pairs
 
 
