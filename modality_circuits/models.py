@@ -249,6 +249,7 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
             raise ValueError(f"{name_or_path} is built in memory, so no server can host it; "
                              "use remote='local' for the serialisation dry run, or save it and serve the folder")
         return tiny_model(name_or_path.removeprefix("tiny-")).with_remote(remote)
+    name = name_or_path  # results go to results/<name>/ ("toy" for the embedded model)
     if name_or_path == "toy":
         from .toy import toy_path
 
@@ -261,7 +262,7 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     if _remote.is_hosted(remote):
         processor = load_processor(hub_id, adapter)
         nn = hosted_wrapper(hub_id, processor)
-        return VLM(name_or_path, nn._module, nn, processor, adapter, hub_id=hub_id, remote=remote)
+        return VLM(name, nn._module, nn, processor, adapter, hub_id=hub_id, remote=remote)
     model_cls = getattr(transformers, adapter.model_class)
     kwargs = {"dtype": dtype or "auto"}
     if device_map is not None:
@@ -270,4 +271,4 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     if device is not None and device_map is None:
         hf_model.to(device)
     processor = load_processor(hub_id, adapter)
-    return wrap(hf_model, processor, name=name_or_path, hub_id=hub_id, remote=remote)
+    return wrap(hf_model, processor, name=name, hub_id=hub_id, remote=remote)
