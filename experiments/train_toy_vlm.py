@@ -18,11 +18,16 @@ training_curves.png).
 """
 from __future__ import annotations
 
+import os
+
+# Threads that spin while waiting make a shared 2-core machine crawl (seconds per step when another
+# process is busy); passive waiting keeps the step time close to the single-thread one in that case.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -57,13 +62,16 @@ def content_key(p) -> str:
 
 # ---------------------------------------------------------------- data
 class Cell:
-    """An endless stream of encoded training prompts of one (task, modality), made in chunks."""
+    """An endless stream of encoded training prompts of one (task, modality), made in chunks.
 
-    def __init__(self, model, task: str, modality: str, seed: int, chunk: int):
-        self.model, self.task, self.modality = model, task, modality
+    Image cells also hold each prompt's caption: the image-only chat prompt followed by the words of
+    the textual data part (the same words a textual prompt of the same item shows)."""
+
+    def __init__(self, model, task: str, modality: str, seed: int, chunk: int, keep=None):
+        self.model, self.task, self.modality, self.keep = model, task, modality, keep
         self.seed, self.chunk, self.k = seed, chunk, 0
         self.keys: set[str] = set()
-        self.ids, self.pix, self.ans, self.pos = [], None, None, 0
+        self.ids, self.cap, self.pix, self.ans, self.pos = [], [], None, None, 0
         self._id_cache: dict[str, list[int]] = {}
         self._refill()
 
@@ -74,22 +82,34 @@ class Cell:
             self._id_cache[text] = encode(self.model, [text], [prompt.image])["input_ids"][0].tolist()
         return self._id_cache[text]
 
+    def caption_ids(self, prompt) -> tuple[list[int], list[int]]:
+        """(ids of the image-only chat prompt, ids of the data words it must be followed by)."""
+        from modality_circuits.tasks import _text
+
+        if "<caption>" not in self._id_cache:
+            messages = [{"role": "user", "content": [{"type": "image"}]}]
+            text = self.model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            self._id_cache["<caption>"] = encode(self.model, [text], [prompt.image])["input_ids"][0].tolist()
+        data = _text(prompt.task, prompt.meta)[0]
+        return self._id_cache["<caption>"], self.model.tokenizer(" " + data, add_special_tokens=False)["input_ids"]
+
     def _refill(self) -> None:
         pairs = sample_pairs(self.task, self.modality, self.chunk, seed=self.seed * 1000 + self.k, image_size=IMAGE_SIZE)
         self.k += 1
-        prompts = [p for pair in pairs for p in pair]
+        prompts = [p for pair in pairs for p in pair if self.keep is None or self.keep(p)]
         random.Random(self.seed * 7 + self.k).shuffle(prompts)
         texts = [chat_text(self.model, p) for p in prompts]
         self.ids = [self._encode_ids(t, p) for t, p in zip(texts, prompts)]
         self.ans = torch.tensor([answer_token(self.model, t, p) for t, p in zip(texts, prompts)])
         if self.modality == "image":
             self.pix = torch.from_numpy(np.stack([np.asarray(p.image.convert("RGB")) for p in prompts])).permute(0, 3, 1, 2).contiguous()
+            self.cap = [self.caption_ids(p) for p in prompts]
         self.keys.update(content_key(p) for p in prompts)
         self.pos = 0
 
     def take(self, n: int):
-        """n examples: (list of id lists, uint8 images or None, answer ids)."""
-        out_ids, out_pix, out_ans = [], [], []
+        """n examples: (list of id lists, uint8 images or None, answer ids, captions or None)."""
+        out_ids, out_pix, out_ans, out_cap = [], [], [], []
         while n > 0:
             if self.pos >= len(self.ids):
                 self._refill()
@@ -99,9 +119,10 @@ class Cell:
             out_ans.append(self.ans[sl])
             if self.pix is not None:
                 out_pix.append(self.pix[sl])
+                out_cap += self.cap[sl]
             self.pos += j
             n -= j
-        return out_ids, (torch.cat(out_pix) if out_pix else None), torch.cat(out_ans)
+        return out_ids, (torch.cat(out_pix) if out_pix else None), torch.cat(out_ans), (out_cap or None)
 
 
 def normalise(pix: torch.Tensor, ip) -> torch.Tensor:
@@ -142,26 +163,40 @@ def last_logits(model, ids, mask, pix=None):
     return model(**kw).logits[:, -1]
 
 
-def batch_for(cells, counts, ip, pad):
-    """Encoded batches (one per modality, left-padded) for the given examples per cell."""
-    out = []
+def batch_for(cells, counts, ip, pad, n_caption: dict | None = None):
+    """Left-padded task batches (one per modality) and a caption batch for the given examples per cell.
+
+    Task batch: (ids, mask, pixels or None, answer ids, cell tags). Caption batch: (ids, mask, pixels,
+    labels) with labels -100 except at the positions that predict the data words."""
+    out, caption = [], None
+    cap_rows, cap_pix = [], []
     for modality in MODALITIES:
         rows, pixs, ans, tags = [], [], [], []
         for (task, m), n in counts.items():
-            if m != modality or n == 0:
+            n_cap = (n_caption or {}).get((task, m), 0)
+            if m != modality or n + n_cap == 0:
                 continue
-            ids, pix, a = cells[(task, m)].take(n)
-            rows += ids
-            ans.append(a)
+            ids, pix, a, cap = cells[(task, m)].take(n + n_cap)
+            rows += ids[:n]
+            ans.append(a[:n])
             tags += [(task, m)] * n
             if pix is not None:
-                pixs.append(pix)
+                pixs.append(pix[:n])
+            if n_cap:
+                cap_rows += cap[n:]
+                cap_pix.append(pix[n:])
         if not rows:
             continue
         ids, mask = left_pad(rows, pad)
         pix = normalise(torch.cat(pixs), ip) if pixs else None
         out.append((ids, mask, pix, torch.cat(ans), tags))
-    return out
+    if cap_rows:
+        ids, mask = left_pad([p + d for p, d in cap_rows], pad)
+        labels = torch.full_like(ids, -100)
+        for i, (_, d) in enumerate(cap_rows):  # logits at position j predict token j + 1
+            labels[i, ids.shape[1] - len(d) - 1 : -1] = torch.tensor(d)
+        caption = (ids, mask, normalise(torch.cat(cap_pix), ip), labels)
+    return out, caption
 
 
 def allocate(weights: dict, total: int, rng: np.random.Generator) -> dict:
@@ -180,10 +215,11 @@ def allocate(weights: dict, total: int, rng: np.random.Generator) -> dict:
 class ValSet:
     """Validation prompts encoded once; evaluated in equal-length batches (no padding)."""
 
-    def __init__(self, model, n: int, seed: int):
+    def __init__(self, model, n: int, seed: int, cells=CELLS, keep=None):
         self.groups = {}
-        for task, modality in CELLS:
+        for task, modality in cells:
             prompts = [p for p, _ in sample_pairs(task, modality, n, seed=seed, image_size=IMAGE_SIZE)]
+            prompts = [p for p in prompts if keep is None or keep(p)]
             enc = {}
             for p in prompts:
                 text = chat_text(model, p)
@@ -193,10 +229,12 @@ class ValSet:
             self.groups[(task, modality)] = [{k: torch.cat([e[k] for e in es]) for k in es[0]} for es in enc.values()]
 
     @torch.no_grad()
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, cells=None) -> dict:
         model.eval()
         acc = {}
         for cell, groups in self.groups.items():
+            if cells is not None and cell not in cells:
+                continue
             hit = tot = 0
             for g in groups:
                 inputs = {k: v for k, v in g.items() if k != "answer"}
@@ -237,7 +275,14 @@ def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) >= k else loss
     axes[0].plot(steps, loss, alpha=0.25, color="C0", lw=0.6)
     axes[0].plot(steps[k - 1:], smooth, color="C0", label=f"mean of {k} steps")
-    axes[0].set(yscale="log", xlabel="step", ylabel="answer-token cross-entropy", title="training loss")
+    cap = np.array([r.get("caption_loss", float("nan")) for r in log], dtype=float)
+    if np.isfinite(cap).any():
+        ok = np.isfinite(cap)
+        cs, cv = np.array(steps)[ok], cap[ok]
+        kc = max(1, len(cv) // 200)
+        axes[0].plot(cs[kc - 1:], np.convolve(cv, np.ones(kc) / kc, mode="valid"), color="C1",
+                     label=f"captioning loss (per word), mean of {kc} steps")
+    axes[0].set(yscale="log", xlabel="step", ylabel="cross-entropy", title="training loss (answer token)")
     axes[0].legend()
     for i, task in enumerate(TASKS):
         for modality, style in (("text", "-"), ("image", "--")):
@@ -286,6 +331,17 @@ def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None
 
 
 # ---------------------------------------------------------------- main
+def curriculum(args) -> list[dict]:
+    """Stages before the full mix (all of --tasks in all of --modalities)."""
+    if not args.curriculum or "color_ordering" not in args.tasks:
+        return []
+    stages = [{"name": "colour ordering, text", "tasks": ["color_ordering"], "modalities": ["text"], "max_steps": args.stage1_steps}]
+    if "image" in args.modalities:
+        stages.append({"name": "colour ordering, text + image", "tasks": ["color_ordering"],
+                       "modalities": ["text", "image"], "max_steps": args.stage2_steps})
+    return stages
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -306,9 +362,23 @@ def parse_args(argv=None):
     ap.add_argument("--val-n", type=int, default=200)
     ap.add_argument("--heldout-n", type=int, default=500)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks trained (trials)")
-    ap.add_argument("--warm-tasks", nargs="*", default=[], choices=TASKS,
-                    help="curriculum: only these tasks during the first --warm-steps steps")
-    ap.add_argument("--warm-steps", type=int, default=0)
+    ap.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES, help="modalities trained (trials)")
+    ap.add_argument("--curriculum", type=int, default=1,
+                    help="1: colour ordering first (text, then text + image) before the full mix; 0: the full mix from the start")
+    ap.add_argument("--stage1-steps", type=int, default=1500, help="at most this many steps of colour ordering in text")
+    ap.add_argument("--stage2-steps", type=int, default=2000, help="at most this many steps of colour ordering in text + image")
+    ap.add_argument("--until-text", type=float, default=0.95, help="a stage ends when its textual validation accuracy ...")
+    ap.add_argument("--until-image", type=float, default=0.8, help="... and its visual one reach these")
+    ap.add_argument("--stage-eval-every", type=int, default=50)
+    ap.add_argument("--rewarm", type=int, default=300, help="learning-rate warm-up steps at each new stage")
+    ap.add_argument("--left-first", type=int, default=1,
+                    help="1: colour ordering is first asked 'from the left' only (index = k, a plain positional lookup) ...")
+    ap.add_argument("--left-steps", type=int, default=400, help="... for at most this many steps ...")
+    ap.add_argument("--left-until", type=float, default=0.9, help="... or until that textual accuracy is reached")
+    ap.add_argument("--caption-frac", type=float, default=0.25,
+                    help="captioning examples (image -> the words of the textual data part) per step, as a fraction of the half-batch")
+    ap.add_argument("--caption-weight", type=float, default=0.5)
+    ap.add_argument("--caption-steps", type=int, default=10**9, help="captioning only during the first N steps")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--heads", type=int, default=4)
@@ -339,6 +409,15 @@ def main(argv=None):
     cells = {c: Cell(vlm, *c, seed=TRAIN_SEED_BASE + 7919 * args.seed + i, chunk=args.chunk) for i, c in enumerate(CELLS)}
     check_encoding(vlm, cells)
     val = ValSet(vlm, args.val_n, VAL_SEED)
+    stages = curriculum(args)
+    left_cells, left_val = {}, None
+    if stages and args.left_first:
+        # colour ordering asked "from the left" only (index = k: a plain positional lookup) for a short
+        # while; "from the right" then needs index = 3 - k, which is found far faster from there
+        left = lambda p: p.meta["side"] == "left"  # noqa: E731
+        left_cells = {c: Cell(vlm, *c, seed=TRAIN_SEED_BASE + 7919 * args.seed + 50 + i, chunk=args.chunk, keep=left)
+                      for i, c in enumerate(CELLS) if c[0] == "color_ordering"}
+        left_val = ValSet(vlm, args.val_n, VAL_SEED, keep=left, cells=[("color_ordering", "text")])
 
     vision = [p for n, p in hf.named_parameters() if "vision_tower" in n]
     other = [(n, p) for n, p in hf.named_parameters() if "vision_tower" not in n]
@@ -353,12 +432,21 @@ def main(argv=None):
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8, fused=True)
 
     err = {c: 1.0 for c in CELLS}  # EMA of the training error per cell
-    log, val_log = [], []
+    log, val_log, stage_log = [], [], []
     best = (None, -1, None, None)  # (score, step, state, acc)
     budget = args.minutes * 60
     t_train = time.time()
     stopped_by = "steps"
-    half = args.batch // 2
+    stage, stage_start = 0, 0  # index into stages; len(stages) = the final stage with every task
+    phase_left, left_end = bool(left_cells), 0
+
+    def next_stage(step, why):
+        nonlocal stage, stage_start
+        name = stages[stage]["name"]
+        stage_log.append({"stage": name, "end_step": step, "why": why})
+        bar.write(f"curriculum: stage '{name}' ended at step {step} ({why})")
+        stage, stage_start = stage + 1, step
+
     bar = tqdm(total=args.steps, desc="training", mininterval=5, file=sys.stdout)
     step = 0
     for step in range(1, args.steps + 1):
@@ -367,21 +455,40 @@ def main(argv=None):
             stopped_by = f"time limit ({args.minutes:g} min)"
             step -= 1
             break
+        if stage < len(stages) and step - stage_start > stages[stage]["max_steps"]:
+            next_stage(step - 1, "step limit")
         progress = max(step / args.steps, elapsed / budget)
         scale = min(1.0, step / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        if stage_start:  # warm up again at each new stage: Adam's statistics are those of the old mix
+            scale *= min(1.0, (step - stage_start) / args.rewarm)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
 
-        tasks = args.warm_tasks if step <= args.warm_steps and args.warm_tasks else args.tasks
+        current = stages[stage] if stage < len(stages) else {"tasks": args.tasks, "modalities": args.modalities}
+        tasks, modalities = current["tasks"], current["modalities"]
+        half = args.batch // len(modalities)
         counts = {c: 0 for c in CELLS}
-        for modality in MODALITIES:
+        for modality in modalities:
             mc = [c for c in CELLS if c[1] == modality and c[0] in tasks]
             uniform = allocate({c: 1.0 for c in mc}, round(half * args.min_share), rng)
             weighted = allocate({c: max(err[c], args.err_floor) for c in mc}, half - sum(uniform.values()), rng)
             counts.update({c: uniform[c] + weighted[c] for c in mc})
-        batches = batch_for(cells, counts, ip, pad)
+        cap_counts = {}
+        if args.caption_frac > 0 and "image" in modalities:
+            cap_counts = allocate({c: 1.0 for c in CELLS if c[1] == "image" and c[0] in tasks},
+                                  round(half * args.caption_frac), rng)
+        if phase_left and step > args.left_steps:
+            phase_left, left_end = False, step - 1
+        batches, caption = batch_for({**cells, **left_cells} if phase_left else cells, counts, ip, pad, cap_counts)
         opt.zero_grad(set_to_none=True)
         total_loss, n_total = 0.0, sum(len(b[3]) for b in batches)
+        cap_loss = float("nan")
+        if caption is not None:
+            ids, mask, pix, labels = caption
+            logits = hf(input_ids=ids, attention_mask=mask, pixel_values=pix, use_cache=False).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            (args.caption_weight * loss).backward()
+            cap_loss = loss.item()
         for ids, mask, pix, ans, tags in batches:
             logits = last_logits(hf, ids, mask, pix)
             loss = F.cross_entropy(logits, ans, reduction="sum") / n_total
@@ -394,10 +501,22 @@ def main(argv=None):
                 err[c] = 0.9 * err[c] + 0.1 * e
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
-        log.append({"step": step, "loss": total_loss, "t": round(time.time() - t_train, 1)})
+        log.append({"step": step, "loss": total_loss, "caption_loss": cap_loss, "t": round(time.time() - t_train, 1)})
         bar.update(1)
 
-        if step % args.eval_every == 0 or step == args.steps:
+        if phase_left and step % args.stage_eval_every == 0:
+            lacc = left_val.evaluate(hf)[("color_ordering", "text")]
+            if lacc >= args.left_until:  # keep it short: a long left-only phase makes "right" harder
+                phase_left, left_end = False, step
+                bar.write(f"curriculum: colour ordering 'from the left' only until step {step} (validation {lacc:.2f})")
+        elif stage < len(stages) and step % args.stage_eval_every == 0:
+            sc = [(t, m) for t in tasks for m in modalities]
+            sacc = val.evaluate(hf, sc)
+            bar.write(f"step {step} {(time.time() - t_train) / 60:.1f} min stage '{stages[stage]['name']}', validation "
+                      + " ".join(f"{t}/{m} {a:.2f}" for (t, m), a in sacc.items()))
+            if all(a >= (args.until_text if m == "text" else args.until_image) for (t, m), a in sacc.items()):
+                next_stage(step, "validation threshold")
+        if stage == len(stages) and step % args.eval_every == 0 or step == args.steps:
             acc = val.evaluate(hf)
             score = selection_score(acc)
             val_log.append({"step": step, "t": round(time.time() - t_train, 1),
@@ -407,6 +526,7 @@ def main(argv=None):
                 best = (score, step, copy.deepcopy(hf.state_dict()), acc)
             txt = " ".join(f"{t[:5]}:{acc[(t, 'text')]:.2f}/{acc[(t, 'image')]:.2f}" for t in TASKS)
             bar.write(f"step {step} {(time.time() - t_train) / 60:.1f} min loss {np.mean([r['loss'] for r in log[-args.eval_every:]]):.3f} "
+                      f"cap {np.nanmean([r['caption_loss'] for r in log[-args.eval_every:]]) if args.caption_frac else float('nan'):.3f} "
                       f"val text/image {txt} | best step {best[1]}")
             sys.stdout.flush()
     bar.close()
@@ -451,7 +571,7 @@ def main(argv=None):
         "command": "python experiments/train_toy_vlm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "seed": args.seed, "n_params": n_params, "model_mb": model_mb, "out": out_rel,
         "threads": args.threads, "batch": args.batch, "steps_done": step, "stopped_by": stopped_by,
-        "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60, "best_step": best[1],
+        "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60, "best_step": best[1], "curriculum": stage_log, "left_only_end_step": left_end,
         "best_val": {f"{t}/{m}": a for (t, m), a in best[3].items()}, "val_n": args.val_n,
         "heldout_seed": HELDOUT_SEED, "val_seed": VAL_SEED, "heldout_n": args.heldout_n, "heldout": heldout,
         "gap": gap, "missed_targets": missed, "torch": torch.__version__,

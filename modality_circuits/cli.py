@@ -123,8 +123,8 @@ def experiment(doc: str, steps: tuple[str, ...], draw, argv=None) -> None:
     _study_args(p)
     args = p.parse_args(argv)
     s = _study(args)
-    st.run(s, steps)
-    print(draw(s.dir, s.tasks))
+    done = st.run(s, steps)
+    print(draw(s.dir, done))
 
 
 def cmd_reproduce(args) -> None:
@@ -135,12 +135,12 @@ def cmd_reproduce(args) -> None:
     s = _study(args)
     start = time.perf_counter()
     print(f"reproducing the study on {s.model.name} for {', '.join(s.tasks)} -> {s.dir}")
-    st.run(s)
+    done = st.run(s)
     figures.gallery(s.model, s.dir, s.tasks, seed=s.seed)
     for draw in (figures.position_effect, figures.faithfulness_curves, figures.overlap_heatmap,
                  figures.interchange_bars, figures.alignment_lines, figures.backpatch_bars):
-        draw(s.dir, s.tasks)
-    report = write_report(s.dir, s.tasks, s.model.name, s.resamples)
+        draw(s.dir, done)
+    report = write_report(s.dir, done, s.model.name, s.resamples, skipped=[t for t in s.tasks if t not in done])
     print(f"done in {time.perf_counter() - start:.0f}s: {report}, {s.dir / 'summary.json'} and figures in {s.dir}")
 
 

@@ -56,7 +56,7 @@ def _pct(f) -> str:
     return "not reached" if f is None else f"{100 * f:.1f} %"
 
 
-def write_report(folder: Path, tasks, model_name: str, resamples: int) -> Path:
+def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=()) -> Path:
     """report.md: results section with our numbers, the reference numbers, and where they agree."""
     s = summarize(folder, tasks)
     names = [TASK_NAMES[t] for t in tasks]
@@ -64,6 +64,8 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int) -> Path:
              "Every number below is produced by `modality-circuits reproduce` (this folder's JSON files); "
              f"brackets are 95 % bootstrap confidence intervals over prompts ({resamples} resamples). "
              "Reference numbers are those of the study (METHOD.md), measured on Qwen2-VL-7B, Pixtral-12B and Gemma-3-12B.",
+             *(["", "Left out: " + "; ".join(f"{TASK_NAMES[t]} ({read_json(folder / t / 'skipped.json')['reason']})"
+                                             for t in skipped) + "."] if skipped else []),
              "", "## Accuracy: the text–image gap", "",
              "| task | text | image | gap (points) |", "|---|---|---|---|"]
     gaps = {}

@@ -26,6 +26,10 @@ from .store import model_dir, read_json, write_json
 SPANS = ("D", "Q", "G")
 
 
+class TooFewPairs(RuntimeError):
+    """The model answers too few pairs of a task correctly to find a circuit."""
+
+
 @dataclass
 class Study:
     """Settings of one study run; `dir` is <out>/<model name>/."""
@@ -66,7 +70,7 @@ class Study:
             cands = self.candidates(task, modality)
             kept = cands if self.all_prompts else keep_correct(self.model, cands)[: self.n]
             if len(kept) < 4:
-                raise RuntimeError(f"{self.model.name} answers only {len(kept)} {task}/{modality} pairs correctly; "
+                raise TooFewPairs(f"{self.model.name} answers only {len(kept)} {task}/{modality} pairs correctly; "
                                    "too few for a circuit (use all_prompts for random test models)")
             self._pairs[key] = split(kept)
         return self._pairs[key]
@@ -241,10 +245,22 @@ STEPS = {
 }
 
 
-def run(study: Study, steps=tuple(STEPS)) -> None:
-    """Run `steps` for every task of the study, skipping finished ones, with a progress bar."""
+def run(study: Study, steps=tuple(STEPS)) -> list[str]:
+    """Run `steps` for every task, skipping finished ones, with a progress bar; returns the completed tasks.
+
+    A task the model answers too rarely to find a circuit is recorded in <task>/skipped.json and left out.
+    """
     jobs = [(t, s) for t in study.tasks for s in steps]
     bar = tqdm(jobs, desc=f"study {study.model.name}")
+    skipped = set()
     for task, step in bar:
         bar.set_postfix_str(f"{task}: {step}")
-        STEPS[step](study, task)
+        if task in skipped:
+            continue
+        try:
+            STEPS[step](study, task)
+        except TooFewPairs as err:
+            skipped.add(task)
+            write_json(study.path(task, "skipped.json"), {"reason": str(err)})
+            bar.write(f"skipping {task}: {err}")
+    return [t for t in study.tasks if t not in skipped]

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model: sets up .venv, then runs the study.
+# The main job: sets up .venv, then runs the whole study on the embedded default model -> results/toy/.
+# Extra arguments go to `modality-circuits reproduce` (e.g. --model tiny-llava --all-prompts).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$root"
-echo "The embedded model is not shipped yet: running discovery and evaluation on a tiny random LLaVA instead."
-for modality in text image; do
-  modality-circuits discover --model tiny-llava --task counting --modality "$modality" --n 16 --all-prompts "$@"
-  modality-circuits evaluate --model tiny-llava --task counting --modality "$modality" --n 16 --all-prompts "$@"
-done
+modality-circuits reproduce --model toy "$@"
