@@ -370,6 +370,8 @@ def parse_args(argv=None):
     ap.add_argument("--until-text", type=float, default=0.95, help="a stage ends when its textual validation accuracy ...")
     ap.add_argument("--until-image", type=float, default=0.8, help="... and its visual one reach these")
     ap.add_argument("--stage-eval-every", type=int, default=50)
+    ap.add_argument("--rollback", type=float, default=0.2,
+                    help="in a curriculum stage, return to its best state when validation accuracy falls this far below it")
     ap.add_argument("--rewarm", type=int, default=300, help="learning-rate warm-up steps at each new stage")
     ap.add_argument("--left-first", type=int, default=1,
                     help="1: colour ordering is first asked 'from the left' only (index = k, a plain positional lookup) ...")
@@ -432,7 +434,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8, fused=True)
 
     err = {c: 1.0 for c in CELLS}  # EMA of the training error per cell
-    log, val_log, stage_log = [], [], []
+    log, val_log, stage_log, rollbacks = [], [], [], []
     best = (None, -1, None, None)  # (score, step, state, acc)
     budget = args.minutes * 60
     t_train = time.time()
@@ -440,8 +442,11 @@ def main(argv=None):
     stage, stage_start = 0, 0  # index into stages; len(stages) = the final stage with every task
     phase_left, left_end = bool(left_cells), 0
 
+    stage_best = (-1.0, None)  # best (accuracy, weights + optimiser state) of the current stage
+
     def next_stage(step, why):
-        nonlocal stage, stage_start
+        nonlocal stage, stage_start, stage_best
+        stage_best = (-1.0, None)
         name = stages[stage]["name"]
         stage_log.append({"stage": name, "end_step": step, "why": why})
         bar.write(f"curriculum: stage '{name}' ended at step {step} ({why})")
@@ -514,8 +519,16 @@ def main(argv=None):
             sacc = val.evaluate(hf, sc)
             bar.write(f"step {step} {(time.time() - t_train) / 60:.1f} min stage '{stages[stage]['name']}', validation "
                       + " ".join(f"{t}/{m} {a:.2f}" for (t, m), a in sacc.items()))
+            mean = float(np.mean(list(sacc.values())))
             if all(a >= (args.until_text if m == "text" else args.until_image) for (t, m), a in sacc.items()):
                 next_stage(step, "validation threshold")
+            elif mean > stage_best[0]:
+                stage_best = (mean, copy.deepcopy((hf.state_dict(), opt.state_dict())))
+            elif mean < stage_best[0] - args.rollback:  # a loss spike undid what the stage had learnt: go back
+                hf.load_state_dict(stage_best[1][0])
+                opt.load_state_dict(stage_best[1][1])
+                rollbacks.append(step)
+                bar.write(f"step {step}: validation fell from {stage_best[0]:.2f} to {mean:.2f}; back to the stage's best state")
         if stage == len(stages) and step % args.eval_every == 0 or step == args.steps:
             acc = val.evaluate(hf)
             score = selection_score(acc)
@@ -571,7 +584,7 @@ def main(argv=None):
         "command": "python experiments/train_toy_vlm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "seed": args.seed, "n_params": n_params, "model_mb": model_mb, "out": out_rel,
         "threads": args.threads, "batch": args.batch, "steps_done": step, "stopped_by": stopped_by,
-        "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60, "best_step": best[1], "curriculum": stage_log, "left_only_end_step": left_end,
+        "train_minutes": train_minutes, "total_minutes": (time.time() - t_start) / 60, "best_step": best[1], "curriculum": stage_log, "rollbacks": rollbacks, "left_only_end_step": left_end,
         "best_val": {f"{t}/{m}": a for (t, m), a in best[3].items()}, "val_n": args.val_n,
         "heldout_seed": HELDOUT_SEED, "val_seed": VAL_SEED, "heldout_n": args.heldout_n, "heldout": heldout,
         "gap": gap, "missed_targets": missed, "torch": torch.__version__,
