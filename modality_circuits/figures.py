@@ -27,7 +27,8 @@ def _save(fig, folder: Path, name: str) -> Path:
     fig.tight_layout()
     for ext in ("png", "pdf"):
         with atomic(folder / f"{name}.{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight",  # no timestamp: reruns leave files unchanged
+                        metadata={"CreationDate": None} if ext == "pdf" else None)
     plt.close(fig)
     return folder / f"{name}.png"
 
