@@ -76,9 +76,9 @@ def toy_processor(tokenizer=None):
     )
 
 
-def toy_config(tokenizer=None, *, hidden: int = 192, layers: int = 4, heads: int = 4, intermediate: int = 768,
+def toy_config(tokenizer=None, *, hidden: int = 192, layers: int = 4, heads: int = 8, intermediate: int = 768,
                vision_hidden: int = 128, vision_layers: int = 3, vision_heads: int = 4,
-               vision_intermediate: int = 512, rope_theta: float = 100.0):
+               vision_intermediate: int = 512, rope_theta: float = 20.0):
     """LlavaConfig: CLIP vision tower (16-pixel patches on 64x64 images) + Llama decoder."""
     import transformers as T
 
