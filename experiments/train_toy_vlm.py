@@ -68,8 +68,8 @@ class Cell:
     Image cells also hold each prompt's caption: the image-only chat prompt followed by the words of
     the textual data part (the same words a textual prompt of the same item shows)."""
 
-    def __init__(self, model, task: str, modality: str, seed: int, chunk: int):
-        self.model, self.task, self.modality = model, task, modality
+    def __init__(self, model, task: str, modality: str, seed: int, chunk: int, keep=None):
+        self.model, self.task, self.modality, self.keep = model, task, modality, keep
         self.seed, self.chunk, self.k = seed, chunk, 0
         self.keys: set[str] = set()
         self.ids, self.cap, self.pix, self.ans, self.pos = [], [], None, None, 0
@@ -97,7 +97,7 @@ class Cell:
     def _refill(self) -> None:
         pairs = sample_pairs(self.task, self.modality, self.chunk, seed=self.seed * 1000 + self.k, image_size=IMAGE_SIZE)
         self.k += 1
-        prompts = [p for pair in pairs for p in pair]
+        prompts = [p for pair in pairs for p in pair if self.keep is None or self.keep(p)]
         random.Random(self.seed * 7 + self.k).shuffle(prompts)
         texts = [chat_text(self.model, p) for p in prompts]
         self.ids = [self._encode_ids(t, p) for t, p in zip(texts, prompts)]
@@ -216,10 +216,11 @@ def allocate(weights: dict, total: int, rng: np.random.Generator) -> dict:
 class ValSet:
     """Validation prompts encoded once; evaluated in equal-length batches (no padding)."""
 
-    def __init__(self, model, n: int, seed: int, cells=CELLS):
+    def __init__(self, model, n: int, seed: int, cells=CELLS, keep=None):
         self.groups = {}
         for task, modality in cells:
             prompts = [p for p, _ in sample_pairs(task, modality, n, seed=seed, image_size=IMAGE_SIZE)]
+            prompts = [p for p in prompts if keep is None or keep(p)]
             enc = {}
             for p in prompts:
                 text = chat_text(model, p)
@@ -332,10 +333,16 @@ def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None
 
 
 # ---------------------------------------------------------------- main
+def from_left(prompt) -> bool:
+    """Colour ordering asked from the left: index = k, a plain positional lookup (no XOR)."""
+    return prompt.meta["side"] == "left"
+
+
 def curriculum(args) -> list[dict]:
     """The training stages, each {"name", "cells", "max_steps"}. A stage ends when all its cells reach the
     --until-text / --until-image validation accuracy or after max_steps steps; the last one runs to the end.
 
+    0. colour ordering in text asked from the left only (a plain lookup), until it is solved.
     1. colour ordering in text, alone. Its answer is the colour at index k or 3 - k depending on the side,
        a joint (XOR-like) function of two query words. Alone it is found within a few hundred steps;
        in any mix (uniform, error-weighted, or after the other tasks) it stayed at 17-50% for 30 minutes.
@@ -344,10 +351,16 @@ def curriculum(args) -> list[dict]:
     text = [c for c in CELLS if c[1] == "text" and c[0] in args.tasks]
     stages = []
     if args.curriculum and "text" in args.modalities:
+        if "color_ordering" in args.tasks and args.left_steps:
+            stages.append({"name": "text, colour ordering from the left", "cells": [("color_ordering", "text")],
+                           "max_steps": args.left_steps, "keep": from_left})
         if "color_ordering" in args.tasks:
             stages.append({"name": "text, colour ordering", "cells": [("color_ordering", "text")], "max_steps": args.stage1_steps})
         if "image" in args.modalities:
             stages.append({"name": "text, all tasks", "cells": text, "max_steps": args.stage2_steps})
+    if args.curriculum and args.image_left_steps and "color_ordering" in args.tasks and "image" in args.modalities:
+        stages.append({"name": "image, colour ordering from the left", "cells": [("color_ordering", "image")],
+                       "max_steps": args.image_left_steps, "keep": from_left})
     full = [c for c in CELLS if c[0] in args.tasks and c[1] in args.modalities]
     return stages + [{"name": "all tasks, " + " + ".join(args.modalities), "cells": full, "max_steps": None}]
 
@@ -375,6 +388,9 @@ def parse_args(argv=None):
     ap.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES, help="modalities trained (trials)")
     ap.add_argument("--curriculum", type=int, default=1,
                     help="1: the stages of `curriculum`; 0: the full mix from the start")
+    ap.add_argument("--left-steps", type=int, default=500, help="at most this many steps of stage 0 (colour ordering from the left; 0: none)")
+    ap.add_argument("--image-left-steps", type=int, default=0,
+                    help="at most this many steps of visual colour ordering from the left before the full mix (0: none)")
     ap.add_argument("--stage1-steps", type=int, default=2000, help="at most this many steps of stage 1 (text, colour ordering)")
     ap.add_argument("--stage2-steps", type=int, default=1500, help="at most this many steps of stage 2 (text, all tasks)")
     ap.add_argument("--until-text", type=float, default=0.95, help="a stage ends when its textual validation accuracy ...")
@@ -416,6 +432,10 @@ def main(argv=None):
     check_encoding(vlm, cells)
     val = ValSet(vlm, args.val_n, VAL_SEED)
     stages = curriculum(args)
+    stage_cells = [cells if "keep" not in st else
+                   {c: Cell(vlm, *c, seed=TRAIN_SEED_BASE + 7919 * args.seed + 50 + i, chunk=args.chunk, keep=st["keep"])
+                    for i, c in enumerate(st["cells"])} for st in stages]
+    stage_val = [val if "keep" not in st else ValSet(vlm, args.val_n, VAL_SEED, st["cells"], st["keep"]) for st in stages]
     vision = [p for n, p in hf.named_parameters() if "vision_tower" in n]
     other = [(n, p) for n, p in hf.named_parameters() if "vision_tower" not in n]
     groups = [
@@ -468,7 +488,7 @@ def main(argv=None):
         cap_counts = {}
         if args.caption_frac > 0 and any(m == "image" for _, m in active):
             cap_counts = allocate({c: 1.0 for c in active if c[1] == "image"}, round(args.batch * args.caption_frac), rng)
-        batches, caption = batch_for(cells, counts, ip, pad, cap_counts)
+        batches, caption = batch_for(stage_cells[stage], counts, ip, pad, cap_counts)
         opt.zero_grad(set_to_none=True)
         total_loss, n_total = 0.0, sum(len(b[3]) for b in batches)
         cap_loss = float("nan")
@@ -494,7 +514,7 @@ def main(argv=None):
         bar.update(1)
 
         if stage < last and step % args.stage_eval_every == 0:
-            sacc = val.evaluate(hf, active)
+            sacc = stage_val[stage].evaluate(hf, active)
             bar.write(f"step {step} {(time.time() - t_train) / 60:.1f} min stage '{stages[stage]['name']}', validation "
                       + " ".join(f"{t}/{m} {a:.2f}" for (t, m), a in sacc.items()))
             if all(a >= (args.until_text if m == "text" else args.until_image) for (t, m), a in sacc.items()):
