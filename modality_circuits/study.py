@@ -263,4 +263,7 @@ def run(study: Study, steps=tuple(STEPS)) -> list[str]:
             skipped.add(task)
             write_json(study.path(task, "skipped.json"), {"reason": str(err)})
             bar.write(f"skipping {task}: {err}")
-    return [t for t in study.tasks if t not in skipped]
+    done = [t for t in study.tasks if t not in skipped]
+    for task in done:  # a task left out by an earlier run (e.g. of a weaker model) is no longer
+        study.path(task, "skipped.json").unlink(missing_ok=True)
+    return done

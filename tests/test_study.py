@@ -39,9 +39,12 @@ def test_rerun_reuses_finished_steps_and_redoes_missing_ones(study_dir):
     stamp = curve.stat().st_mtime_ns
     before = json.loads(overlap.read_text())
     overlap.unlink()  # as if the run had been interrupted before this step
+    stale = study_dir / "sentiment" / "skipped.json"  # as if an earlier, weaker model had been left out
+    stale.write_text(json.dumps({"reason": "too few correct pairs"}))
     main(["reproduce", *ARGS, "--out", str(study_dir.parent)])
     assert curve.stat().st_mtime_ns == stamp
     assert json.loads(overlap.read_text()) == before
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "experiments").glob("[ft][ia][gb]_*.py")))
