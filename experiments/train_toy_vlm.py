@@ -345,7 +345,7 @@ def curriculum(args) -> list[dict]:
     1. colour ordering in text asked from the left only: index = k, a plain positional lookup.
     2. colour ordering in text from both sides. The answer is the colour at index k or 3 - k depending on
        the side, a joint (XOR-like) function of two query words: without stage 1 it sat at 50% (both
-       candidates) in 4 of 6 runs, and in any mix of tasks at 17-50% for 30 minutes; after stage 1,
+       candidates) in 5 of 7 runs, and in any mix of tasks at 17-50% for 30 minutes; after stage 1,
        3 of 3 seeds solved it within 400 steps.
     3. every task in text, as a language model learns them before it meets images.
     4. visual colour ordering from the left (without it, it stayed at chance in the full mix).
