@@ -358,6 +358,9 @@ def curriculum(args) -> list[dict]:
                            "max_steps": args.left_steps, "keep": from_left})
         if "color_ordering" in args.tasks:
             stages.append({"name": "text, colour ordering", "cells": [("color_ordering", "text")], "max_steps": args.stage1_steps})
+        counting = [c for c in text if c[0] in ("counting", "arithmetic")]
+        if args.counting_steps and counting:
+            stages.append({"name": "text, counting and arithmetic", "cells": counting, "max_steps": args.counting_steps})
         if "image" in args.modalities:
             stages.append({"name": "text, all tasks", "cells": text, "max_steps": args.stage2_steps})
     if args.curriculum and args.image_left_steps and "color_ordering" in args.tasks and "image" in args.modalities:
@@ -393,6 +396,8 @@ def parse_args(argv=None):
     ap.add_argument("--left-steps", type=int, default=500, help="at most this many steps of stage 0 (colour ordering from the left; 0: none)")
     ap.add_argument("--image-left-steps", type=int, default=800,
                     help="at most this many steps of visual colour ordering from the left before the full mix (0: none)")
+    ap.add_argument("--counting-steps", type=int, default=0,
+                    help="at most this many steps of counting and arithmetic in text before every task in text (0: none)")
     ap.add_argument("--stage1-steps", type=int, default=2000, help="at most this many steps of stage 1 (text, colour ordering)")
     ap.add_argument("--stage2-steps", type=int, default=1500, help="at most this many steps of stage 2 (text, all tasks)")
     ap.add_argument("--until-text", type=float, default=0.95, help="a stage ends when its textual validation accuracy ...")
