@@ -407,7 +407,6 @@ def parse_args(argv=None):
     ap.add_argument("--caption-frac", type=float, default=0.125,
                     help="captioning examples (image -> the words of the textual data part) per step, as a fraction of the batch")
     ap.add_argument("--caption-weight", type=float, default=0.5)
-    ap.add_argument("--caption-steps", type=int, default=10**9, help="captioning only during the first N steps")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--heads", type=int, default=8)
