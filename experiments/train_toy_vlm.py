@@ -335,7 +335,7 @@ def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None
 # ---------------------------------------------------------------- main
 def from_left(prompt) -> bool:
     """Colour ordering asked from the left: index = k, a plain positional lookup (no XOR)."""
-    return prompt.meta["side"] == "left"
+    return prompt.meta.get("side", "left") == "left"
 
 
 def curriculum(args) -> list[dict]:
@@ -353,14 +353,21 @@ def curriculum(args) -> list[dict]:
     text = [c for c in CELLS if c[1] == "text" and c[0] in args.tasks]
     stages = []
     if args.curriculum and "text" in args.modalities:
-        if "color_ordering" in args.tasks and args.left_steps:
-            stages.append({"name": "text, colour ordering from the left", "cells": [("color_ordering", "text")],
-                           "max_steps": args.left_steps, "keep": from_left})
-        if "color_ordering" in args.tasks:
-            stages.append({"name": "text, colour ordering", "cells": [("color_ordering", "text")], "max_steps": args.stage1_steps})
         counting = [c for c in text if c[0] in ("counting", "arithmetic")]
+        kept = counting if args.keep_counting and args.counting_steps else []  # trained on, not waited for
+        left = {"name": "text, colour ordering from the left", "cells": [("color_ordering", "text")] + kept,
+                "until": [("color_ordering", "text")], "max_steps": args.left_steps, "keep": from_left}
+        if "color_ordering" in args.tasks and args.left_steps and args.counting_after_left:
+            stages.append(left)
         if args.counting_steps and counting:
-            stages.append({"name": "text, counting and arithmetic", "cells": counting, "max_steps": args.counting_steps})
+            cells = counting + ([("color_ordering", "text")] if args.counting_with_left and "color_ordering" in args.tasks else [])
+            stages.append({"name": "text, counting and arithmetic" + (" + colour from the left" if len(cells) > len(counting) else ""),
+                           "cells": cells, "max_steps": args.counting_steps, "keep": from_left})
+        if "color_ordering" in args.tasks and args.left_steps and not args.counting_after_left:
+            stages.append(left)
+        if "color_ordering" in args.tasks:
+            stages.append({"name": "text, colour ordering", "cells": [("color_ordering", "text")] + kept,
+                           "until": [("color_ordering", "text")], "max_steps": args.stage1_steps})
         if "image" in args.modalities:
             stages.append({"name": "text, all tasks", "cells": text, "max_steps": args.stage2_steps})
     if args.curriculum and args.image_left_steps and "color_ordering" in args.tasks and "image" in args.modalities:
@@ -397,7 +404,11 @@ def parse_args(argv=None):
     ap.add_argument("--image-left-steps", type=int, default=800,
                     help="at most this many steps of visual colour ordering from the left before the full mix (0: none)")
     ap.add_argument("--counting-steps", type=int, default=0,
-                    help="at most this many steps of counting and arithmetic in text before every task in text (0: none)")
+                    help="at most this many steps of counting and arithmetic in text before everything else (0: none)")
+    ap.add_argument("--counting-with-left", type=int, default=0, help="1: the counting stage also trains colour ordering from the left")
+    ap.add_argument("--keep-counting", type=int, default=0,
+                    help="1: the colour-ordering stages after the counting stage go on training counting and arithmetic")
+    ap.add_argument("--counting-after-left", type=int, default=0, help="1: the counting stage comes after colour ordering from the left")
     ap.add_argument("--stage1-steps", type=int, default=2000, help="at most this many steps of stage 1 (text, colour ordering)")
     ap.add_argument("--stage2-steps", type=int, default=1500, help="at most this many steps of stage 2 (text, all tasks)")
     ap.add_argument("--until-text", type=float, default=0.95, help="a stage ends when its textual validation accuracy ...")
@@ -523,7 +534,8 @@ def main(argv=None):
             sacc = stage_val[stage].evaluate(hf, active)
             bar.write(f"step {step} {(time.time() - t_train) / 60:.1f} min stage '{stages[stage]['name']}', validation "
                       + " ".join(f"{t}/{m} {a:.2f}" for (t, m), a in sacc.items()))
-            if all(a >= (args.until_text if m == "text" else args.until_image) for (t, m), a in sacc.items()):
+            if all(a >= (args.until_text if m == "text" else args.until_image) for (t, m), a in sacc.items()
+                   if (t, m) in stages[stage].get("until", active)):
                 next_stage(step, "validation threshold")
         if stage == last and step % args.eval_every == 0 or step == args.steps:
             acc = val.evaluate(hf)
