@@ -5,8 +5,9 @@ of the five tasks from prompts made by the package itself: `tasks.sample_pairs` 
 its counterfactual are training examples), `pairs.chat_text` for the chat template and
 `pairs.answer_token` for the target, so training and analysis prompts are identical. The loss is
 the next-token cross-entropy of the answer's first token at the last position. Training follows a
-curriculum (`curriculum`): colour ordering in text (first from the left only), every task in text,
-visual colour ordering from the left, then every task in both modalities with captioning (image -> the words of its textual data part) as an auxiliary loss. Within
+curriculum (`curriculum`): counting and arithmetic in text, colour ordering in text (first from the
+left only), every task in text, visual colour ordering from the left, then every task in both
+modalities with captioning (image -> the words of its textual data part) as an auxiliary loss. Within
 a stage each (task, modality) cell gets a share of the batch that grows with its current training error.
 
 Held-out accuracy is measured as the package measures it (`modality_circuits.toy.accuracy`:
@@ -335,39 +336,41 @@ def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None
 # ---------------------------------------------------------------- main
 def from_left(prompt) -> bool:
     """Colour ordering asked from the left: index = k, a plain positional lookup (no XOR)."""
-    return prompt.meta.get("side", "left") == "left"
+    return prompt.meta.get("side", "left") == "left"  # other tasks' prompts pass
 
 
 def curriculum(args) -> list[dict]:
-    """The training stages, each {"name", "cells", "max_steps"}. A stage ends when all its cells reach the
-    --until-text / --until-image validation accuracy or after max_steps steps; the last one runs to the end.
+    """The training stages, each {"name", "cells", "max_steps"} and optionally "until" (the cells whose
+    accuracy ends the stage; default all) and "keep" (a prompt filter). A stage ends when its "until" cells
+    reach the --until-text / --until-image validation accuracy or after max_steps steps; the last one runs
+    to the end.
 
-    1. colour ordering in text asked from the left only: index = k, a plain positional lookup.
-    2. colour ordering in text from both sides. The answer is the colour at index k or 3 - k depending on
-       the side, a joint (XOR-like) function of two query words: without stage 1 it sat at 50% (both
-       candidates) in 5 of 7 runs, and in any mix of tasks at 17-50% for 30 minutes; after stage 1,
-       3 of 3 seeds solved it within 400 steps.
-    3. every task in text, as a language model learns them before it meets images.
-    4. visual colour ordering from the left (without it, it stayed at chance in the full mix).
-    5. every task in every modality, plus captioning (image -> the words of its textual data part)."""
+    1. counting and arithmetic in text. Learnt first, textual counting reached 0.9 within ~1500 steps;
+       learnt after or beside colour ordering (even from the left only), it stayed at 0.5-0.67.
+    2. colour ordering in text asked from the left only: index = k, a plain positional lookup.
+    3. colour ordering in text from both sides. The answer is the colour at index k or 3 - k depending on
+       the side, a joint (XOR-like) function of two query words: without stage 2 it sat at 50% (both
+       candidates) in 5 of 7 runs, and in any mix of tasks at 17-50% for 30 minutes; after stage 2,
+       3 of 3 seeds solved it within 400 steps. Stages 2 and 3 go on training the cells of stage 1, which
+       otherwise fell back to 0.55 while colour ordering was learnt, but do not wait for them.
+    4. every task in text, as a language model learns them before it meets images.
+    5. visual colour ordering from the left (without it, it stayed at chance in the full mix).
+    6. every task in every modality, plus captioning (image -> the words of its textual data part)."""
     text = [c for c in CELLS if c[1] == "text" and c[0] in args.tasks]
     stages = []
     if args.curriculum and "text" in args.modalities:
-        counting = [c for c in text if c[0] in ("counting", "arithmetic")]
-        kept = counting if args.keep_counting and args.counting_steps else []  # trained on, not waited for
-        left = {"name": "text, colour ordering from the left", "cells": [("color_ordering", "text")] + kept,
-                "until": [("color_ordering", "text")], "max_steps": args.left_steps, "keep": from_left}
-        if "color_ordering" in args.tasks and args.left_steps and args.counting_after_left:
-            stages.append(left)
-        if args.counting_steps and counting:
-            cells = counting + ([("color_ordering", "text")] if args.counting_with_left and "color_ordering" in args.tasks else [])
+        counting = [c for c in text if c[0] in ("counting", "arithmetic")] if args.counting_steps else []
+        colour = [("color_ordering", "text")] if "color_ordering" in args.tasks else []
+        if counting:
+            cells = counting + (colour if args.counting_with_left else [])
             stages.append({"name": "text, counting and arithmetic" + (" + colour from the left" if len(cells) > len(counting) else ""),
                            "cells": cells, "max_steps": args.counting_steps, "keep": from_left})
-        if "color_ordering" in args.tasks and args.left_steps and not args.counting_after_left:
-            stages.append(left)
-        if "color_ordering" in args.tasks:
-            stages.append({"name": "text, colour ordering", "cells": [("color_ordering", "text")] + kept,
-                           "until": [("color_ordering", "text")], "max_steps": args.stage1_steps})
+        if colour and args.left_steps:
+            stages.append({"name": "text, colour ordering from the left", "cells": colour + counting, "until": colour,
+                           "max_steps": args.left_steps, "keep": from_left})
+        if colour:
+            stages.append({"name": "text, colour ordering", "cells": colour + counting, "until": colour,
+                           "max_steps": args.stage1_steps})
         if "image" in args.modalities:
             stages.append({"name": "text, all tasks", "cells": text, "max_steps": args.stage2_steps})
     if args.curriculum and args.image_left_steps and "color_ordering" in args.tasks and "image" in args.modalities:
@@ -400,17 +403,14 @@ def parse_args(argv=None):
     ap.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES, help="modalities trained (trials)")
     ap.add_argument("--curriculum", type=int, default=1,
                     help="1: the stages of `curriculum`; 0: the full mix from the start")
-    ap.add_argument("--left-steps", type=int, default=500, help="at most this many steps of stage 0 (colour ordering from the left; 0: none)")
+    ap.add_argument("--left-steps", type=int, default=1500, help="at most this many steps of colour ordering from the left in text (0: none)")
     ap.add_argument("--image-left-steps", type=int, default=800,
                     help="at most this many steps of visual colour ordering from the left before the full mix (0: none)")
-    ap.add_argument("--counting-steps", type=int, default=0,
+    ap.add_argument("--counting-steps", type=int, default=2000,
                     help="at most this many steps of counting and arithmetic in text before everything else (0: none)")
-    ap.add_argument("--counting-with-left", type=int, default=0, help="1: the counting stage also trains colour ordering from the left")
-    ap.add_argument("--keep-counting", type=int, default=0,
-                    help="1: the colour-ordering stages after the counting stage go on training counting and arithmetic")
-    ap.add_argument("--counting-after-left", type=int, default=0, help="1: the counting stage comes after colour ordering from the left")
-    ap.add_argument("--stage1-steps", type=int, default=2000, help="at most this many steps of stage 1 (text, colour ordering)")
-    ap.add_argument("--stage2-steps", type=int, default=1500, help="at most this many steps of stage 2 (text, all tasks)")
+    ap.add_argument("--counting-with-left", type=int, default=0, help="1: that stage also trains colour ordering from the left (trials)")
+    ap.add_argument("--stage1-steps", type=int, default=2000, help="at most this many steps of colour ordering in text from both sides")
+    ap.add_argument("--stage2-steps", type=int, default=1500, help="at most this many steps of every task in text")
     ap.add_argument("--until-text", type=float, default=0.95, help="a stage ends when its textual validation accuracy ...")
     ap.add_argument("--until-image", type=float, default=0.7, help="... and its visual one reach these")
     ap.add_argument("--stage-eval-every", type=int, default=50)
