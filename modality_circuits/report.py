@@ -49,6 +49,8 @@ def _nanmean(values) -> float:
 
 
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+    if not np.isfinite(c["value"]):
+        return "undefined"
     return f"{scale * c['value']:{fmt}} [{scale * c['low']:{fmt}}, {scale * c['high']:{fmt}}]"
 
 
@@ -104,9 +106,14 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
         v = s[t]["interchange"]
         lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
     mean = {sp: _nanmean([s[t]["interchange"][sp]["value"] for t in tasks]) for sp in "DQG"}
-    lines += ["", f"Mean over tasks: D {mean['D']:.2f}, Q {mean['Q']:.2f}, G {mean['G']:.2f}. Reference: Q and G swap "
-              f"well (≈0.7–1.0), D does not (≈0) — {'agrees' if mean['D'] < min(mean['Q'], mean['G']) else 'differs'} "
-              "in ordering. ![interchange](interchange.png)", ""]
+    if any(not np.isfinite(s[t]["interchange"][sp]["value"]) for t in tasks for sp in "DQG"):
+        lines += ["", "Undefined: in one direction the span's own sub-circuit is no more faithful than a random one "
+                  "of its size (F(original) = F(random)), so the score has no denominator; the mean below skips those cells."]
+    shown = ", ".join(f"{sp} {mean[sp]:.2f}" if np.isfinite(mean[sp]) else f"{sp} undefined" for sp in "DQG")
+    ordering = ("cannot be compared" if not all(np.isfinite(list(mean.values())))
+                else "agrees" if mean["D"] < min(mean["Q"], mean["G"]) else "differs")
+    lines += ["", f"Mean over tasks: {shown}. Reference: Q and G swap well (≈0.7–1.0), D does not (≈0) — "
+              f"{ordering} in ordering. ![interchange](interchange.png)", ""]
 
     first_last = {t: s[t]["alignment_first_last"] for t in tasks}
     rises = sum(b > a for a, b in first_last.values())

@@ -57,3 +57,20 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
         assert Path(printed).stat().st_size > 1000 and printed.endswith(".png")
     else:
         assert printed.startswith("| task |") or "|" in printed
+
+
+def test_report_marks_an_undefined_interchange_score(study_dir, tmp_path):
+    import shutil
+
+    from modality_circuits.report import write_report
+    folder = tmp_path / "copy"
+    shutil.copytree(study_dir, folder)
+    path = folder / "counting" / "interchange.json"
+    ic = json.loads(path.read_text())
+    ic["D"]["score"] = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+    path.write_text(json.dumps(ic))
+    report = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text()
+    section = report.split("## Cross-modal interchange")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| counting |"))
+    assert row.split("|")[2].strip() == "undefined" and "no denominator" in section
+    assert "nan" not in report.lower()
