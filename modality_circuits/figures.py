@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .interchange import MIN_MARGIN, interpretable  # noqa: E402
 from .store import atomic, read_json  # noqa: E402
 
 MODALITY_COLORS = {"text": "#1f77b4", "image": "#d62728"}
@@ -123,14 +124,16 @@ def interchange_bars(folder: Path, tasks) -> Path:
     data = {t: read_json(folder / t / "interchange.json") for t in tasks}
     fig, ax = plt.subplots(figsize=(7, 3.2))
     colors = dict(zip("DQG", sns.color_palette("Set2", 3)))
-    _bars(ax, [TASK_NAMES[t] for t in tasks], {s: [data[t][s]["score"] for t in tasks] for s in "DQG"}, colors,
+    blank = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+    _bars(ax, [TASK_NAMES[t] for t in tasks],
+          {s: [data[t][s]["score"] if interpretable(data[t][s]) else blank for t in tasks] for s in "DQG"}, colors,
           "interchange score")
     ax.axhline(1, color="gray", ls="--", lw=0.8)
-    ax.set_ylim(-1.5, 1.6)  # the score is unstable where the original circuit is no better than random
+    ax.set_ylim(-1.5, 1.6)
     ax.legend(title="swapped span", fontsize=8)
     ax.set_title("Cross-modal interchange, mean of both directions (95% CI)\n"
-                 "1 = works like the original sub-circuit, 0 = like a random one; axis cut at ±1.5, "
-                 "blank = undefined", fontsize=9)
+                 "1 = works like the original sub-circuit, 0 = like a random one; axis cut at ±1.5;\n"
+                 f"blank = not interpretable (original sub-circuit < {MIN_MARGIN} F above random)", fontsize=9)
     return _save(fig, folder, "interchange")
 
 

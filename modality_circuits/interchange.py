@@ -7,6 +7,7 @@ target's positions, and score faithfulness against a random sub-circuit of the s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,10 @@ from .circuit import Circuit
 from .pairs import Pair
 from .patching import ablation_lds, faithfulness_value
 from .stats import CI, bootstrap
+
+# Below this margin F(original) − F(random) the score's denominator is noise: the span's own
+# sub-circuit is hardly more faithful than a random one of its size, and the ratio is not interpretable.
+MIN_MARGIN = 0.05
 
 
 def map_span(source: Circuit, target: Circuit, span: str) -> Circuit:
@@ -62,9 +67,33 @@ class Interchange:
     ci: CI  # bootstrap over prompts of `score`
     lds: torch.Tensor  # (4 + n_random, P): full, empty, original, swapped, random draws
 
+    @property
+    def margin(self) -> float:
+        """F(original) − mean F(random): the score's denominator."""
+        return _margin(self.f_original, self.f_random)
+
+    @property
+    def interpretable(self) -> bool:
+        return math.isfinite(self.score) and self.margin >= MIN_MARGIN
+
     def resampled(self, idx) -> float:
         """`score` recomputed on the pairs `idx` (one bootstrap draw)."""
         return _score(self.lds, idx)
+
+
+def _margin(f_original: float, f_random: list[float]) -> float:
+    return f_original - sum(f_random) / len(f_random)
+
+
+def margin(record: dict) -> float:
+    """The smaller `Interchange.margin` of the two directions of one span of a study's interchange.json
+    (keys visual_/text_ f_original, f_random)."""
+    return min(_margin(record[f"{d}_f_original"], record[f"{d}_f_random"]) for d in ("visual", "text"))
+
+
+def interpretable(record: dict) -> bool:
+    """Whether a study's two-direction span score can be read: finite, and both margins ≥ MIN_MARGIN."""
+    return math.isfinite(record["score"]["value"]) and margin(record) >= MIN_MARGIN
 
 
 def _faith(lds: torch.Tensor, idx) -> list[float]:

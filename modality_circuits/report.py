@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .figures import TASK_NAMES, backpatch_table
+from .interchange import MIN_MARGIN, interpretable, margin
 from .store import atomic, read_json, write_json
 
 # Reference results (METHOD.md sections 4-8), for comparison in the report.
@@ -34,7 +35,8 @@ def summarize(folder: Path, tasks) -> dict:
             "minimal_faithful_fraction": {m: curves[m]["minimal_fraction"] for m in curves},
             "faithfulness_at_circuit": {m: curves[m]["faithfulness_at_circuit"] for m in curves},
             "niou": {s: ov[s]["niou"] for s in "DQG"},
-            "interchange": {s: ic[s]["score"] for s in "DQG"},
+            "interchange": {s: {**ic[s]["score"], "margin": margin(ic[s]), "interpretable": interpretable(ic[s])}
+                            for s in "DQG"},
             "backpatch_gain": {"image": bp["image"]["gain"], "text": bp["text"]["gain"]},
             "alignment_first_last": [al["per_layer"][0], al["per_layer"][-1]],
         }
@@ -49,6 +51,8 @@ def _nanmean(values) -> float:
 
 
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+    if not c.get("interpretable", True):
+        return f"n/a (ΔF {abs(c['margin']) if abs(c['margin']) < 0.005 else c['margin']:.2f})"
     if not np.isfinite(c["value"]):
         return "undefined"
     return f"{scale * c['value']:{fmt}} [{scale * c['low']:{fmt}}, {scale * c['high']:{fmt}}]"
@@ -98,6 +102,8 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
         v = s[t]["niou"]
         lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
         order_ok += v["D"]["value"] <= min(v["Q"]["value"], v["G"]["value"])
+    if not all(np.isfinite(s[t]["niou"][sp]["value"]) for t in tasks for sp in "DQG"):
+        lines += ["", "undefined: neither circuit has a node in that span."]
     lines += ["", f"Reference: little overlap in D, more in Q, most in G. Here D overlaps least on {order_ok} of "
               f"{len(tasks)} tasks. ![overlap](overlap.png)", ""]
 
@@ -105,15 +111,18 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     for t, n in zip(tasks, names):
         v = s[t]["interchange"]
         lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
-    mean = {sp: _nanmean([s[t]["interchange"][sp]["value"] for t in tasks]) for sp in "DQG"}
-    if any(not np.isfinite(s[t]["interchange"][sp]["value"]) for t in tasks for sp in "DQG"):
-        lines += ["", "Undefined: in one direction the span's own sub-circuit is no more faithful than a random one "
-                  "of its size (F(original) = F(random)), so the score has no denominator; the mean below skips those cells."]
-    shown = ", ".join(f"{sp} {mean[sp]:.2f}" if np.isfinite(mean[sp]) else f"{sp} undefined" for sp in "DQG")
-    ordering = ("cannot be compared" if not all(np.isfinite(list(mean.values())))
-                else "agrees" if mean["D"] < min(mean["Q"], mean["G"]) else "differs")
+    mean = {sp: _nanmean([v["value"] for t in tasks if (v := s[t]["interchange"][sp])["interpretable"]]) for sp in "DQG"}
+    if not all(s[t]["interchange"][sp]["interpretable"] for t in tasks for sp in "DQG"):
+        lines += ["", f"n/a: in at least one direction the span's own sub-circuit is less than {MIN_MARGIN} more faithful "
+                  "than a random one of its size (ΔF = F(original) − F(random), the smaller direction shown), so the "
+                  "score's denominator is noise; the mean below skips those cells. Both directions' F values are in "
+                  "`<task>/interchange.json`."]
+    shown = ", ".join(f"{sp} {mean[sp]:.2f}" if np.isfinite(mean[sp]) else f"{sp} n/a" for sp in "DQG")
+    missing = [sp for sp in "DQG" if not np.isfinite(mean[sp])]
+    ordering = (f"the ordering cannot be checked (no interpretable {', '.join(missing)} score)" if missing
+                else f"{'agrees' if mean['D'] < min(mean['Q'], mean['G']) else 'differs'} in ordering")
     lines += ["", f"Mean over tasks: {shown}. Reference: Q and G swap well (≈0.7–1.0), D does not (≈0) — "
-              f"{ordering} in ordering. ![interchange](interchange.png)", ""]
+              f"{ordering}. ![interchange](interchange.png)", ""]
 
     first_last = {t: s[t]["alignment_first_last"] for t in tasks}
     rises = sum(b > a for a, b in first_last.values())

@@ -79,6 +79,8 @@ def test_interchange_with_itself_scores_one(llava):
         assert res.f_swapped == res.f_original
         assert res.score == 1.0 and res.ci.value == 1.0
         assert len(res.f_random) == 3 and res.ci.low <= res.ci.high
+        assert res.margin == pytest.approx(res.f_original - sum(res.f_random) / 3)
+        assert res.interpretable == (res.margin >= 0.05)
 
 
 def test_map_span_preserves_q_size_and_places_d_units_everywhere(llava):

@@ -59,7 +59,19 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
         assert printed.startswith("| task |") or "|" in printed
 
 
-def test_report_marks_an_undefined_interchange_score(study_dir, tmp_path):
+def test_interchange_margin_decides_what_the_report_can_read():
+    from modality_circuits.interchange import MIN_MARGIN, interpretable, margin
+    record = {"score": {"value": 0.7}, "visual_f_original": 0.9, "visual_f_random": [0.2, 0.4],
+              "text_f_original": 0.8, "text_f_random": [0.78, 0.78]}
+    assert margin(record) == pytest.approx(0.02)  # min(0.9 - 0.3, 0.8 - 0.78)
+    assert not interpretable(record)
+    record["text_f_random"] = [0.5, 0.6]
+    assert margin(record) == pytest.approx(0.25) and MIN_MARGIN < 0.25 and interpretable(record)
+    record["score"]["value"] = float("nan")
+    assert not interpretable(record)
+
+
+def test_report_marks_an_uninterpretable_interchange_score(study_dir, tmp_path):
     import shutil
 
     from modality_circuits.report import write_report
@@ -72,5 +84,5 @@ def test_report_marks_an_undefined_interchange_score(study_dir, tmp_path):
     report = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text()
     section = report.split("## Cross-modal interchange")[1].split("\n## ")[0]
     row = next(line for line in section.splitlines() if line.startswith("| counting |"))
-    assert row.split("|")[2].strip() == "undefined" and "no denominator" in section
+    assert row.split("|")[2].strip().startswith("n/a (ΔF") and "denominator is noise" in section
     assert "nan" not in report.lower()
