@@ -74,7 +74,7 @@ class Interchange:
 
     @property
     def interpretable(self) -> bool:
-        return math.isfinite(self.score) and self.margin >= MIN_MARGIN
+        return _readable(self.score, self.margin)
 
     def resampled(self, idx) -> float:
         """`score` recomputed on the pairs `idx` (one bootstrap draw)."""
@@ -85,6 +85,10 @@ def _margin(f_original: float, f_random: list[float]) -> float:
     return f_original - sum(f_random) / len(f_random)
 
 
+def _readable(score: float, margin: float) -> bool:
+    return math.isfinite(score) and margin >= MIN_MARGIN
+
+
 def margin(record: dict) -> float:
     """The smaller `Interchange.margin` of the two directions of one span of a study's interchange.json
     (keys visual_/text_ f_original, f_random)."""
@@ -93,7 +97,7 @@ def margin(record: dict) -> float:
 
 def interpretable(record: dict) -> bool:
     """Whether a study's two-direction span score can be read: finite, and both margins ≥ MIN_MARGIN."""
-    return math.isfinite(record["score"]["value"]) and margin(record) >= MIN_MARGIN
+    return _readable(record["score"]["value"], margin(record))
 
 
 def _faith(lds: torch.Tensor, idx) -> list[float]:

@@ -52,7 +52,7 @@ def _nanmean(values) -> float:
 
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
     if not c.get("interpretable", True):
-        return f"n/a (ΔF {abs(c['margin']) if abs(c['margin']) < 0.005 else c['margin']:.2f})"
+        return f"n/a (ΔF {c['margin']:.2f})".replace("-0.00", "0.00")
     if not np.isfinite(c["value"]):
         return "undefined"
     return f"{scale * c['value']:{fmt}} [{scale * c['low']:{fmt}}, {scale * c['high']:{fmt}}]"
