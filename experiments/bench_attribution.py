@@ -28,7 +28,7 @@ def _grads(model, inputs, replace_input, answers=None):
 
     Returns [(activation, gradient or None)] per node module (heads, neurons, per layer)."""
     layers = model.layers(model.hf_model)
-    mods = [m for layer in layers for m in (model.attn_out(layer), model.mlp_out(layer))]
+    mods = [m for layer in layers for m in (model.head_site(layer), model.neuron_site(layer))]
     held = []
 
     def keep(module, args):
@@ -59,7 +59,7 @@ def _score(model, diff, grad, acc_heads, acc_neurons, j):
 
 def floor_ig(model, pairs, steps, max_rows=48):
     """Batched IG in plain PyTorch: k+1 rows per pair (p' first, then α = 1/k..1), one backward per chunk."""
-    from modality_circuits.pairs import batch
+    from modality_circuits.data.pairs import batch
 
     T, L = pairs[0].length, model.n_layers
     heads, neurons = torch.zeros(L, T, model.n_heads), torch.zeros(L, T, model.d_mlp)
@@ -87,7 +87,7 @@ def floor_ig(model, pairs, steps, max_rows=48):
 
 def stepwise_ig(model, pairs, steps):
     """IG one interpolation step per forward+backward (one row), as the reference code runs it."""
-    from modality_circuits.pairs import batch
+    from modality_circuits.data.pairs import batch
 
     T, L = pairs[0].length, model.n_layers
     heads, neurons = torch.zeros(L, T, model.n_heads), torch.zeros(L, T, model.d_mlp)
@@ -112,8 +112,8 @@ def stepwise_ig(model, pairs, steps):
 
 def _setup(args):
     from modality_circuits import load_model
-    from modality_circuits.attribution import attribute
-    from modality_circuits.pairs import build_pairs
+    from modality_circuits.methods.attribution import attribute
+    from modality_circuits.data.pairs import build_pairs
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

@@ -7,8 +7,8 @@ from collections import Counter
 
 import torch
 
-from modality_circuits.models import load_model
-from modality_circuits.pairs import chat_text, encode
+from modality_circuits.zoo import load_model
+from modality_circuits.data.pairs import chat_text, encode
 from modality_circuits.tasks import sample_pairs
 
 

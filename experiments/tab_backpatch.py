@@ -1,11 +1,11 @@
 """Table: back-patching results per task (config chosen on the selection split, accuracy on the test split), as markdown."""
-from modality_circuits import figures
-from modality_circuits.cli import experiment
-from modality_circuits.store import atomic
+from modality_circuits.study.report import backpatch_table
+from modality_circuits.study.cli import experiment
+from modality_circuits.execution.store import atomic
 
 
 def draw(folder, tasks):
-    table = figures.backpatch_table(folder, tasks)
+    table = backpatch_table(folder, tasks)
     with atomic(folder / "backpatch.md") as tmp, open(tmp, "w") as f:
         f.write(table)
     return table

@@ -10,7 +10,7 @@ left only), every task in text, visual colour ordering from the left, then every
 modalities with captioning (image -> the words of its textual data part) as an auxiliary loss. Within
 a stage each (task, modality) cell gets a share of the batch that grows with its current training error.
 
-Held-out accuracy is measured as the package measures it (`modality_circuits.toy.accuracy`:
+Held-out accuracy is measured as the package measures it (`modality_circuits.methods.predict.correct`:
 argmax of the next-token logits at the last position == the answer's first-token id) on fresh
 prompts from a seed never used for training. The best checkpoint on a separate validation seed is
 kept, saved with `save_pretrained` to --out and described in --report (report.json, report.md,
@@ -41,10 +41,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modality_circuits.models import load_model, wrap
-from modality_circuits.pairs import answer_token, chat_text, encode
+from modality_circuits.model import wrap
+from modality_circuits.zoo import load_model
+from modality_circuits.data.pairs import answer_token, chat_text, encode
 from modality_circuits.tasks import MODALITIES, TASKS, sample_pairs
-from modality_circuits.toy import IMAGE_SIZE, TOY_DIR, accuracy, build_toy
+from modality_circuits.circuits.stats import bootstrap
+from modality_circuits.methods.predict import correct as answered
+from modality_circuits.zoo.toy import IMAGE_SIZE, TOY_DIR, build_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = [(t, m) for m in MODALITIES for t in TASKS]
@@ -56,7 +59,7 @@ TRAIN_SEED_BASE = 1_000_003
 
 def content_key(p) -> str:
     """What a prompt asks, independent of modality (the textual data part + query)."""
-    from modality_circuits.tasks import _text
+    from modality_circuits.data.tasks import _text
 
     data, query, _ = _text(p.task, p.meta)
     return f"{p.task}|{data}|{query}"
@@ -86,7 +89,7 @@ class Cell:
 
     def caption_ids(self, prompt) -> tuple[list[int], list[int]]:
         """(ids of the image-only chat prompt, ids of the data words it must be followed by)."""
-        from modality_circuits.tasks import _text
+        from modality_circuits.data.tasks import _text
 
         if "<caption>" not in self._id_cache:
             messages = [{"role": "user", "content": [{"type": "image"}]}]
@@ -256,11 +259,11 @@ def selection_score(acc: dict) -> tuple:
 
 
 # ---------------------------------------------------------------- report
-def bootstrap_ci(x: list[bool], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    a = np.asarray(x, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = a[rng.integers(0, len(a), size=(n, len(a)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def _ci(correct: list[bool]) -> tuple[float, float]:
+    """95 % bootstrap interval of the accuracy (1000 resamples, seed 0)."""
+    ok = np.asarray(correct, dtype=float)
+    ci = bootstrap(lambda i: ok[i].mean(), len(ok))
+    return ci.low, ci.high
 
 
 def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None:
@@ -310,7 +313,7 @@ def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None
         f"best checkpoint at step {info['best_step']} "
         f"(validation seed {VAL_SEED}, {info['val_n']} prompts per cell); stopped by: {info['stopped_by']}",
         f"- held-out: {info['heldout_n']} fresh prompts per task and modality (`sample_pairs(..., seed={HELDOUT_SEED})`, "
-        "first prompt of each pair), scored by `modality_circuits.toy.accuracy`: argmax of the next-token logits at the "
+        "first prompt of each pair), scored by `modality_circuits.methods.predict.correct`: argmax of the next-token logits at the "
         "last position of the chat-templated prompt == the answer's first-token id. 95% bootstrap CIs (1000 resamples).",
         f"- targets: text >= {TARGETS['text']:.0%}, image >= {TARGETS['image']:.0%} on every task", "",
         "| task | text | image | gap (text - image) | target met | held-out prompts also seen in training |",
@@ -576,10 +579,11 @@ def main(argv=None):
     train_keys = {c: cells[c].keys for c in CELLS}
     heldout = {}
     for task, modality in tqdm(CELLS, desc="held-out", file=sys.stdout):
-        correct = accuracy(model, task, modality, args.heldout_n, seed=HELDOUT_SEED)
+        prompts = [p for p, _ in sample_pairs(task, modality, args.heldout_n, seed=HELDOUT_SEED, image_size=model.image_size)]
+        correct = answered(model, prompts)
         prompts = [p for p, _ in sample_pairs(task, modality, args.heldout_n, seed=HELDOUT_SEED, image_size=IMAGE_SIZE)]
         seen = float(np.mean([content_key(p) in train_keys[(task, modality)] for p in prompts]))
-        heldout[f"{task}/{modality}"] = {"acc": float(np.mean(correct)), "ci": bootstrap_ci(correct), "n": len(correct),
+        heldout[f"{task}/{modality}"] = {"acc": float(np.mean(correct)), "ci": _ci(correct), "n": len(correct),
                                          "seen_in_training": seen}
     gap = {t: heldout[f"{t}/text"]["acc"] - heldout[f"{t}/image"]["acc"] for t in TASKS}
     missed = [f"{t}/{m} {heldout[f'{t}/{m}']['acc']:.3f} < {TARGETS[m]:.2f} (short by {TARGETS[m] - heldout[f'{t}/{m}']['acc']:.3f})"

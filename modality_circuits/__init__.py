@@ -1,12 +1,25 @@
-"""modality_circuits: find and compare the circuits VLMs use for a task given as text and as an image."""
-from .attribution import attribute
-from .circuit import Circuit, Scores
-from .models import ADAPTERS, VLM, load_model
-from .pairs import Pair, build_pairs
-from .patching import exact_patching, faithfulness, faithfulness_curve, position_effect
+"""modality_circuits: find and compare the circuits VLMs use for a task given as text and as an image.
+
+Layers, each importing only those below it: study/ -> analyses/, methods/ -> data/, circuits/ -> model/, execution/
+(zoo/ names models: the embedded toy, the tiny test families, hub short names).
+"""
+from .analyses.alignment import alignment
+from .analyses.backpatch import backpatch
+from .analyses.interchange import interchange
+from .analyses.overlap import overlap
+from .circuits.circuit import Circuit, Scores
+from .data.pairs import Pair, split
+from .methods.ablation import faithfulness, faithfulness_curve, logit_diffs, position_effect
+from .methods.attribution import attribute
+from .methods.patching import exact_patching
+from .methods.predict import keep_correct
+from .model import ADAPTERS, VLM
+from .tasks import build_pairs
+from .zoo import load_model
 
 __all__ = [
-    "ADAPTERS", "VLM", "Circuit", "Pair", "Scores", "attribute", "build_pairs", "exact_patching", "faithfulness",
-    "faithfulness_curve", "load_model", "position_effect",
+    "ADAPTERS", "VLM", "Circuit", "Pair", "Scores", "alignment", "attribute", "backpatch", "build_pairs",
+    "exact_patching", "faithfulness", "faithfulness_curve", "interchange", "keep_correct", "load_model", "logit_diffs",
+    "overlap", "position_effect", "split",
 ]
 __version__ = "0.1.0"

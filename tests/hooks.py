@@ -5,12 +5,12 @@ import contextlib
 
 import torch
 
-from modality_circuits.pairs import batch
+from modality_circuits.data.pairs import batch
 
 
 def _modules(model):
     """[(attn_out module, mlp_out module)] per decoder layer of the plain transformers model."""
-    return [(model.attn_out(layer), model.mlp_out(layer)) for layer in model.layers(model.hf_model)]
+    return [(model.head_site(layer), model.neuron_site(layer)) for layer in model.layers(model.hf_model)]
 
 
 @contextlib.contextmanager

@@ -3,10 +3,12 @@ import pytest
 import torch
 
 import hooks
-from modality_circuits.attribution import attribute
-from modality_circuits.circuit import Circuit, Scores
-from modality_circuits.pairs import AlignmentError, build_pairs
-from modality_circuits.patching import exact_patching, faithfulness, faithfulness_value
+from modality_circuits.methods.attribution import attribute
+from modality_circuits.circuits.circuit import Circuit, Scores
+from modality_circuits.data.pairs import LayoutError, build_pairs
+from modality_circuits.circuits.metrics import faithfulness_value
+from modality_circuits.methods.ablation import faithfulness
+from modality_circuits.methods.patching import exact_patching
 
 
 def _all_nodes(scores, neuron_stride=12):
@@ -53,7 +55,7 @@ def test_k1_is_first_order_product(llava):
         args[0].requires_grad_(True).retain_grad()
         held.append(args[0])
 
-    mods = [m for layer in llava.layers(llava.hf_model) for m in (llava.attn_out(layer), llava.mlp_out(layer))]
+    mods = [m for layer in llava.layers(llava.hf_model) for m in (llava.head_site(layer), llava.neuron_site(layer))]
     handles = [m.register_forward_pre_hook(keep) for m in mods]
     logits = llava.hf_model(**pair.inputs).logits[0, -1]
     (logits[pair.answer_id] - logits[pair.cf_answer_id]).backward()
@@ -141,12 +143,12 @@ def test_fraction_outside_unit_interval(llava, fraction):
 def test_pairs_of_different_length_are_refused(llava):
     text = build_pairs("counting", "text", llava, n=1)
     image = build_pairs("counting", "image", llava, n=1)
-    with pytest.raises(AlignmentError, match="pair 1"):
+    with pytest.raises(LayoutError, match="pair 1"):
         attribute(llava, text + image, steps=1, progress=False)
 
 
 def test_faithfulness_curve_metrics(llava):
-    from modality_circuits.patching import faithfulness_curve
+    from modality_circuits.methods.ablation import faithfulness_curve
 
     pairs = build_pairs("arithmetic", "text", llava, n=3, seed=1)
     scores = attribute(llava, pairs, steps=2, progress=False)
@@ -166,7 +168,7 @@ def test_faithfulness_curve_metrics(llava):
 
 
 def test_position_effect_exact_matches_hooks(llava):
-    from modality_circuits.patching import position_effect
+    from modality_circuits.methods.ablation import position_effect
 
     pairs = build_pairs("counting", "image", llava, n=2, seed=0)
     effect = position_effect(llava, pairs)

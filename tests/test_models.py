@@ -5,8 +5,9 @@ from PIL import Image
 
 import modality_circuits as mc
 from modality_circuits import tasks
-from modality_circuits.models import ADAPTERS, SHORT_NAMES, family_of
-from modality_circuits.pairs import AlignmentError, batch, build_pairs, make_pair
+from modality_circuits.model import ADAPTERS, family_of
+from modality_circuits.zoo import SHORT_NAMES
+from modality_circuits.data.pairs import LayoutError, batch, build_pairs, make_pair
 from modality_circuits.tasks import Prompt
 
 
@@ -16,8 +17,8 @@ def test_trace_reads_heads_and_neurons_at_all_positions(tiny):
     T = pairs[0].length
     with tiny.trace(inputs):
         layers = tiny.layers()
-        heads = tiny.attn_out(layers[0]).input.save()
-        neurons = tiny.mlp_out(layers[-1]).input.save()
+        heads = tiny.head_site(layers[0]).input.save()
+        neurons = tiny.neuron_site(layers[-1]).input.save()
     assert len(tiny.layers()) == tiny.n_layers
     assert heads.shape == (2, T, tiny.n_heads * tiny.head_dim)
     assert neurons.shape == (2, T, tiny.d_mlp)
@@ -66,7 +67,7 @@ def _pair(task="counting", modality="text", seed=0, size=64):
 def test_counterfactual_of_different_length_is_refused(llava):
     p, cf = _pair()
     longer = Prompt(cf.task, cf.modality, cf.data + " cat", None, cf.query, cf.answer, cf.meta)
-    with pytest.raises(AlignmentError, match="tokens"):
+    with pytest.raises(LayoutError, match="tokens"):
         make_pair(llava, p, longer)
 
 
@@ -74,14 +75,14 @@ def test_counterfactual_with_other_span_layout_is_refused(llava):
     p, cf = _pair()
     words = cf.data.split()
     shifted = Prompt(cf.task, cf.modality, " ".join(words[:-1]), None, "cat " + cf.query, cf.answer, cf.meta)
-    with pytest.raises(AlignmentError, match="span"):
+    with pytest.raises(LayoutError, match="span"):
         make_pair(llava, p, shifted)
 
 
 def test_image_of_another_size_is_refused(llava):
     p, cf = _pair(modality="image")
     big = Prompt(cf.task, cf.modality, None, cf.image.resize((96, 96)), cf.query, cf.answer, cf.meta)
-    with pytest.raises(AlignmentError, match="size"):
+    with pytest.raises(LayoutError, match="size"):
         make_pair(llava, p, big)
 
 
@@ -94,7 +95,7 @@ def test_multi_token_answer_is_refused(llava):
 
 def test_same_answer_is_refused(llava):
     p, _ = _pair()
-    with pytest.raises(AlignmentError, match="answers"):
+    with pytest.raises(LayoutError, match="answers"):
         make_pair(llava, p, p)
 
 

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from conftest import get_tiny
-from modality_circuits import remote
-from modality_circuits.alignment import alignment
-from modality_circuits.attribution import attribute
-from modality_circuits.backpatch import backpatch, backpatch_logits
-from modality_circuits.circuit import Circuit
-from modality_circuits.interchange import interchange
-from modality_circuits.models import load_model
-from modality_circuits.pairs import build_pairs, predictions
+from modality_circuits.execution import remote
+from modality_circuits.analyses.alignment import alignment
+from modality_circuits.methods.attribution import attribute
+from modality_circuits.analyses.backpatch import backpatch, backpatch_logits
+from modality_circuits.circuits.circuit import Circuit
+from modality_circuits.analyses.interchange import interchange
+from modality_circuits.zoo import load_model
+from modality_circuits.data.pairs import build_pairs
+from modality_circuits.methods.predict import predictions
 from modality_circuits.testing import FAMILIES
-from modality_circuits.patching import exact_patching, faithfulness, faithfulness_curve, position_effect
+from modality_circuits.methods.ablation import faithfulness, faithfulness_curve, position_effect
+from modality_circuits.methods.patching import exact_patching
 
 ATOL = 1e-6
 
@@ -100,8 +102,8 @@ def test_dry_run_refuses_trace_bodies_that_need_this_package():
     """The dry run deserialises as a server would: a body calling a helper of this package cannot run there."""
     import nnsight
 
-    from modality_circuits.pairs import batch
-    from modality_circuits.patching import _logit_diff
+    from modality_circuits.data.pairs import batch
+    from modality_circuits.methods.ablation import pack
 
     dry = get_tiny("llava").with_remote("local")
     pair = build_pairs("counting", "text", dry, n=1)[0]
@@ -109,7 +111,7 @@ def test_dry_run_refuses_trace_bodies_that_need_this_package():
     root = dry.nn
     with pytest.raises(ModuleNotFoundError, match="modality_circuits"):
         with dry.trace(batch([pair.inputs])):
-            ld = nnsight.save(_logit_diff(root.output.logits[:, -1], answers))
+            ld = nnsight.save(pack(root.output.logits[:, -1] > 0))
     with dry.trace(batch([pair.inputs])):
         ld = nnsight.save(root.output.logits[:, -1].sum())
     assert torch.isfinite(ld)
@@ -296,7 +298,7 @@ def test_hosted_model_is_named_by_id_and_runs_on_the_model_its_key_rebuilds(fami
            (tiny.n_layers, tiny.n_heads, tiny.d_mlp, tiny.image_token_ids)
 
     def paths(m):
-        return [e.path for layer in m.layers() for e in (layer, m.attn_out(layer), m.mlp_out(layer))] + [m.nn.path]
+        return [e.path for layer in m.layers() for e in (layer, m.head_site(layer), m.neuron_site(layer))] + [m.nn.path]
 
     assert paths(hosted) == paths(tiny)
     key = hosted.nn.to_model_key()
@@ -326,8 +328,8 @@ def test_hosted_model_is_named_by_id_and_runs_on_the_model_its_key_rebuilds(fami
 
 
 def test_cli_remote_local_writes_the_local_scores(tmp_path):
-    from modality_circuits import cli
-    from modality_circuits.circuit import Scores
+    from modality_circuits.study import cli
+    from modality_circuits.circuits.circuit import Scores
 
     args = ["discover", "--model", "tiny-llava", "--task", "counting", "--modality", "text", "--n", "4",
             "--all-prompts", "--steps", "1"]

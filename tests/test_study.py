@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modality_circuits.cli import main
+from modality_circuits.study.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tiny-llava", "--tasks", "counting", "sentiment", "--n", "8", "--resamples", "20", "--all-prompts"]
@@ -60,7 +60,8 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
 
 
 def test_interchange_margin_decides_what_the_report_can_read():
-    from modality_circuits.interchange import MIN_MARGIN, interpretable, margin
+    from modality_circuits.analyses.interchange import MIN_MARGIN
+    from modality_circuits.study.steps import interchange_margin as margin, interchange_readable as interpretable
     record = {"score": {"value": 0.7}, "visual_f_original": 0.9, "visual_f_random": [0.2, 0.4],
               "text_f_original": 0.8, "text_f_random": [0.78, 0.78]}
     assert margin(record) == pytest.approx(0.02)  # min(0.9 - 0.3, 0.8 - 0.78)
@@ -74,7 +75,7 @@ def test_interchange_margin_decides_what_the_report_can_read():
 def test_report_marks_an_uninterpretable_interchange_score(study_dir, tmp_path):
     import shutil
 
-    from modality_circuits.report import write_report
+    from modality_circuits.study.report import write_report
     folder = tmp_path / "copy"
     shutil.copytree(study_dir, folder)
     path = folder / "counting" / "interchange.json"

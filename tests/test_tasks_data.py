@@ -5,8 +5,8 @@ import re
 import pytest
 from PIL import Image
 
-from modality_circuits import render
-from modality_circuits.tasks import (
+from modality_circuits.data import render
+from modality_circuits.data.tasks import (
     ENTITIES, MODALITIES, ORDINALS, TASKS, _entity_icon, answer_set, load_image_data,
     sample_pairs, vocabulary,
 )

@@ -1,8 +1,9 @@
 """The embedded toy VLM: loading through the adapter, size, and a regression guard on accuracy."""
 import pytest
 
-from modality_circuits import toy
-from modality_circuits.tasks import TASKS
+from modality_circuits.zoo import toy
+from modality_circuits.methods.predict import correct
+from modality_circuits.tasks import TASKS, sample_pairs
 
 TEST_SEED = 31_337  # never used for training (training streams use seeds >= 1e9) nor for the report
 
@@ -61,6 +62,7 @@ def test_heldout_accuracy_matches_the_training_report(model, task):
 
     report = json.loads((Path(__file__).resolve().parents[1] / "results/toy/training/report.json").read_text())
     for modality in ("text", "image"):
-        measured = sum(toy.accuracy(model, task, modality, 50, seed=TEST_SEED)) / 50
+        prompts = [p for p, _ in sample_pairs(task, modality, 50, seed=TEST_SEED, image_size=model.image_size)]
+        measured = sum(correct(model, prompts)) / 50
         reported = report["heldout"][f"{task}/{modality}"]["acc"]
         assert measured >= reported - 0.2, f"{task}/{modality}: {measured:.2f} on 50 prompts, report says {reported:.2f}"

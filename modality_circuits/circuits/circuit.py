@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from .store import atomic
+from ..execution.store import atomic
 
 FORMAT_VERSION = 1
 
@@ -36,8 +36,8 @@ class Scores:
         h, n = self.per_pair
         return Scores(h[idx].mean(0), n[idx].mean(0), self.spans, self.model, len(idx), self.meta)
 
-    def position_effect(self) -> torch.Tensor:
-        """(T,) summed signed score of every node at each position."""
+    def per_position(self) -> torch.Tensor:
+        """(T,) summed signed score of every node at each position (the attributed position effect)."""
         return self.heads.sum((0, 1)) + self.neurons.sum((0, 1))
 
     def save(self, path: str) -> None:

@@ -2,7 +2,8 @@
 
 Each step writes one JSON file (atomically) and is skipped when that file exists, so an
 interrupted run resumes where it stopped. Large intermediates (per-pair scores) live in
-<model>/.cache/. The figures (figures.py) and the report read only the JSON files.
+<model>/.cache/. The figures (figures.py) and the report read only the JSON files. The steps
+are the only writers of these files: the command line's per-step commands run them too.
 
 Layout: <out>/<model>/<task>/<modality>/{accuracy,curve,position_effect}.json, scores and circuit
 (.safetensors); <out>/<model>/<task>/{overlap,interchange,alignment,backpatch}.json.
@@ -16,14 +17,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import tasks as task_defs
-from .attribution import attribute
-from .circuit import Circuit, Scores
-from .pairs import build_pairs, keep_correct, predictions, split
-from .stats import CI, bootstrap
-from .store import model_dir, read_json, write_json
+from safetensors.torch import load_file, save_file
 
-SPANS = ("D", "Q", "G")
+from ..analyses.alignment import alignment
+from ..analyses.backpatch import backpatch
+from ..analyses.interchange import interchange, margin, readable
+from ..analyses.overlap import overlap
+from ..circuits.circuit import Circuit, Scores
+from ..circuits.metrics import faithfulness_value
+from ..circuits.stats import CI, bootstrap
+from ..data import tasks as task_defs
+from ..data.pairs import SPANS, build_pairs, split
+from ..execution.store import atomic, model_dir, read_json, write_json
+from ..methods.ablation import faithfulness_curve, position_effect
+from ..methods.attribution import attribute
+from ..methods.predict import keep_correct, pairs_correct
 
 
 class TooFewPairs(RuntimeError):
@@ -85,23 +93,25 @@ def _step(study: Study, path: Path, compute):
     return result
 
 
-def accuracy(study: Study, task: str, modality: str) -> dict:
+def run_accuracy(study: Study, task: str, modality: str) -> dict:
     """Top-1 accuracy on the prompts of all built pairs, with CI."""
     def compute():
         pairs = study.candidates(task, modality)
-        ok = (predictions(study.model, pairs).argmax(-1) == torch.tensor([p.answer_id for p in pairs])).float().numpy()
+        ok = pairs_correct(study.model, pairs).float().numpy()
         return {"accuracy": bootstrap(lambda i: ok[i].mean(), len(ok), resamples=study.resamples).as_dict(),
                 "n_prompts": len(ok)}
     return _step(study, study.path(task, "accuracy.json", modality), compute)
 
 
-def scores(study: Study, task: str, modality: str) -> Scores:
+def run_scores(study: Study, task: str, modality: str) -> Scores:
     """IG scores on the discovery split (per-pair values cached for the overlap bootstrap)."""
     path = study.path(task, "scores.safetensors", modality)
-    cache = study.dir / ".cache" / f"{task}-{modality}-per-pair.pt"
+    cache = study.dir / ".cache" / f"{task}-{modality}-per-pair.safetensors"
     if path.exists() and not study.force:
         s = Scores.load(path)
-        s.per_pair = torch.load(cache) if cache.exists() else None
+        if cache.exists():
+            kept = load_file(cache)
+            s.per_pair = (kept["heads"], kept["neurons"])
         return s
     discovery, _ = study.pairs(task, modality)
     m = study.model
@@ -109,19 +119,16 @@ def scores(study: Study, task: str, modality: str) -> Scores:
     keep = per_pair_bytes <= study.max_per_pair_bytes
     s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False)
     if keep:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(s.per_pair, cache)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic(cache) as tmp:
+            save_file({"heads": s.per_pair[0].contiguous(), "neurons": s.per_pair[1].contiguous()}, tmp)
     s.save(path)
     return s
 
 
-def curve(study: Study, task: str, modality: str) -> dict:
+def run_curve(study: Study, task: str, modality: str) -> dict:
     """Faithfulness curve on the evaluation split, per-fraction CIs, the discovered circuit."""
-    from .patching import faithfulness_curve, faithfulness_value
-
     def compute():
-        s = scores(study, task, modality)
+        s = run_scores(study, task, modality)
         _, evaluation = study.pairs(task, modality)
         c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold)
         cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i]), len(evaluation),
@@ -135,42 +142,39 @@ def curve(study: Study, task: str, modality: str) -> dict:
     return _step(study, study.path(task, "curve.json", modality), compute)
 
 
-def circuit(study: Study, task: str, modality: str) -> Circuit:
-    curve(study, task, modality)
+def load_circuit(study: Study, task: str, modality: str) -> Circuit:
+    """The discovered circuit of a task and modality (running the curve step if needed)."""
+    run_curve(study, task, modality)
     return Circuit.load(study.path(task, "circuit.safetensors", modality), model=study.model.name)
 
 
-def position_effect(study: Study, task: str, modality: str) -> dict:
+def run_position_effect(study: Study, task: str, modality: str) -> dict:
     """Exact effect of patching every node at a position, per span, with CIs over evaluation pairs."""
-    from .patching import position_effect as exact_effect
-
     def compute():
         _, evaluation = study.pairs(task, modality)
         spans = evaluation[0].spans
-        effect = exact_effect(study.model, evaluation).per_pair.numpy()  # (T, P)
+        effect = position_effect(study.model, evaluation).per_pair.numpy()  # (T, P)
         per_span = {s: bootstrap(lambda i, a=a, b=b: effect[a:b][:, i].mean(), effect.shape[1],
                                  resamples=study.resamples).as_dict() for s, (a, b) in spans.items()}
-        attributed = scores(study, task, modality).position_effect()
+        attributed = run_scores(study, task, modality).per_position()
         return {"per_position": effect.mean(1).tolist(), "per_span": per_span, "spans": spans,
                 "attributed_per_position": attributed.tolist()}
     return _step(study, study.path(task, "position_effect.json", modality), compute)
 
 
-def overlap(study: Study, task: str) -> dict:
+def run_overlap(study: Study, task: str) -> dict:
     """nIoU of the textual and visual circuits per span; CI by resampling discovery pairs of both modalities."""
-    from .overlap import overlap as span_overlap
-
     def compute():
-        text, image = (circuit(study, task, m) for m in ("text", "image"))
-        point = span_overlap(text, image)
-        st, si = scores(study, task, "text"), scores(study, task, "image")
+        text, image = (load_circuit(study, task, m) for m in ("text", "image"))
+        point = overlap(text, image)
+        st, si = run_scores(study, task, "text"), run_scores(study, task, "image")
         ft, fi = (read_json(study.path(task, "curve.json", m))["circuit_fraction"] for m in ("text", "image"))
         cache = {}
 
         def draw(it, ii):
             key = (it.tobytes(), ii.tobytes())
             if key not in cache:
-                cache[key] = span_overlap(Circuit.from_scores(st.resample(it), fraction=ft),
+                cache[key] = overlap(Circuit.from_scores(st.resample(it), fraction=ft),
                                           Circuit.from_scores(si.resample(ii), fraction=fi))
             return cache[key]
 
@@ -187,17 +191,15 @@ def overlap(study: Study, task: str) -> dict:
     return _step(study, study.path(task, "overlap.json"), compute)
 
 
-def interchange(study: Study, task: str, n_random: int = 5) -> dict:
+def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
     """Swap each span between the two circuits, both directions; score averaged over directions."""
-    from .interchange import interchange as swap
-
     def compute():
-        text, image = (circuit(study, task, m) for m in ("text", "image"))
+        text, image = (load_circuit(study, task, m) for m in ("text", "image"))
         ev_text, ev_image = study.pairs(task, "text")[1], study.pairs(task, "image")[1]
         result = {}
         for s in SPANS:
-            vis = swap(study.model, image, text, ev_image, s, n_random=n_random, seed=study.seed, resamples=10)
-            txt = swap(study.model, text, image, ev_text, s, n_random=n_random, seed=study.seed, resamples=10)
+            vis = interchange(study.model, image, text, ev_image, s, n_random=n_random, seed=study.seed, resamples=10)
+            txt = interchange(study.model, text, image, ev_text, s, n_random=n_random, seed=study.seed, resamples=10)
             both = bootstrap(lambda i, j: (vis.resampled(i) + txt.resampled(j)) / 2,
                              (len(ev_image), len(ev_text)), resamples=study.resamples)
             result[s] = {"score": both.as_dict(),
@@ -208,25 +210,21 @@ def interchange(study: Study, task: str, n_random: int = 5) -> dict:
     return _step(study, study.path(task, "interchange.json"), compute)
 
 
-def alignment(study: Study, task: str) -> dict:
+def run_alignment(study: Study, task: str) -> dict:
     """Per layer, max cosine similarity of image-token residuals to the aligned textual data tokens."""
-    from .alignment import alignment as align
-
     def compute():
         image, text = study.candidates(task, "image"), study.candidates(task, "text")
-        a = align(study.model, image, text, resamples=study.resamples)
+        a = alignment(study.model, image, text, resamples=study.resamples)
         return {"per_layer": a.per_layer.tolist(), "ci": [c.as_dict() for c in a.ci], "n_prompts": len(a.per_prompt)}
     return _step(study, study.path(task, "alignment.json"), compute)
 
 
-def backpatch(study: Study, task: str) -> dict:
+def run_backpatch(study: Study, task: str) -> dict:
     """Back-patching on visual prompts and, as control, on textual prompts; config chosen on a selection split."""
-    from .backpatch import backpatch as run
-
     def compute():
         result = {}
         for modality in ("image", "text"):
-            r = run(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed)
+            r = backpatch(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed)
             result[modality] = {"config": {"src": r.config[0], "dst": r.config[1], "window": r.config[2]},
                                 "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain": r.gain.as_dict(),
                                 "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection}
@@ -234,14 +232,24 @@ def backpatch(study: Study, task: str) -> dict:
     return _step(study, study.path(task, "backpatch.json"), compute)
 
 
+def interchange_margin(record: dict) -> float:
+    """The smaller denominator (`analyses.interchange.margin`) of the two directions of one span of interchange.json."""
+    return min(margin(record[f"{d}_f_original"], record[f"{d}_f_random"]) for d in ("visual", "text"))
+
+
+def interchange_readable(record: dict) -> bool:
+    """Whether a span's two-direction score in interchange.json can be read: finite, both margins >= MIN_MARGIN."""
+    return readable(record["score"]["value"], interchange_margin(record))
+
+
 STEPS = {
-    "accuracy": lambda s, t: [accuracy(s, t, m) for m in ("text", "image")],
-    "curve": lambda s, t: [curve(s, t, m) for m in ("text", "image")],
-    "position_effect": lambda s, t: [position_effect(s, t, m) for m in ("text", "image")],
-    "overlap": overlap,
-    "interchange": interchange,
-    "alignment": alignment,
-    "backpatch": backpatch,
+    "accuracy": lambda s, t: [run_accuracy(s, t, m) for m in task_defs.MODALITIES],
+    "curve": lambda s, t: [run_curve(s, t, m) for m in task_defs.MODALITIES],
+    "position_effect": lambda s, t: [run_position_effect(s, t, m) for m in task_defs.MODALITIES],
+    "overlap": run_overlap,
+    "interchange": run_interchange,
+    "alignment": run_alignment,
+    "backpatch": run_backpatch,
 }
 
 

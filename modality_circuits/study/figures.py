@@ -1,4 +1,4 @@
-"""Figures of the study, drawn from the JSON files of study.py; every figure shows its 95 % CIs.
+"""Figures of the study, drawn from the JSON files of the study steps (steps.py); every figure shows its 95 % CIs.
 
 Each function takes the study's model folder (<out>/<model>/) and the tasks, writes <name>.png
 and <name>.pdf there, and returns the PNG path.
@@ -14,13 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .interchange import MIN_MARGIN, interpretable  # noqa: E402
-from .store import atomic, read_json  # noqa: E402
+from ..analyses.interchange import MIN_MARGIN  # noqa: E402
+from ..data.pairs import SPANS, build_pairs, chat_text  # noqa: E402
+from ..execution.store import atomic, read_json  # noqa: E402
+from .labels import SPAN_NAMES, TASK_NAMES  # noqa: E402
+from .steps import interchange_readable  # noqa: E402
 
 MODALITY_COLORS = {"text": "#1f77b4", "image": "#d62728"}
-SPAN_NAMES = {"D": "D (data)", "Q": "Q (query)", "G": "G (generation)"}
-TASK_NAMES = {"counting": "counting", "arithmetic": "arithmetic", "color_ordering": "colour ordering",
-              "factual_recall": "factual recall", "sentiment": "sentiment"}
 
 
 def _save(fig, folder: Path, name: str) -> Path:
@@ -55,8 +55,6 @@ def _bars(ax, groups: list[str], series: dict[str, list[dict]], colors: dict, yl
 
 def gallery(model, folder: Path, tasks, seed: int = 0) -> Path:
     """Each task's textual prompt (as the model sees it, chat template included) beside its image prompt."""
-    from .pairs import build_pairs, chat_text
-
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 2.3 * len(tasks)), gridspec_kw={"width_ratios": [3, 1]})
     axes = np.atleast_2d(axes)
     for row, task in zip(axes, tasks):
@@ -72,12 +70,12 @@ def gallery(model, folder: Path, tasks, seed: int = 0) -> Path:
     return _save(fig, folder, "gallery")
 
 
-def position_effect(folder: Path, tasks) -> Path:
+def position_effect_bars(folder: Path, tasks) -> Path:
     """Mean exact effect on the logit difference of patching all components at a position, per span."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         data = {m: read_json(folder / task / m / "position_effect.json")["per_span"] for m in ("text", "image")}
-        _bars(ax, list("DQG"), {m: [data[m][s] for s in "DQG"] for m in data}, MODALITY_COLORS,
+        _bars(ax, list(SPANS), {m: [data[m][s] for s in SPANS] for m in data}, MODALITY_COLORS,
               "Δ logit difference" if ax is axes[0][0] else "")
         ax.set_title(TASK_NAMES[task])
     axes[0][0].legend(title="prompt")
@@ -109,12 +107,12 @@ def faithfulness_curves(folder: Path, tasks) -> Path:
 def overlap_heatmap(folder: Path, tasks) -> Path:
     """nIoU of textual and visual circuits per task and span, annotated with the CI."""
     data = {t: read_json(folder / t / "overlap.json") for t in tasks}
-    vals = np.array([[data[t][s]["niou"]["value"] for s in "DQG"] for t in tasks])
+    vals = np.array([[data[t][s]["niou"]["value"] for s in SPANS] for t in tasks])
     labels = np.array([[f"{data[t][s]['niou']['value']:.2f}\n[{data[t][s]['niou']['low']:.2f}, "
-                        f"{data[t][s]['niou']['high']:.2f}]" for s in "DQG"] for t in tasks])
+                        f"{data[t][s]['niou']['high']:.2f}]" for s in SPANS] for t in tasks])
     fig, ax = plt.subplots(figsize=(6, 0.7 * len(tasks) + 1.5))
     sns.heatmap(vals, annot=labels, fmt="", cmap="viridis", vmin=0, vmax=1, ax=ax, cbar_kws={"label": "nIoU"},
-                xticklabels=[SPAN_NAMES[s] for s in "DQG"], yticklabels=[TASK_NAMES[t] for t in tasks])
+                xticklabels=[SPAN_NAMES[s] for s in SPANS], yticklabels=[TASK_NAMES[t] for t in tasks])
     ax.set_title("Overlap of textual and visual circuits (nIoU, 95% CI)")
     return _save(fig, folder, "overlap")
 
@@ -123,10 +121,10 @@ def interchange_bars(folder: Path, tasks) -> Path:
     """Interchange score per span and task (1: the swapped-in sub-circuit works like the original, 0: like random)."""
     data = {t: read_json(folder / t / "interchange.json") for t in tasks}
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    colors = dict(zip("DQG", sns.color_palette("Set2", 3)))
+    colors = dict(zip(SPANS, sns.color_palette("Set2", 3)))
     blank = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
     _bars(ax, [TASK_NAMES[t] for t in tasks],
-          {s: [data[t][s]["score"] if interpretable(data[t][s]) else blank for t in tasks] for s in "DQG"}, colors,
+          {s: [data[t][s]["score"] if interchange_readable(data[t][s]) else blank for t in tasks] for s in SPANS}, colors,
           "interchange score")
     ax.axhline(1, color="gray", ls="--", lw=0.8)
     ax.set_ylim(-1.5, 1.6)
@@ -163,17 +161,3 @@ def backpatch_bars(folder: Path, tasks) -> Path:
     ax.legend(title="prompts")
     ax.set_title("Back-patching: gain on the test split, config chosen on a disjoint selection split (95% CI)")
     return _save(fig, folder, "backpatch")
-
-
-def backpatch_table(folder: Path, tasks) -> str:
-    """Markdown table of back-patching results."""
-    rows = ["| task | prompts | (src, dst, window) | accuracy before | after | gain (points) |", "|---|---|---|---|---|---|"]
-    for t in tasks:
-        d = read_json(folder / t / "backpatch.json")
-        for m in ("image", "text"):
-            r = d[m]
-            c = r["config"]
-            g = r["gain"]
-            rows.append(f"| {TASK_NAMES[t]} | {m} | ({c['src']}, {c['dst']}, {c['window']}) | {100 * r['base']['value']:.1f} | "
-                        f"{100 * r['patched']['value']:.1f} | {100 * g['value']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] |")
-    return "\n".join(rows) + "\n"

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import nnsight
 import torch
 
-from . import remote, tasks
-from .pairs import Pair, answer_token, batch, chat_text, check_aligned, split
-from .stats import CI, bootstrap
+from ..circuits.stats import CI, bootstrap
+from ..data import tasks
+from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
+from ..execution import requests
+from ..execution.remote import server_body
 
 Config = tuple[int, int, int]  # (src, dst, window)
 
@@ -28,7 +30,8 @@ def answer_ids(model, pairs: list[Pair]) -> torch.Tensor:
     return torch.tensor(sorted(ids | {q.answer_id for q in pairs}))
 
 
-def _backpatch_session(model, inputs: dict, span: tuple, chunks: list, ids) -> list:
+@server_body
+def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids) -> list:
     """One request: a cache pass, then one pass per chunk (n, writes); the cache never leaves the server.
 
     writes[layer] lists (config j in the chunk, src layer): rows j·P..(j+1)·P get, at `layer`'s output
@@ -37,12 +40,13 @@ def _backpatch_session(model, inputs: dict, span: tuple, chunks: list, ids) -> l
     """
     start, end = span
     root, layers = model.nn, model.layers()
+    tuple_out = model.adapter.layer_returns_tuple
     with model.session():
         with root.trace(**inputs):  # cache pass: decoder-layer outputs at the data positions
             cache = []
             for layer in layers:
-                h = layer.output
-                cache.append((h[0] if isinstance(h, tuple) else h)[:, start:end].clone())
+                h = layer.output[0] if tuple_out else layer.output
+                cache.append(h[:, start:end].clone())
         out = []
         for n, writes in chunks:
             P = len(inputs["input_ids"])
@@ -50,8 +54,7 @@ def _backpatch_session(model, inputs: dict, span: tuple, chunks: list, ids) -> l
             with root.trace(**rows):
                 for l in range(len(layers)):
                     if writes[l]:
-                        h = layers[l].output
-                        h = h[0] if isinstance(h, tuple) else h
+                        h = layers[l].output[0] if tuple_out else layers[l].output
                         for j, src in writes[l]:
                             h[j * P:(j + 1) * P, start:end] = cache[src].to(h.dtype)
                 logits = root.output.logits[:, -1]
@@ -71,7 +74,7 @@ def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_row
     back a few logits instead of the vocabulary. Remote: `model.chunks_per_request` chunks of configs
     per request, each request one session whose first pass caches the residuals on the server.
     """
-    check_aligned(pairs)
+    check_layout(pairs)
     L = model.n_layers
     for src, dst, w in configs:
         if not (0 <= dst <= src and src + w <= L and w >= 1):
@@ -79,26 +82,17 @@ def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_row
     P, inputs = len(pairs), model.prepare(batch([p.inputs for p in pairs]))
     ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
     chunks = []
-    for chunk in remote.groups(configs, max(1, max_rows // P)):
+    for chunk in requests.chunked(configs, max(1, max_rows // P)):
         writes = [[] for _ in range(L)]  # layer -> [(config index in chunk, src layer)]
         for j, (src, dst, w) in enumerate(chunk):
             for i in range(w):
                 writes[dst + i].append((j, src + i))
         chunks.append((len(chunk), writes))
-    out = []
-    for group in remote.groups(chunks, model.chunks_per_request):
-        out.extend(model.call(_backpatch_session, inputs, pairs[0].spans["D"], group, ids))
-    return torch.cat(out)
-
-
-def correct(logits: torch.Tensor, pairs: list[Pair], answers: torch.Tensor) -> torch.Tensor:
-    """(..., P) bool: the highest-scoring answer of the task's answer set is the right one."""
-    pred = answers[logits[..., answers].argmax(-1)]
-    return pred == torch.tensor([p.answer_id for p in pairs])
+    return torch.cat(requests.run(model, _backpatch_session, chunks, inputs, pairs[0].spans["D"], ids))
 
 
 def _correct_among(logits: torch.Tensor, pairs: list[Pair], answers: torch.Tensor) -> torch.Tensor:
-    """`correct` for logits already restricted to the columns `answers` (backpatch_logits(..., ids=answers))."""
+    """(..., P) bool: of the task's answer set (logits restricted to its columns `answers`), the right one scores highest."""
     return answers[logits.argmax(-1)] == torch.tensor([p.answer_id for p in pairs])
 
 
@@ -113,6 +107,8 @@ def default_configs(n_layers: int, windows=(1, 2), max_configs: int = 120) -> li
 
 @dataclass
 class Backpatch:
+    """The chosen back-patching configuration and its test-split accuracies."""
+
     config: Config  # chosen on the selection split
     selection: dict  # config -> selection accuracy ("base" for no patching)
     base: CI  # test accuracy without patching

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .circuit import Circuit
-from .pairs import Pair
-from .patching import ablation_lds, faithfulness_value
-from .stats import CI, bootstrap
+from ..circuits.circuit import Circuit
+from ..circuits.metrics import faithfulness_value
+from ..circuits.stats import CI, bootstrap
+from ..data.pairs import SPANS, Pair
+from ..methods.ablation import ablation_lds
 
 # Below this margin F(original) − F(random) the score's denominator is noise: the span's own
 # sub-circuit is hardly more faithful than a random one of its size, and the ratio is not interpretable.
@@ -70,34 +71,25 @@ class Interchange:
     @property
     def margin(self) -> float:
         """F(original) − mean F(random): the score's denominator."""
-        return _margin(self.f_original, self.f_random)
+        return margin(self.f_original, self.f_random)
 
     @property
     def interpretable(self) -> bool:
-        return _readable(self.score, self.margin)
+        return readable(self.score, self.margin)
 
     def resampled(self, idx) -> float:
         """`score` recomputed on the pairs `idx` (one bootstrap draw)."""
         return _score(self.lds, idx)
 
 
-def _margin(f_original: float, f_random: list[float]) -> float:
+def margin(f_original: float, f_random: list[float]) -> float:
+    """F(original) − mean F(random draws): the denominator of the interchange score."""
     return f_original - sum(f_random) / len(f_random)
 
 
-def _readable(score: float, margin: float) -> bool:
+def readable(score: float, margin: float) -> bool:
+    """Whether a score can be read: finite, and its denominator at least MIN_MARGIN."""
     return math.isfinite(score) and margin >= MIN_MARGIN
-
-
-def margin(record: dict) -> float:
-    """The smaller `Interchange.margin` of the two directions of one span of a study's interchange.json
-    (keys visual_/text_ f_original, f_random)."""
-    return min(_margin(record[f"{d}_f_original"], record[f"{d}_f_random"]) for d in ("visual", "text"))
-
-
-def interpretable(record: dict) -> bool:
-    """Whether a study's two-direction span score can be read: finite, and both margins ≥ MIN_MARGIN."""
-    return _readable(record["score"]["value"], margin(record))
 
 
 def _faith(lds: torch.Tensor, idx) -> list[float]:
@@ -117,8 +109,8 @@ def _score(lds: torch.Tensor, idx) -> float:
 def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span: str, *, n_random: int = 5,
                 seed: int = 0, resamples: int = 1000) -> Interchange:
     """Swap `span` of `target` (evaluated on `pairs`, the target's modality) for `source`'s mapped sub-circuit."""
-    if span not in ("D", "Q", "G"):
-        raise ValueError(f"span must be D, Q or G, got {span!r}")
+    if span not in SPANS:
+        raise ValueError(f"span must be one of {', '.join(SPANS)}, got {span!r}")
     rest = target - target.restrict(span)
     mapped = map_span(source, target, span)
     gen = torch.Generator().manual_seed(seed)

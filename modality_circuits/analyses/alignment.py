@@ -12,42 +12,23 @@ from dataclasses import dataclass
 import nnsight
 import torch
 
-from .pairs import Pair, batch, check_aligned
-from .stats import CI, bootstrap
+from ..circuits.stats import CI, bootstrap
+from ..data.pairs import Pair, batch, check_layout
+from ..execution.remote import server_body
 
 
-def _residuals_trace(model, inputs: dict, start: int, end: int) -> list:
-    layers = model.layers()
-    with model.trace(inputs):
-        out = nnsight.save([])
-        for layer in layers:
-            h = layer.output
-            h = h[0] if isinstance(h, tuple) else h
-            out.append(h[:, start:end].detach().float().cpu())
-    return out
-
-
-def residuals(model, pairs: list[Pair], span: str = "D") -> torch.Tensor:
-    """(P, L, n, d) decoder-layer outputs at the positions of `span` of each pair's prompt.
-
-    Remote, these are per-pair activations coming back over the wire: `alignment` keeps them on the server.
-    """
-    check_aligned(pairs)
-    start, end = pairs[0].spans[span]
-    return torch.stack(model.call(_residuals_trace, batch([p.inputs for p in pairs]), start, end), 1)
-
-
+@server_body
 def _alignment_session(model, image_inputs: dict, image_span: tuple, text_inputs: dict, text_span: tuple) -> torch.Tensor:
     """One request: both forward passes and the similarities; only the (P, L) per-prompt means come back."""
     root, layers = model.nn, model.layers()
+    tuple_out = model.adapter.layer_returns_tuple
     with model.session():
         res = []
         for inputs, (start, end) in ((image_inputs, image_span), (text_inputs, text_span)):
             with root.trace(**inputs):
                 hs = []
                 for layer in layers:
-                    h = layer.output
-                    h = h[0] if isinstance(h, tuple) else h
+                    h = layer.output[0] if tuple_out else layer.output
                     hs.append(h[:, start:end].detach().float())
             res.append(torch.stack(hs, 1))  # (P, L, n, d), stays where the model runs
         img = torch.nn.functional.normalize(res[0], dim=-1)
@@ -65,6 +46,8 @@ def match(image_pairs: list[Pair], text_pairs: list[Pair]) -> list[tuple[int, in
 
 @dataclass
 class Alignment:
+    """Image-to-text alignment per layer, with the per-prompt values and their bootstrap intervals."""
+
     per_layer: torch.Tensor  # (L,) mean over image tokens and prompts of the max cosine similarity
     per_prompt: torch.Tensor  # (P, L)
     ci: list[CI]  # per layer, bootstrap over prompts
@@ -76,8 +59,8 @@ def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resampl
     if not idx:
         raise ValueError("no image prompt has a textual prompt with the same content; build both with the same seed")
     images, texts = [image_pairs[i] for i, _ in idx], [text_pairs[j] for _, j in idx]
-    check_aligned(images)
-    check_aligned(texts)
+    check_layout(images)
+    check_layout(texts)
     per_prompt = model.call(_alignment_session, model.prepare(batch([p.inputs for p in images])), images[0].spans["D"],
                             model.prepare(batch([p.inputs for p in texts])), texts[0].spans["D"])  # (P, L)
     cis = [bootstrap(lambda i, l=l: float(per_prompt[i, l].mean()), len(per_prompt), resamples=resamples)

@@ -10,17 +10,16 @@ import json
 import warnings
 from dataclasses import dataclass
 
-import nnsight
 import torch
 
-from . import remote
-from .tasks import MODALITIES, TASKS, Prompt, sample_pairs
+from .tasks import FIRST_TOKEN_TASKS, MODALITIES, TASKS, Prompt, sample_pairs
 
+#: The three spans of a prompt: data (words or image tokens), query, generation prompt (template tail).
 SPANS = ("D", "Q", "G")
 
 
-class AlignmentError(ValueError):
-    """A prompt and its counterfactual (or two pairs) differ in length or span layout."""
+class LayoutError(ValueError):
+    """A prompt and its counterfactual (or two pairs) differ in token layout: length or span positions."""
 
 
 @dataclass
@@ -79,12 +78,12 @@ def find_spans(model, prompt: Prompt, text: str, input_ids: torch.Tensor) -> dic
     q0, q1 = _token_span(offsets, q_char, q_char + len(prompt.query))
     n, shift = len(ids), input_ids.shape[0] - len(ids)  # image prompts: the placeholder was expanded before Q
     if input_ids[q0 + shift:].tolist() != ids[q0:]:
-        raise AlignmentError("could not locate the query tokens in the processor's encoding")
+        raise LayoutError("could not locate the query tokens in the processor's encoding")
     spans = {"Q": (q0 + shift, q1 + shift), "G": (q1 + shift, n + shift)}
     if prompt.modality == "image":
         pos = model.image_mask(input_ids).nonzero().flatten()
         if len(pos) == 0 or pos[-1] - pos[0] + 1 != len(pos):
-            raise AlignmentError(f"image tokens are missing or not contiguous ({len(pos)} found)")
+            raise LayoutError(f"image tokens are missing or not contiguous ({len(pos)} found)")
         spans["D"] = (int(pos[0]), int(pos[-1]) + 1)
     else:
         d_char = text.rindex(prompt.data, 0, q_char)
@@ -100,7 +99,7 @@ def answer_token(model, text: str, prompt: Prompt) -> int:
     new = full[len(base):]
     if full[: len(base)] != base or not new:
         raise ValueError(f"answer {prompt.answer!r} merges with the prompt's last token")
-    if len(new) > 1 and prompt.task != "arithmetic":
+    if len(new) > 1 and prompt.task not in FIRST_TOKEN_TASKS:
         raise ValueError(f"answer {prompt.answer!r} is {len(new)} tokens; the metric needs single-token answers")
     return new[0]
 
@@ -108,33 +107,33 @@ def answer_token(model, text: str, prompt: Prompt) -> int:
 def make_pair(model, prompt: Prompt, cf: Prompt) -> Pair:
     """Encode p and p' and check they align: same length, same spans, same image size, different answers."""
     if (prompt.task, prompt.modality) != (cf.task, cf.modality):
-        raise AlignmentError(f"pair mixes {prompt.task}/{prompt.modality} with {cf.task}/{cf.modality}")
+        raise LayoutError(f"pair mixes {prompt.task}/{prompt.modality} with {cf.task}/{cf.modality}")
     if prompt.modality == "image" and prompt.image.size != cf.image.size:
-        raise AlignmentError(f"image sizes differ: {prompt.image.size} vs {cf.image.size}")
+        raise LayoutError(f"image sizes differ: {prompt.image.size} vs {cf.image.size}")
     texts = [chat_text(model, p) for p in (prompt, cf)]
     enc = [encode(model, [t], [p.image] if p.image is not None else None) for t, p in zip(texts, (prompt, cf))]
     if enc[0]["input_ids"].shape != enc[1]["input_ids"].shape:
-        raise AlignmentError(
+        raise LayoutError(
             f"counterfactual has {enc[1]['input_ids'].shape[1]} tokens, prompt {enc[0]['input_ids'].shape[1]}: "
             f"{prompt.data or prompt.query!r} vs {cf.data or cf.query!r}"
         )
     spans = [find_spans(model, p, t, e["input_ids"][0]) for p, t, e in zip((prompt, cf), texts, enc)]
     if spans[0] != spans[1]:
-        raise AlignmentError(f"span layouts differ: {spans[0]} vs {spans[1]}")
+        raise LayoutError(f"span layouts differ: {spans[0]} vs {spans[1]}")
     ids = [answer_token(model, t, p) for t, p in zip(texts, (prompt, cf))]
     if ids[0] == ids[1]:
-        raise AlignmentError(f"answers {prompt.answer!r} and {cf.answer!r} share their first token")
+        raise LayoutError(f"answers {prompt.answer!r} and {cf.answer!r} share their first token")
     return Pair(prompt, cf, enc[0], enc[1], ids[0], ids[1], spans[0])
 
 
-def check_aligned(pairs: list[Pair]) -> None:
+def check_layout(pairs: list[Pair]) -> None:
     """All pairs must share length and span layout (circuits are per position)."""
     if not pairs:
         raise ValueError("no pairs given")
     ref = pairs[0]
     for i, p in enumerate(pairs):
         if p.length != ref.length or p.spans != ref.spans:
-            raise AlignmentError(f"pair {i} has length {p.length} and spans {p.spans}; pair 0 has {ref.length}, {ref.spans}")
+            raise LayoutError(f"pair {i} has length {p.length} and spans {p.spans}; pair 0 has {ref.length}, {ref.spans}")
 
 
 def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None) -> list[Pair]:
@@ -153,7 +152,7 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
     for p, cf in candidates:
         try:
             pair = make_pair(model, p, cf)
-        except AlignmentError as err:
+        except LayoutError as err:
             rejected.append(str(err))
             continue
         group = layouts.setdefault((pair.length, tuple(sorted(pair.spans.items()))), [])
@@ -166,35 +165,8 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
         example = rejected[0] if rejected else "a different token layout"
         warnings.warn(f"{task}/{modality}: skipped {skipped} candidate pairs that do not align, e.g. {example}")
     if len(pairs) < n:
-        raise AlignmentError(f"{task}/{modality}: only {len(pairs)} of {n} pairs share one token layout for {model.name}")
+        raise LayoutError(f"{task}/{modality}: only {len(pairs)} of {n} pairs share one token layout for {model.name}")
     return pairs
-
-
-def _logits_session(model, chunks: list) -> list:
-    """One request: last-position logits (float32) of each chunk of inputs."""
-    root = model.nn
-    with model.session():
-        out = []
-        for inputs in chunks:
-            with root.trace(**inputs):
-                logits = root.output.logits[:, -1]
-            out.append(logits.float().cpu())
-        result = nnsight.save(out)
-    return result
-
-
-def predictions(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int = 64) -> torch.Tensor:
-    """(P, V) next-token logits at the last position of each pair's prompt (which="prompt") or counterfactual."""
-    chunks = [model.prepare(batch([p.inputs if which == "prompt" else p.cf_inputs for p in pairs[start:start + max_rows]]))
-              for start in range(0, len(pairs), max_rows)]
-    return torch.cat([x for group in remote.groups(chunks, model.chunks_per_request) for x in model.call(_logits_session, group)])
-
-
-def keep_correct(model, pairs: list[Pair]) -> list[Pair]:
-    """The pairs whose prompt and counterfactual the model both answers correctly (top-1 token)."""
-    ok_p = predictions(model, pairs).argmax(-1) == torch.tensor([p.answer_id for p in pairs])
-    ok_cf = predictions(model, pairs, "cf").argmax(-1) == torch.tensor([p.cf_answer_id for p in pairs])
-    return [p for p, ok in zip(pairs, (ok_p & ok_cf).tolist()) if ok]
 
 
 def prompt_key(prompt: Prompt) -> str:

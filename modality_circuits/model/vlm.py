@@ -1,8 +1,8 @@
-"""Loading VLMs through nnsight, and the one table of model-specific knowledge.
+"""A loaded VLM behind nnsight: sizes, envoys and where its traces run.
 
-Everything an algorithm needs to know about a model family (where the decoder
-layers live, which token ids are image tokens, how many heads) is read from
-`ADAPTERS` here; the algorithms never name a module path themselves.
+`VLM` reads every model fact from its adapter row (model/adapters.py); the algorithms ask
+it for decoder layers, head and neuron sites and image tokens, never naming a module path.
+Models by name (the toy, the tiny test families, hub short names) are loaded by `modality_circuits.zoo`.
 """
 from __future__ import annotations
 
@@ -14,62 +14,11 @@ from typing import Any
 
 import torch
 
-from . import remote as _remote
+from ..execution import remote as _remote
+from .adapters import ADAPTERS, Adapter, default_image_size, family_of
 
 #: The pipeline task a hosted VLM is deployed under on NDIF (part of nnsight's model key).
 REMOTE_TASK = "image-text-to-text"
-
-#: Short names of the study's three models (and the embedded default).
-SHORT_NAMES = {
-    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
-    "qwen": "Qwen/Qwen2-VL-7B-Instruct",
-    "pixtral-12b": "mistral-community/pixtral-12b",
-    "pixtral": "mistral-community/pixtral-12b",
-    "gemma-3-12b": "google/gemma-3-12b-it",
-    "gemma": "google/gemma-3-12b-it",
-}
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """Model-family facts. Paths are relative to the transformers model (or its nnsight envoy)."""
-
-    family: str
-    model_class: str  # transformers class that loads the checkpoint
-    layers: str = "model.language_model.layers"
-    text_config: str = "text_config"
-    attn_out: str = "self_attn.o_proj"  # per-head outputs are this module's input
-    mlp_out: str = "mlp.down_proj"  # neurons are this module's input
-    extra_image_tokens: tuple[str, ...] = ()  # tokens the image expands into besides the image token
-    image_placeholder: str = "<image>"  # what the chat template writes for an image
-
-
-ADAPTERS: dict[str, Adapter] = {
-    "qwen2_vl": Adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", image_placeholder="<|image_pad|>"),
-    "qwen2_5_vl": Adapter("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", image_placeholder="<|image_pad|>"),
-    "llava": Adapter("llava", "LlavaForConditionalGeneration"),
-    # Pixtral-12B is a LLaVA checkpoint with a Pixtral vision tower: rows of [IMG] closed by [IMG_BREAK]/[IMG_END].
-    "pixtral": Adapter(
-        "pixtral", "LlavaForConditionalGeneration", extra_image_tokens=("[IMG_BREAK]", "[IMG_END]"), image_placeholder="[IMG]"
-    ),
-    "mistral3": Adapter(
-        "mistral3", "Mistral3ForConditionalGeneration", extra_image_tokens=("[IMG_BREAK]", "[IMG_END]"), image_placeholder="[IMG]"
-    ),
-    "gemma3": Adapter("gemma3", "Gemma3ForConditionalGeneration", image_placeholder="<start_of_image>"),
-}
-
-
-def family_of(config) -> str:
-    """The adapter key for a transformers config; raises for unsupported architectures."""
-    family = config.model_type
-    if family == "llava" and getattr(config.vision_config, "model_type", None) == "pixtral":
-        family = "pixtral"
-    if family not in ADAPTERS:
-        raise ValueError(
-            f"unsupported architecture {config.model_type!r} ({getattr(config, 'architectures', None)}); "
-            f"supported families: {', '.join(sorted(ADAPTERS))}"
-        )
-    return family
 
 
 @dataclass
@@ -114,8 +63,7 @@ class VLM:
         ids += [tok.convert_tokens_to_ids(t) for t in self.adapter.extra_image_tokens]
         self.image_token_ids = tuple(ids)
         if self.image_size is None:
-            vision_size = getattr(getattr(self.hf_model.config, "vision_config", None), "image_size", None)
-            self.image_size = min(vision_size or 448, 512)
+            self.image_size = default_image_size(self.adapter, config)
 
     @property
     def tokenizer(self):
@@ -183,13 +131,13 @@ class VLM:
         """Decoder layers of `root` (default: the nnsight wrapper; pass `hf_model` for plain torch)."""
         return list(operator.attrgetter(self.adapter.layers)(self.nn if root is None else root))
 
-    def attn_out(self, layer):
-        """The module whose input holds the per-head outputs, (batch, pos, heads*head_dim)."""
-        return operator.attrgetter(self.adapter.attn_out)(layer)
+    def head_site(self, layer):
+        """The module whose INPUT holds the per-head outputs, (batch, pos, heads*head_dim)."""
+        return operator.attrgetter(self.adapter.head_site)(layer)
 
-    def mlp_out(self, layer):
-        """The module whose input holds the MLP neurons, (batch, pos, d_mlp)."""
-        return operator.attrgetter(self.adapter.mlp_out)(layer)
+    def neuron_site(self, layer):
+        """The module whose INPUT holds the MLP neurons, (batch, pos, d_mlp)."""
+        return operator.attrgetter(self.adapter.neuron_site)(layer)
 
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of image-token positions, same shape as input_ids."""
@@ -219,6 +167,8 @@ def hosted_wrapper(hub_id: str, processor):
     from nnsight.modeling.transformers import TransformersModel
 
     if os.path.isdir(hub_id) or os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        # private nnsight internal (checked against nnsight 0.8.1): the cache of canonical hub ids;
+        # seeding it stops nnsight from asking the Hub to canonicalise a local or offline id.
         huggingface._ID_CACHE.setdefault(hub_id, hub_id)
     return TransformersModel(hub_id, task=REMOTE_TASK, processor=processor)
 
@@ -232,33 +182,17 @@ def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=Fa
                image_size=image_size)
 
 
-def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, remote=False) -> VLM:
-    """Load a VLM by short name, hub id or local path ("toy": the embedded default; "tiny-<family>": random test model).
+def load_pretrained(hub_id: str, *, name: str, device=None, dtype=None, device_map=None, remote=False) -> VLM:
+    """Load a checkpoint (hub id or folder) of a supported family; `remote` is already checked.
 
-    remote: False (run here), True (NDIF host from nnsight's configuration / NDIF_HOST), a host URL,
-    or "local" (serialisation dry run on the local weights). For True or a URL the API key and the
-    host are checked first (RemoteUnavailable), then only the config and processor are loaded.
+    With a hosted `remote` only the config and processor are loaded (the weights stay on the server).
     """
     import transformers
 
-    remote = _remote.check(remote)  # before any work: a missing key or a dead host fails here
-    if name_or_path.startswith("tiny-"):
-        from .testing import tiny_model
-
-        if _remote.is_hosted(remote):
-            raise ValueError(f"{name_or_path} is built in memory, so no server can host it; "
-                             "use remote='local' for the serialisation dry run, or save it and serve the folder")
-        return tiny_model(name_or_path.removeprefix("tiny-")).with_remote(remote)
-    name = name_or_path  # results go to results/<name>/ ("toy" for the embedded model)
-    if name_or_path == "toy":
-        from .toy import toy_path
-
-        name_or_path = toy_path()
-    hub_id = SHORT_NAMES.get(name_or_path.lower(), name_or_path)
-    config = transformers.AutoConfig.from_pretrained(hub_id)
-    adapter = ADAPTERS[family_of(config)]
     from .processing import load_processor
 
+    config = transformers.AutoConfig.from_pretrained(hub_id)
+    adapter = ADAPTERS[family_of(config)]
     if _remote.is_hosted(remote):
         processor = load_processor(hub_id, adapter)
         nn = hosted_wrapper(hub_id, processor)

@@ -1,7 +1,8 @@
-"""Counterfactual patching: exact single-node patching (ground truth) and circuit ablation (METHOD.md 3-4).
+"""Circuit ablation: logit differences, faithfulness, faithfulness curves and the position effect (METHOD.md 4).
 
-Every trace puts the counterfactual rows p' first and unpatched, so at every layer
-their activations are a(p') and patched rows copy from them in the same forward.
+Every ablation trace puts the counterfactual rows p' first and unpatched, so at every layer
+their activations are a(p') and patched rows copy from them in the same forward: a node
+outside the circuit takes its p' value.
 """
 from __future__ import annotations
 
@@ -9,41 +10,37 @@ from dataclasses import dataclass
 
 import nnsight
 import torch
-from tqdm.auto import tqdm
 
-from . import remote
-from .circuit import Circuit
-from .pairs import Pair, batch, check_aligned
-from .stats import CI, bootstrap
-
-
-def _logit_diff(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """LD = logit_r − logit_r' at the last position; logits (R, V), answers (R, 2) -> (R,)."""
-    ld = logits.gather(-1, answers)
-    return ld[:, 0] - ld[:, 1]
+from ..circuits.circuit import Circuit
+from ..circuits.metrics import faithfulness_value
+from ..data.pairs import Pair, batch, check_layout
+from ..execution import requests
+from ..execution.remote import server_body
 
 
-def _answers(pairs: list[Pair], device) -> torch.Tensor:
-    return torch.tensor([[p.answer_id, p.cf_answer_id] for p in pairs], device=device)
+def answers(pairs: list[Pair]) -> torch.Tensor:
+    """(P, 2) answer ids (r, r') of each pair."""
+    return torch.tensor([[p.answer_id, p.cf_answer_id] for p in pairs])
 
 
-def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
-    """A bool mask as bits (8 per byte) for the wire, with its shape and size; unpacked in the trace bodies."""
+def pack(mask: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
+    """A bool mask as bits (8 per byte) for the wire, with its shape and size; unpacked in the server bodies."""
     flat = mask.flatten()
     flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
     packed = (flat.view(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
     return packed, tuple(mask.shape), mask.numel()
 
 
+@server_body
 def _ld_session(model, chunks: list) -> list:
     """One request: unpatched LD (float32) of each chunk (inputs, answers (R, 2)) -> [(R,)]."""
     root = model.nn
     with model.session():
         lds = []
-        for inputs, answers in chunks:
+        for inputs, ids in chunks:
             with root.trace(**inputs):
                 logits = root.output.logits[:, -1].float()
-                ld = logits.gather(-1, answers.to(logits.device))
+                ld = logits.gather(-1, ids.to(logits.device))  # LD inline: a server body calls no package helper
             lds.append((ld[:, 0] - ld[:, 1]).cpu())
         result = nnsight.save(lds)
     return result
@@ -51,23 +48,22 @@ def _ld_session(model, chunks: list) -> list:
 
 def logit_diffs(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int = 64) -> torch.Tensor:
     """(P,) LD(p) (which="prompt") or LD(p') (which="cf") of each pair, unpatched."""
-    chunks = [pairs[start:start + max_rows] for start in range(0, len(pairs), max_rows)]
-    work = [(model.prepare(batch([p.inputs if which == "prompt" else p.cf_inputs for p in chunk])),
-             _answers(chunk, "cpu")) for chunk in chunks]
-    return torch.cat([ld for group in remote.groups(work, model.chunks_per_request)
-                      for ld in model.call(_ld_session, group)])
+    work = [(model.prepare(batch([p.inputs if which == "prompt" else p.cf_inputs for p in chunk])), answers(chunk))
+            for chunk in requests.chunked(pairs, max_rows)]
+    return torch.cat(requests.run(model, _ld_session, work))
 
 
-def _ablate_session(model, cf_inputs: dict, inputs: dict, answers: torch.Tensor, chunks: list) -> list:
+@server_body
+def _ablate_session(model, chunks: list, cf_inputs: dict, inputs: dict, ids: torch.Tensor) -> list:
     """One request: for each chunk, LD of its patched rows, where per layer nodes with keep=False take p' values.
 
     cf_inputs / inputs: the P pairs' p' and p; each chunk (n, masks, circ_of_row) runs P p' rows then
     n·P rows of p; masks: packed keep_heads (n, L, H, T) and keep_neurons (n, L, I, T); circ_of_row
     (n·P,) picks each patched row's circuit; patched row r copies from p' row (r mod P).
     """
-    H, P = model.n_heads, len(answers)
+    H, P = model.n_heads, len(ids)
     root = model.nn
-    envoys = [(model.attn_out(layer), model.mlp_out(layer)) for layer in model.layers()]
+    sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in model.layers()]
     bits = torch.arange(8, dtype=torch.uint8)
     with model.session():
         lds = []
@@ -76,17 +72,17 @@ def _ablate_session(model, cf_inputs: dict, inputs: dict, answers: torch.Tensor,
             rows = {key: torch.cat([cf_inputs[key]] + [inputs[key]] * n) for key in inputs}
             src = torch.arange(len(circ_of_row)) % P
             with root.trace(**rows):
-                for i in range(len(envoys)):
+                for i in range(len(sites)):
                     for j in range(2):  # heads, then neurons
-                        a = envoys[i][j].input
+                        a = sites[i][j].input
                         own, cf = a[P:], a[:P][src.to(a.device)]
                         k = keeps[j][:, i].to(a.device)[circ_of_row.to(a.device)].transpose(1, 2)  # (R, T, units)
                         if j == 0:
                             own, cf = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1)
                             k = k.unsqueeze(-1)
-                        envoys[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)])
+                        sites[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)])
                 logits = root.output.logits[P:, -1]
-                ld = logits.gather(-1, answers.repeat(n, 1).to(logits.device))
+                ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
             lds.append((ld[:, 0] - ld[:, 1]).cpu())
             del a, own, cf, k, logits  # the next chunk must not hold these too
         result = nnsight.save(lds)
@@ -99,7 +95,7 @@ def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows:
     Identical circuits are evaluated once, so equal circuits give equal numbers. Remote:
     `model.chunks_per_request` chunks of circuits per request, masks sent as bits, only LDs back.
     """
-    check_aligned(pairs)
+    check_layout(pairs)
     for c in circuits:
         if c.heads.shape[-1] != pairs[0].length:
             raise ValueError(f"circuit covers {c.heads.shape[-1]} positions, pairs have {pairs[0].length}")
@@ -108,20 +104,15 @@ def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows:
     unique = sorted(set(first.values()))
     keep_h = torch.stack([circuits[i].heads for i in unique])
     keep_n = torch.stack([circuits[i].neurons for i in unique])
-    P, out = len(pairs), []
+    P = len(pairs)
     per_chunk = max(1, max_rows // P - 1)  # circuits per trace, P rows each plus P p' rows
     cf_inputs = model.prepare(batch([p.cf_inputs for p in pairs]))
     inputs = model.prepare(batch([p.inputs for p in pairs]))
-    answers = _answers(pairs, "cpu")
-    chunks = [torch.arange(start, min(start + per_chunk, len(unique))) for start in range(0, len(unique), per_chunk)]
-    bar = tqdm(total=len(chunks), desc="ablate", disable=not progress, leave=False)
-    for group in remote.groups(chunks, model.chunks_per_request):
-        work = [(len(idx), (_pack(keep_h[idx]), _pack(keep_n[idx])), idx.repeat_interleave(P) - idx[0]) for idx in group]
-        lds = model.call(_ablate_session, cf_inputs, inputs, answers, work)
-        out.extend(ld.view(len(idx), P) for ld, idx in zip(lds, group))
-        bar.update(len(group))
-    bar.close()
-    lds = torch.cat(out)
+    work = []
+    for idx in requests.chunked(torch.arange(len(unique)), per_chunk):
+        work.append((len(idx), (pack(keep_h[idx]), pack(keep_n[idx])), idx.repeat_interleave(P) - idx[0]))
+    lds = requests.run(model, _ablate_session, work, cf_inputs, inputs, answers(pairs), desc="ablate", progress=progress)
+    lds = torch.cat([ld.view(n, P) for ld, (n, _, _) in zip(lds, work)])
     row = {u: j for j, u in enumerate(unique)}
     return lds[[row[first[k]] for k in keys]]
 
@@ -136,20 +127,6 @@ class Faithfulness:
     ld_empty: torch.Tensor  # (P,) every node patched
     aggregation: str = "ratio_of_means"
 
-    def ci(self, resamples: int = 1000, seed: int = 0) -> CI:
-        """Bootstrap interval of F over the evaluation pairs."""
-        return bootstrap(lambda i: faithfulness_value(self.ld_circuit[i], self.ld_full[i], self.ld_empty[i], self.aggregation),
-                         len(self.ld_full), resamples=resamples, seed=seed)
-
-
-def faithfulness_value(ld_c, ld_full, ld_empty, aggregation: str = "ratio_of_means") -> float:
-    """Ratio of means (default, as in MIB) or mean of per-pair ratios."""
-    if aggregation == "ratio_of_means":
-        return float((ld_c.mean() - ld_empty.mean()) / (ld_full.mean() - ld_empty.mean()))
-    if aggregation == "mean_of_ratios":
-        return float(((ld_c - ld_empty) / (ld_full - ld_empty)).mean())
-    raise ValueError(f"unknown aggregation {aggregation!r}: use 'ratio_of_means' or 'mean_of_ratios'")
-
 
 def faithfulness(model, circuit: Circuit, pairs: list[Pair], *, aggregation: str = "ratio_of_means") -> Faithfulness:
     """Faithfulness of `circuit` under counterfactual ablation of every node outside it."""
@@ -157,70 +134,6 @@ def faithfulness(model, circuit: Circuit, pairs: list[Pair], *, aggregation: str
         raise ValueError(f"circuit was found on {circuit.model!r}, not {model.name!r}")
     lds = ablation_lds(model, [circuit, Circuit.full(circuit, True), Circuit.full(circuit, False)], pairs)
     return Faithfulness(faithfulness_value(*lds, aggregation), *lds, aggregation)
-
-
-def _patch_session(model, cf_inputs: dict, inputs: dict, answers: torch.Tensor, base: torch.Tensor, chunks: list) -> list:
-    """One request: for each chunk (n, plan), the mean over pairs of LD(p with one node patched) − LD(p), (n,).
-
-    Rows: P p' rows, then P rows of p per node; plan[layer] lists (0 heads | 1 neurons, rows, src, pos, unit)
-    index tensors of the writes at that layer.
-    """
-    H, P = model.n_heads, len(answers)
-    root = model.nn
-    envoys = [(model.attn_out(layer), model.mlp_out(layer)) for layer in model.layers()]
-    with model.session():
-        effects = []
-        for n, plan in chunks:
-            rows_in = {key: torch.cat([cf_inputs[key]] + [inputs[key]] * n) for key in inputs}
-            with root.trace(**rows_in):
-                for i in range(len(envoys)):
-                    for j, rows, src, t, u in plan[i]:  # heads before neurons: execution order
-                        a = envoys[i][j].input.clone()
-                        view = a.view(*a.shape[:2], H, -1) if j == 0 else a
-                        rows, src, t, u = rows.to(a.device), src.to(a.device), t.to(a.device), u.to(a.device)
-                        view[rows, t, u] = view[src, t, u]
-                        envoys[i][j].input = a
-                logits = root.output.logits[P:, -1]
-                ld = logits.gather(-1, answers.repeat(n, 1).to(logits.device))
-            effects.append(((ld[:, 0] - ld[:, 1]).cpu().view(n, P) - base).mean(1))
-            del a, view, logits  # the next chunk must not hold these too
-        result = nnsight.save(effects)
-    return result
-
-
-def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int = 128,
-                   progress: bool = False) -> torch.Tensor:
-    """(N,) mean over pairs of LD(p with a_n := a_n(p')) − LD(p) for nodes ("head"|"neuron", layer, unit, pos)."""
-    check_aligned(pairs)
-    P = len(pairs)
-    base = logit_diffs(model, pairs)
-    per_chunk = max(1, max_rows // P - 1)
-    cf_inputs = model.prepare(batch([p.cf_inputs for p in pairs]))
-    inputs = model.prepare(batch([p.inputs for p in pairs]))
-    answers = _answers(pairs, "cpu")
-    chunks = []
-    for start in range(0, len(nodes), per_chunk):
-        chunk = nodes[start:start + per_chunk]
-        kinds = [k for k, *_ in chunk]
-        layer_of, unit, pos = (torch.tensor([n[i] for n in chunk]) for i in (1, 2, 3))
-        plan = []
-        for i in range(model.n_layers):
-            writes = []
-            for j, kind in enumerate(("head", "neuron")):
-                js = torch.tensor([c for c, k in enumerate(kinds) if k == kind and layer_of[c] == i], dtype=torch.long)
-                if len(js):  # node c patches rows P + c*P .. P + (c+1)*P from the p' rows 0..P
-                    rows = (P + js[:, None] * P + torch.arange(P)).flatten()
-                    writes.append((j, rows, torch.arange(P).repeat(len(js)), pos[js].repeat_interleave(P),
-                                   unit[js].repeat_interleave(P)))
-            plan.append(writes)
-        chunks.append((len(chunk), plan))
-    out = []
-    bar = tqdm(total=len(chunks), desc="exact patching", disable=not progress, leave=False)
-    for group in remote.groups(chunks, model.chunks_per_request):
-        out.extend(model.call(_patch_session, cf_inputs, inputs, answers, base, group))
-        bar.update(len(group))
-    bar.close()
-    return torch.cat(out)
 
 
 MIB_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -269,11 +182,11 @@ class PositionEffect:
 
 
 def position_effect(model, pairs: list[Pair], scores=None) -> PositionEffect:
-    """Exact effect (one ablation per position), or the attributed one when `scores` are given."""
-    check_aligned(pairs)
+    """Exact effect (one ablation per position), or the attributed one (`Scores.per_position`) when `scores` are given."""
+    check_layout(pairs)
     spans, per_pair = pairs[0].spans, None
     if scores is not None:
-        effect = scores.position_effect()
+        effect = scores.per_position()
     else:
         T = pairs[0].length
         full = Circuit(torch.ones(model.n_layers, model.n_heads, T, dtype=torch.bool),

@@ -9,16 +9,20 @@
     it), executed against the loaded weights the way an NDIF server executes it, and only the
     values the request saves come back, through `torch.save` like a server's result.
 
-The algorithms write their trace bodies for the wire: a body may use torch, nnsight, builtins,
-envoys and plain data, never a function or object of this package (a server cannot import it),
-and it saves only aggregated results. Several traces go in one request through an nnsight session
-where that saves round trips (`VLM.chunks_per_request` chunks per request), and each request
-is retried with exponential backoff when the connection drops (`VLM.retries`, `VLM.retry_backoff`).
+THE REMOTE RULE. The functions marked `@server_body` (the `*_session` bodies of methods/ and
+analyses/) are shipped to a server that does not have this package: their trace blocks may use
+torch, nnsight, builtins, envoys and plain data, never a function, class or constant object of
+this package, and they save only aggregated results. So a body writes, e.g., the logit difference
+inline rather than calling a helper; `server_body` records each body and `check_server_body`
+(run over all of them by the tests) names any package object a body reaches. Several traces go in
+one request through an nnsight session (`VLM.chunks_per_request` chunks per request, the loop of
+execution/requests.py), and each request is retried with exponential backoff when the connection
+drops (`VLM.retries`, `VLM.retry_backoff`).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dis
 import importlib.abc
 import io
 import linecache
@@ -28,7 +32,6 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -41,10 +44,6 @@ PING_TIMEOUT = 5.0  # seconds for the pre-flight reachability check
 
 class RemoteUnavailable(RuntimeError):
     """Remote execution cannot start: no NDIF API key, or the host does not answer."""
-
-
-class TransientRemoteError(ConnectionError):
-    """A request that failed for a reason worth retrying (raised by tests and wrappers)."""
 
 
 def normalize(remote: Any) -> bool | str:
@@ -115,6 +114,37 @@ def check(remote: Any, *, timeout: float = PING_TIMEOUT) -> bool | str:
     return remote
 
 
+# --- the remote rule ---------------------------------------------------------------------------
+
+#: Every function marked `@server_body`, by qualified name.
+SERVER_BODIES: dict[str, Callable] = {}
+
+
+def server_body(fn: Callable) -> Callable:
+    """Mark `fn` as a body whose traces run on a server (see THE REMOTE RULE above); returns it unchanged."""
+    SERVER_BODIES[f"{fn.__module__}.{fn.__qualname__}"] = fn
+    return fn
+
+
+def check_server_body(fn: Callable) -> list[str]:
+    """Global names `fn` (and the code nested in it) reads that resolve to an object of this package."""
+    def globals_read(code):
+        for ins in dis.get_instructions(code):
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                yield ins.argval
+        for const in code.co_consts:
+            if hasattr(const, "co_code"):
+                yield from globals_read(const)
+
+    found = []
+    for name in sorted(set(globals_read(fn.__code__))):
+        obj = fn.__globals__.get(name)
+        owner = getattr(obj, "__module__", None) or (obj.__name__ if isinstance(obj, type(sys)) else None)
+        if isinstance(owner, str) and owner.split(".")[0] == _PACKAGE:
+            found.append(name)
+    return found
+
+
 # --- the dry run -------------------------------------------------------------------------------
 
 
@@ -180,6 +210,10 @@ class DryRunBackend:
         self.server = model if server is None else server
 
     def __call__(self, tracer) -> None:
+        # private nnsight internals (checked against nnsight 0.8.1): `_saves` (ids of saved values),
+        # `inc`/`dec` (the trace-scope depth a server's execution runs in), `push` (values into the
+        # caller's frame) and the model's `_remoteable_*` environment hooks, as nnsight's own
+        # RemoteBackend and LocalSimulationBackend use them.
         from nnsight.ndif import pull_env
         from nnsight.schema.request import RequestModel
         from nnsight.tracing.tracer import _saves, dec, inc, save
@@ -210,7 +244,7 @@ class DryRunBackend:
         buffer = io.BytesIO()
         torch.save(result, buffer)
         EXCHANGES.append(Exchange(len(blob), buffer.tell(), tuple(result)))
-        result = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=False)
+        result = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
         for value in result.values():  # as nnsight's RemoteBackend: mark and push into the caller's frame
             save(value)
         push(tracer.info.frame, result)
@@ -224,6 +258,7 @@ def backend(nn, remote: bool | str):
         return DryRunBackend(nn)
     from nnsight.intervention.backends.remote import RemoteBackend
 
+    # `_remoteable_get_env` is private nnsight (0.8.1): the environment a request declares to the server
     return RemoteBackend(nn.to_model_key(), host=host_of(remote), api_key=api_key(),
                          env=nn._remoteable_get_env(), blocking=True)
 
@@ -276,59 +311,3 @@ def call(model, fn: Callable, *args, **kwargs):
                           f"in {wait:g}s", RuntimeWarning, stacklevel=2)
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def groups(items: list, size: int) -> list[list]:
-    """`items` in consecutive groups of `size` (the chunks sent in one request)."""
-    size = max(1, int(size))
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def fingerprint(*parts) -> str:
-    """A hash of tensors, numbers and strings (nested in lists, tuples and dicts) identifying a run."""
-    digest = hashlib.sha256()
-
-    def feed(x):
-        if torch.is_tensor(x):
-            digest.update(f"T{x.dtype}{tuple(x.shape)}".encode())
-            digest.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                          if x.numel() else b"")
-        elif isinstance(x, dict):
-            for k in sorted(x, key=str):
-                feed(str(k))
-                feed(x[k])
-        elif isinstance(x, (list, tuple)):
-            digest.update(f"L{len(x)}".encode())
-            for y in x:
-                feed(y)
-        else:
-            digest.update(repr(x).encode())
-
-    feed(parts)
-    return digest.hexdigest()
-
-
-class Checkpoint:
-    """A file of partial results, keyed by a fingerprint of the run; written atomically after each request."""
-
-    def __init__(self, path, key: str) -> None:
-        self.path, self.key = Path(path), key
-
-    def load(self) -> dict | None:
-        """The stored state of this run, or None (no file, or a file of another run, which is then replaced)."""
-        if not self.path.exists():
-            return None
-        data = torch.load(self.path, map_location="cpu", weights_only=False)
-        if data.get("key") != self.key:
-            warnings.warn(f"checkpoint {self.path} belongs to another run; starting over", RuntimeWarning, stacklevel=2)
-            return None
-        return data["state"]
-
-    def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"key": self.key, "state": state}, tmp)
-        os.replace(tmp, self.path)

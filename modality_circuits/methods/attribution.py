@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import nnsight
 import torch
-from tqdm.auto import tqdm
 
-from . import remote
-from .circuit import Scores
-from .pairs import Pair, batch, check_aligned
+from ..circuits.circuit import Scores
+from ..data.pairs import Pair, batch, check_layout
+from ..execution import requests
+from ..execution.checkpoint import Checkpoint, fingerprint
+from ..execution.remote import server_body
+from .ablation import answers
 
 
 def _ig_rows(pairs: list[Pair], steps: int) -> dict:
@@ -20,21 +22,22 @@ def _ig_rows(pairs: list[Pair], steps: int) -> dict:
     return batch([x for p in pairs for x in [p.cf_inputs] + [p.inputs] * steps])
 
 
+@server_body
 def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
     """One request: a forward+backward over P pairs × (k+1) rows for each chunk (inputs, answers (P, 2)).
 
     Head (L, T, H) and neuron (L, T, I) scores summed over pairs are added, chunk by chunk and on
     the server, to `totals` (None or the running sums); returns the new sums and, with per_pair,
-    each chunk's per-pair scores (P, L, units, T). The bodies use only torch, nnsight and envoys.
+    each chunk's per-pair scores (P, L, units, T).
     """
     L, H, k = model.n_layers, model.n_heads, steps
     root, layers = model.nn, model.layers()
-    attn, mlp = [model.attn_out(layer) for layer in layers], [model.mlp_out(layer) for layer in layers]
+    attn, mlp = [model.head_site(layer) for layer in layers], [model.neuron_site(layer) for layer in layers]
     alpha = torch.arange(k + 1, dtype=torch.float32) / k
     heads_sum, neurons_sum = totals
     with model.session():
         kept = []
-        for inputs, answers in chunks:
+        for inputs, ids in chunks:
             with root.trace(**inputs):
                 h = layers[0].input
                 P = h.shape[0] // (k + 1)
@@ -48,7 +51,7 @@ def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
                     heads.append(attn[i].input)
                     neurons.append(mlp[i].input)
                 logits = root.output.logits[:, -1].view(P, k + 1, -1)[:, 1:]
-                ld = logits.gather(-1, answers.to(logits.device).view(P, 1, 2).expand(P, k, 2))
+                ld = logits.gather(-1, ids.to(logits.device).view(P, 1, 2).expand(P, k, 2))  # LD inline (server body)
                 metric = (ld[..., 0] - ld[..., 1]).sum()
                 out_h, out_n = [None] * L, [None] * L
                 with metric.backward():
@@ -83,28 +86,25 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int = 48, p
     checkpoint: a file that keeps the sums after every request; a run with the same model, pairs
     and settings resumes from it (a file of another run is replaced).
     """
-    check_aligned(pairs)
+    check_layout(pairs)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_chunk = max(1, max_rows // (steps + 1))
-    chunks = [pairs[start:start + per_chunk] for start in range(0, len(pairs), per_chunk)]
+    chunks = requests.chunked(pairs, per_chunk)
     state = {"done": 0, "heads": None, "neurons": None, "kept": []}
     store = None
     if checkpoint is not None:
-        store = remote.Checkpoint(checkpoint, remote.fingerprint(
+        store = Checkpoint(checkpoint, fingerprint(
             "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps, per_pair, per_chunk,
             [(p.inputs, p.cf_inputs, p.answer_id, p.cf_answer_id) for p in pairs]))
         state = store.load() or state
-    bar = tqdm(total=len(chunks), initial=state["done"], desc=f"attribute k={steps}", disable=not progress, leave=False)
-    for group in remote.groups(chunks[state["done"]:], model.chunks_per_request):
-        work = [(model.prepare(_ig_rows(chunk, steps)), torch.tensor([[p.answer_id, p.cf_answer_id] for p in chunk]))
-                for chunk in group]
+    for group in requests.requests(model, chunks[state["done"]:], desc=f"attribute k={steps}", progress=progress,
+                                   done=state["done"]):
+        work = [(model.prepare(_ig_rows(chunk, steps)), answers(chunk)) for chunk in group]
         h, n, kept = model.call(_ig_session, work, steps, per_pair, (state["heads"], state["neurons"]))
         state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "kept": state["kept"] + list(kept)}
         if store is not None:
             store.save(state)
-        bar.update(len(group))
-    bar.close()
     heads, neurons, n = state["heads"], state["neurons"], len(pairs)
     scores = Scores((heads / n).permute(0, 2, 1).contiguous().cpu(), (neurons / n).permute(0, 2, 1).contiguous().cpu(),
                     dict(pairs[0].spans), model.name, n, {"steps": steps})

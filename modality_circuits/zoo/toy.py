@@ -3,9 +3,8 @@
 `load_model("toy")` loads `toy_path()` through the same adapter path as a hub checkpoint
 (AutoConfig -> LlavaForConditionalGeneration, AutoProcessor -> LlavaProcessor with the PIL image
 processor). The weights are produced by `python experiments/train_toy_vlm.py`; this module also
-holds what that script needs: the word-level tokenizer with its chat template, the config, the
-builder of the untrained model + processor, and the accuracy measure shared with the report and
-the tests (argmax of the next-token logits at the last position == the answer's first token).
+holds what that script needs: the word-level tokenizer with its chat template, the config and the
+builder of the untrained model + processor.
 """
 from __future__ import annotations
 
@@ -37,22 +36,12 @@ def toy_path() -> str:
 
 def toy_tokenizer():
     """Word-level tokenizer (digits one per token) over the task vocabulary, with the chat template."""
-    import transformers as T
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from ..data.tasks import vocabulary
+    from .words import word_tokenizer
 
-    from .tasks import vocabulary
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
-    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", *SPECIAL_TOKENS])
     words = sorted({*vocabulary(), *TEMPLATE_WORDS, *"0123456789", *"?.,:!-+*/"})
-    tok.train_from_iterator(words, trainer)
-    return T.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        chat_template=_CHAT_TEMPLATE, additional_special_tokens=["<image>"], padding_side="left",
-    )
+    return word_tokenizer(SPECIAL_TOKENS, words, additional=["<image>"], bos_token="<s>", eos_token="</s>",
+                          chat_template=_CHAT_TEMPLATE, padding_side="left")
 
 
 def toy_image_processor():
@@ -111,32 +100,3 @@ def build_toy(seed: int = 0, **config_kwargs):
     tok = toy_tokenizer()
     model = T.LlavaForConditionalGeneration(toy_config(tok, **config_kwargs)).float()
     return model, toy_processor(tok)
-
-
-def accuracy(model, task: str, modality: str, n: int, *, seed: int, batch_size: int = 100) -> list[bool]:
-    """Per-prompt correctness on the first prompt of n fresh pairs (`sample_pairs(..., seed=seed)`):
-    argmax of the next-token logits at the last position of the chat-templated prompt equals the
-    answer's first-token id. Prompts are run in equal-length batches (no padding)."""
-    import torch
-
-    from .pairs import answer_token, chat_text, encode
-    from .tasks import sample_pairs
-
-    prompts = [p for p, _ in sample_pairs(task, modality, n, seed=seed, image_size=model.image_size)]
-    texts = [chat_text(model, p) for p in prompts]
-    answers = [answer_token(model, t, p) for t, p in zip(texts, prompts)]
-    encoded = [encode(model, [t], [p.image] if p.image is not None else None) for t, p in zip(texts, prompts)]
-    groups: dict[int, list[int]] = {}
-    for i, e in enumerate(encoded):
-        groups.setdefault(e["input_ids"].shape[1], []).append(i)
-    correct = [False] * len(prompts)
-    hf = model.hf_model
-    with torch.no_grad():
-        for idx in groups.values():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s : s + batch_size]
-                inputs = {k: torch.cat([encoded[i][k] for i in chunk]).to(model.device) for k in encoded[chunk[0]]}
-                pred = hf(**inputs).logits[:, -1].argmax(-1).tolist()
-                for i, p in zip(chunk, pred):
-                    correct[i] = p == answers[i]
-    return correct

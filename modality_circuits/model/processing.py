@@ -3,7 +3,9 @@
 transformers' Qwen2-VL and Pixtral processors need torchvision. `MiniProcessor`
 does what they do for single-image prompts with PIL image processors: run the
 image processor, expand the image placeholder into the right number of image
-tokens, and (Qwen2-VL) add `mm_token_type_ids` for multimodal rotary positions.
+tokens, and add `mm_token_type_ids` where the family's rotary positions need them.
+What each family needs is read from its adapter row (`pil_image_processor`,
+`image_expansion`, `mm_token_type_ids`).
 """
 from __future__ import annotations
 
@@ -17,15 +19,14 @@ class MiniProcessor:
     def __init__(self, tokenizer, image_processor, adapter, *, merge: int = 1, patch: int = 16):
         self.tokenizer, self.image_processor, self.adapter = tokenizer, image_processor, adapter
         self.merge, self.patch = merge, patch
-        self.qwen = adapter.family in ("qwen2_vl", "qwen2_5_vl")
 
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def _expand(self, image_inputs, i: int) -> str:
-        """The token string image i expands into: Qwen's pads, or Pixtral's rows closed by break/end tokens."""
+        """The token string image i expands into (`Adapter.image_expansion`): grid pads, or rows closed by break/end tokens."""
         image = self.adapter.image_placeholder
-        if self.qwen:
+        if self.adapter.image_expansion == "grid":
             return image * (int(image_inputs["image_grid_thw"][i].prod()) // self.merge**2)
         h, w = (int(s) // (self.patch * self.merge) for s in image_inputs["image_sizes"][i])
         row_break, end = self.adapter.extra_image_tokens
@@ -49,7 +50,7 @@ class MiniProcessor:
                 i += len(parts) - 1
         enc = self.tokenizer(text, return_tensors=return_tensors, **kwargs)
         data.update(enc)
-        if self.qwen:  # Qwen2-VL's multimodal rotary positions need to know the image tokens
+        if self.adapter.mm_token_type_ids:  # multimodal rotary positions need to know the image tokens
             image_id = self.tokenizer.convert_tokens_to_ids(placeholder)
             data["mm_token_type_ids"] = (enc["input_ids"] == image_id).to(torch.int32)
         return BatchFeature(data)
@@ -62,12 +63,11 @@ def load_processor(path: str, adapter):
     try:
         return transformers.AutoProcessor.from_pretrained(path)
     except (ImportError, ValueError, TypeError, OSError) as err:
-        if adapter.family not in ("qwen2_vl", "qwen2_5_vl", "pixtral", "mistral3"):
+        if adapter.pil_image_processor is None:
             raise
         config = transformers.AutoConfig.from_pretrained(path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        pil = {"qwen": "Qwen2VLImageProcessorPil"}.get(adapter.family[:4], "PixtralImageProcessorPil")
-        image_processor = getattr(transformers, pil).from_pretrained(path)
+        image_processor = getattr(transformers, adapter.pil_image_processor).from_pretrained(path)
         vc = config.vision_config
         merge = getattr(vc, "spatial_merge_size", None) or getattr(config, "spatial_merge_size", 1)
         print(f"note: using modality_circuits' torchvision-free processor ({err.__class__.__name__}: {err})")

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .figures import TASK_NAMES, backpatch_table
-from .interchange import MIN_MARGIN, interpretable, margin
-from .store import atomic, read_json, write_json
+from ..analyses.interchange import MIN_MARGIN
+from ..data.pairs import SPANS
+from ..execution.store import atomic, read_json, write_json
+from .labels import TASK_NAMES
+from .steps import interchange_margin, interchange_readable
 
 # Reference results (METHOD.md sections 4-8), for comparison in the report.
 REFERENCE = {
@@ -34,9 +36,9 @@ def summarize(folder: Path, tasks) -> dict:
             "accuracy": acc,
             "minimal_faithful_fraction": {m: curves[m]["minimal_fraction"] for m in curves},
             "faithfulness_at_circuit": {m: curves[m]["faithfulness_at_circuit"] for m in curves},
-            "niou": {s: ov[s]["niou"] for s in "DQG"},
-            "interchange": {s: {**ic[s]["score"], "margin": margin(ic[s]), "interpretable": interpretable(ic[s])}
-                            for s in "DQG"},
+            "niou": {s: ov[s]["niou"] for s in SPANS},
+            "interchange": {s: {**ic[s]["score"], "margin": interchange_margin(ic[s]), "interpretable": interchange_readable(ic[s])}
+                            for s in SPANS},
             "backpatch_gain": {"image": bp["image"]["gain"], "text": bp["text"]["gain"]},
             "alignment_first_last": [al["per_layer"][0], al["per_layer"][-1]],
         }
@@ -102,7 +104,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
         v = s[t]["niou"]
         lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
         order_ok += v["D"]["value"] <= min(v["Q"]["value"], v["G"]["value"])
-    if not all(np.isfinite(s[t]["niou"][sp]["value"]) for t in tasks for sp in "DQG"):
+    if not all(np.isfinite(s[t]["niou"][sp]["value"]) for t in tasks for sp in SPANS):
         lines += ["", "undefined: neither circuit has a node in that span."]
     lines += ["", f"Reference: little overlap in D, more in Q, most in G. Here D overlaps least on {order_ok} of "
               f"{len(tasks)} tasks. ![overlap](overlap.png)", ""]
@@ -111,14 +113,14 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     for t, n in zip(tasks, names):
         v = s[t]["interchange"]
         lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
-    mean = {sp: _nanmean([v["value"] for t in tasks if (v := s[t]["interchange"][sp])["interpretable"]]) for sp in "DQG"}
-    if not all(s[t]["interchange"][sp]["interpretable"] for t in tasks for sp in "DQG"):
+    mean = {sp: _nanmean([v["value"] for t in tasks if (v := s[t]["interchange"][sp])["interpretable"]]) for sp in SPANS}
+    if not all(s[t]["interchange"][sp]["interpretable"] for t in tasks for sp in SPANS):
         lines += ["", f"n/a: in at least one direction the span's own sub-circuit is less than {MIN_MARGIN} more faithful "
                   "than a random one of its size (ΔF = F(original) − F(random), the smaller direction shown), so the "
                   "score's denominator is noise; the mean below skips those cells. Both directions' F values are in "
                   "`<task>/interchange.json`."]
-    shown = ", ".join(f"{sp} {mean[sp]:.2f}" if np.isfinite(mean[sp]) else f"{sp} n/a" for sp in "DQG")
-    missing = [sp for sp in "DQG" if not np.isfinite(mean[sp])]
+    shown = ", ".join(f"{sp} {mean[sp]:.2f}" if np.isfinite(mean[sp]) else f"{sp} n/a" for sp in SPANS)
+    missing = [sp for sp in SPANS if not np.isfinite(mean[sp])]
     ordering = (f"the ordering cannot be checked (no interpretable {', '.join(missing)} score)" if missing
                 else f"{'agrees' if mean['D'] < min(mean['Q'], mean['G']) else 'differs'} in ordering")
     lines += ["", f"Mean over tasks: {shown}. Reference: Q and G swap well (≈0.7–1.0), D does not (≈0) — "
@@ -146,3 +148,17 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     with atomic(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def backpatch_table(folder: Path, tasks) -> str:
+    """Markdown table of back-patching results."""
+    rows = ["| task | prompts | (src, dst, window) | accuracy before | after | gain (points) |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        d = read_json(folder / t / "backpatch.json")
+        for m in ("image", "text"):
+            r = d[m]
+            c = r["config"]
+            g = r["gain"]
+            rows.append(f"| {TASK_NAMES[t]} | {m} | ({c['src']}, {c['dst']}, {c['window']}) | {100 * r['base']['value']:.1f} | "
+                        f"{100 * r['patched']['value']:.1f} | {100 * g['value']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] |")
+    return "\n".join(rows) + "\n"

@@ -6,47 +6,13 @@ are compared without position, as sets of (layer, unit) present at any data posi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
-from scipy.special import gammaln
 
-from .circuit import Circuit
-from .pairs import SPANS
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|A ∩ B| / |A ∪ B| of two boolean masks of the same shape (nan when both are empty)."""
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else float("nan")
-
-
-def _log_choose(n, k):
-    return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
-
-
-@lru_cache(maxsize=65536)
-def expected_iou(n: int, size_a: int, size_b: int) -> float:
-    """Exact E[IoU] of two uniformly random subsets of sizes size_a, size_b of an n-element universe.
-
-    |A ∩ B| is hypergeometric; IoU = X / (a + b − X). The pmf is computed in log space (the
-    bootstrap calls this thousands of times; scipy's hypergeom.pmf takes ~10 ms a call).
-    """
-    if size_a == 0 and size_b == 0:
-        return float("nan")
-    x = np.arange(max(0, size_a + size_b - n), min(size_a, size_b) + 1, dtype=float)
-    pmf = np.exp(_log_choose(size_a, x) + _log_choose(n - size_a, size_b - x) - _log_choose(n, size_b))
-    return float((pmf * x / (size_a + size_b - x)).sum())
-
-
-def niou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max(0, (IoU − b) / (1 − b)) with b the expected IoU of random sets of the same sizes."""
-    base = expected_iou(a.numel(), int(a.sum()), int(b.sum()))
-    value = iou(a, b)
-    if np.isnan(value) or np.isnan(base):
-        return float("nan")
-    return 1.0 if base >= 1.0 else max(0.0, (value - base) / (1.0 - base))
+from ..circuits.circuit import Circuit
+from ..circuits.metrics import iou, niou
+from ..data.pairs import SPANS
 
 
 def span_masks(circuit: Circuit, span: str, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,75 @@
+"""Exact single-node patching: the ground truth that attribution approximates (METHOD.md 3).
+
+Every trace puts the counterfactual rows p' first and unpatched, so at every layer their
+activations are a(p'); each node's rows of p copy that node's value from them in the same forward.
+"""
+from __future__ import annotations
+
+import nnsight
+import torch
+
+from ..data.pairs import Pair, batch, check_layout
+from ..execution import requests
+from ..execution.remote import server_body
+from .ablation import answers, logit_diffs
+
+
+@server_body
+def _patch_session(model, chunks: list, cf_inputs: dict, inputs: dict, ids: torch.Tensor, base: torch.Tensor) -> list:
+    """One request: for each chunk (n, plan), the mean over pairs of LD(p with one node patched) − LD(p), (n,).
+
+    Rows: P p' rows, then P rows of p per node; plan[layer] lists (0 heads | 1 neurons, rows, src, pos, unit)
+    index tensors of the writes at that layer.
+    """
+    H, P = model.n_heads, len(ids)
+    root = model.nn
+    sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in model.layers()]
+    with model.session():
+        effects = []
+        for n, plan in chunks:
+            rows_in = {key: torch.cat([cf_inputs[key]] + [inputs[key]] * n) for key in inputs}
+            with root.trace(**rows_in):
+                for i in range(len(sites)):
+                    for j, rows, src, t, u in plan[i]:  # heads before neurons: execution order
+                        a = sites[i][j].input.clone()
+                        view = a.view(*a.shape[:2], H, -1) if j == 0 else a
+                        rows, src, t, u = rows.to(a.device), src.to(a.device), t.to(a.device), u.to(a.device)
+                        view[rows, t, u] = view[src, t, u]
+                        sites[i][j].input = a
+                logits = root.output.logits[P:, -1]
+                ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
+            effects.append(((ld[:, 0] - ld[:, 1]).cpu().view(n, P) - base).mean(1))
+            del a, view, logits  # the next chunk must not hold these too
+        result = nnsight.save(effects)
+    return result
+
+
+def _plan(model, chunk: list, P: int) -> list:
+    """Per layer, the (kind, rows, src, pos, unit) writes of the nodes of `chunk`; node c owns rows P + c·P .. P + (c+1)·P."""
+    kinds = [k for k, *_ in chunk]
+    layer_of, unit, pos = (torch.tensor([n[i] for n in chunk]) for i in (1, 2, 3))
+    plan = []
+    for i in range(model.n_layers):
+        writes = []
+        for j, kind in enumerate(("head", "neuron")):
+            js = torch.tensor([c for c, k in enumerate(kinds) if k == kind and layer_of[c] == i], dtype=torch.long)
+            if len(js):
+                rows = (P + js[:, None] * P + torch.arange(P)).flatten()
+                writes.append((j, rows, torch.arange(P).repeat(len(js)), pos[js].repeat_interleave(P),
+                               unit[js].repeat_interleave(P)))
+        plan.append(writes)
+    return plan
+
+
+def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int = 128,
+                   progress: bool = False) -> torch.Tensor:
+    """(N,) mean over pairs of LD(p with a_n := a_n(p')) − LD(p) for nodes ("head"|"neuron", layer, unit, pos)."""
+    check_layout(pairs)
+    P = len(pairs)
+    base = logit_diffs(model, pairs)
+    cf_inputs = model.prepare(batch([p.cf_inputs for p in pairs]))
+    inputs = model.prepare(batch([p.inputs for p in pairs]))
+    work = [(len(chunk), _plan(model, chunk, P)) for chunk in requests.chunked(nodes, max(1, max_rows // P - 1))]
+    out = requests.run(model, _patch_session, work, cf_inputs, inputs, answers(pairs), base,
+                       desc="exact patching", progress=progress)
+    return torch.cat(out)

@@ -1,0 +1,78 @@
+"""The one table of model-family facts.
+
+Everything an algorithm, an analysis or the processor needs to know about a family (where
+the decoder layers live, which modules hold heads and neurons, which tokens an image becomes,
+how its processor expands an image, what image size it sees) is a field of `Adapter`, and
+`ADAPTERS` holds one row per family. No other module of the package names a family; the test
+zoo (`modality_circuits.zoo.tiny`) holds one tiny configuration per row.
+
+Adding a family: one row here, one tiny config in zoo/tiny.py (see the README's contributor notes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Model-family facts. Module paths are relative to the transformers model (or its nnsight envoy)."""
+
+    family: str
+    model_class: str  # transformers class that loads the checkpoint
+    layers: str = "model.language_model.layers"  # the decoder layers
+    text_config: str = "text_config"  # where the decoder's sizes live in the config
+    head_site: str = "self_attn.o_proj"  # its INPUT is the per-head outputs, (batch, pos, heads*head_dim)
+    neuron_site: str = "mlp.down_proj"  # its INPUT is the MLP neurons, (batch, pos, d_mlp)
+    layer_returns_tuple: bool = False  # a decoder layer's output is (hidden, ...) rather than hidden
+    image_placeholder: str = "<image>"  # what the chat template writes for an image
+    extra_image_tokens: tuple[str, ...] = ()  # tokens the image expands into besides the image token (part of D)
+    # The torchvision-free processor (model/processing.py), used where transformers' needs torchvision:
+    pil_image_processor: str | None = None  # transformers' PIL image processor class
+    image_expansion: str | None = None  # "grid": placeholder x (patch grid / merge^2); "rows": rows closed by breaks
+    mm_token_type_ids: bool = False  # the forward needs mm_token_type_ids (1 at image tokens) for its rotary positions
+    # Side of the square images rendered for this family; None: the vision tower's own image size
+    # capped at MAX_IMAGE_SIZE (a tower without one gets FALLBACK_IMAGE_SIZE).
+    image_size: int | None = None
+
+
+#: Rendered images are at most this many pixels wide: Pixtral's native 1024 px would be 4,096 image tokens.
+MAX_IMAGE_SIZE = 512
+#: Qwen2-VL's tower takes any size (no `image_size` in its config): 448 px is 256 image tokens after merging.
+FALLBACK_IMAGE_SIZE = 448
+
+_QWEN = dict(image_placeholder="<|image_pad|>", pil_image_processor="Qwen2VLImageProcessorPil", image_expansion="grid",
+             mm_token_type_ids=True)
+# Pixtral-style towers: rows of [IMG] closed by [IMG_BREAK], the last by [IMG_END]; all three are data (D) tokens.
+_MISTRAL = dict(image_placeholder="[IMG]", extra_image_tokens=("[IMG_BREAK]", "[IMG_END]"),
+                pil_image_processor="PixtralImageProcessorPil", image_expansion="rows")
+
+ADAPTERS: dict[str, Adapter] = {
+    "qwen2_vl": Adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", **_QWEN),
+    "qwen2_5_vl": Adapter("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", **_QWEN),
+    "llava": Adapter("llava", "LlavaForConditionalGeneration"),
+    # Pixtral-12B is a LLaVA checkpoint with a Pixtral vision tower.
+    "pixtral": Adapter("pixtral", "LlavaForConditionalGeneration", **_MISTRAL),
+    "mistral3": Adapter("mistral3", "Mistral3ForConditionalGeneration", **_MISTRAL),
+    "gemma3": Adapter("gemma3", "Gemma3ForConditionalGeneration", image_placeholder="<start_of_image>"),
+}
+
+
+def family_of(config) -> str:
+    """The adapter key for a transformers config; raises for unsupported architectures."""
+    family = config.model_type
+    if family == "llava" and getattr(config.vision_config, "model_type", None) == "pixtral":
+        family = "pixtral"
+    if family not in ADAPTERS:
+        raise ValueError(
+            f"unsupported architecture {config.model_type!r} ({getattr(config, 'architectures', None)}); "
+            f"supported families: {', '.join(sorted(ADAPTERS))}"
+        )
+    return family
+
+
+def default_image_size(adapter: Adapter, config) -> int:
+    """Side of the square images rendered for a model of this family and config (see `Adapter.image_size`)."""
+    if adapter.image_size is not None:
+        return adapter.image_size
+    native = getattr(getattr(config, "vision_config", None), "image_size", None)
+    return min(native or FALLBACK_IMAGE_SIZE, MAX_IMAGE_SIZE)

@@ -1,0 +1,1 @@
+"""The study as resumable steps writing results/<model>/, its figures, its report and the command line."""

@@ -1,0 +1,130 @@
+"""Command line: `modality-circuits <command> --help`."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..data import tasks
+from . import steps
+
+
+def cmd_discover(args) -> None:
+    """The study's attribution step (IG on the discovery split) -> <out>/<model>/<task>/<modality>/scores.safetensors."""
+    s = _study(args)
+    for modality in args.modality:
+        scores = steps.run_scores(s, args.task, modality)
+        print(f"{args.task}/{modality}: IG scores (k={s.steps}) of {scores.n_pairs} discovery pairs -> "
+              f"{s.path(args.task, 'scores.safetensors', modality)}")
+
+
+def cmd_evaluate(args) -> None:
+    """The study's curve step: faithfulness curve on the evaluation split, and the discovered circuit."""
+    s = _study(args)
+    for modality in args.modality:
+        curve = steps.run_curve(s, args.task, modality)
+        found = f"{curve['minimal_fraction']:.1%}" if curve["minimal_fraction"] is not None else "not reached"
+        print(f"{args.task}/{modality}: faithfulness curve on {curve['n_eval_pairs']} pairs; smallest fraction with "
+              f"F >= {curve['threshold']}: {found}; circuit at {curve['circuit_fraction']:.1%}; CPR {curve['cpr']:.3f}, "
+              f"CMD {curve['cmd']:.3f} -> {s.path(args.task, 'curve.json', modality)}")
+
+
+def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
+    p.add_argument("--model", default="toy", help="'toy' (embedded default), 'tiny-<family>', a short name, hub id or path")
+    if tasks_arg:
+        p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
+    p.add_argument("--n", type=int, default=48, help="correctly answered pairs per task and modality")
+    p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps k")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt generator and the bootstrap")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    p.add_argument("--out", default="results", help="results folder; files go to <out>/<model>/")
+    p.add_argument("--data-dir", default=None, help="folder with <task>.csv and images for factual recall / sentiment")
+    p.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
+                   help="run traces on NDIF (optionally at HOST; 'local' = nnsight's serialisation dry run)")
+    p.add_argument("--all-prompts", action="store_true", help="keep wrongly answered prompts (random test models)")
+    p.add_argument("--force", action="store_true", help="recompute finished steps instead of reusing them")
+
+
+def _study(args):
+    from ..zoo import load_model
+
+    model = load_model(args.model, remote=args.remote)
+    chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
+    return steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
+                 resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force)
+
+
+def experiment(doc: str, names: tuple[str, ...], draw, argv=None) -> None:
+    """Entry point of an experiments/ script: run `names` of the study's steps (resumable), then draw(folder, tasks)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _study_args(p)
+    args = p.parse_args(argv)
+    s = _study(args)
+    done = steps.run(s, names)
+    print(draw(s.dir, done))
+
+
+def cmd_reproduce(args) -> None:
+    from . import figures
+    from .report import write_report
+
+    s = _study(args)
+    start = time.perf_counter()
+    print(f"reproducing the study on {s.model.name} for {', '.join(s.tasks)} -> {s.dir}")
+    done = steps.run(s)
+    figures.gallery(s.model, s.dir, s.tasks, seed=s.seed)
+    for draw in (figures.position_effect_bars, figures.faithfulness_curves, figures.overlap_heatmap,
+                 figures.interchange_bars, figures.alignment_lines, figures.backpatch_bars):
+        draw(s.dir, done)
+    report = write_report(s.dir, done, s.model.name, s.resamples, skipped=[t for t in s.tasks if t not in done])
+    print(f"done in {time.perf_counter() - start:.0f}s: {report}, {s.dir / 'summary.json'} and figures in {s.dir}")
+
+
+def cmd_analysis(args) -> None:
+    """overlap / interchange / alignment / backpatch of one task: run (or reuse) the step and print its JSON."""
+    import json
+
+    s = _study(args)
+    print(json.dumps(steps.STEPS[args.command](s, args.task), indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modality-circuits", description="Find and compare the circuits "
+                                     "vision-language models use for the same task given as text and as an image.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    per_step = {
+        "discover": ("the study's attribution step: integrated-gradient scores on the discovery split", cmd_discover),
+        "evaluate": ("the study's curve step: faithfulness curve on the evaluation split and the discovered circuit",
+                     cmd_evaluate),
+    }
+    for name, (text, func) in per_step.items():
+        p = sub.add_parser(name, help=text, description=text + " (the same files and settings as `reproduce`)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _study_args(p, tasks_arg=False)
+        p.add_argument("--task", required=True, choices=tasks.TASKS)
+        p.add_argument("--modality", nargs="+", default=list(tasks.MODALITIES), choices=tasks.MODALITIES)
+        p.set_defaults(func=func)
+    helps = {
+        "overlap": "nIoU of the textual and visual circuits of a task per span (D, Q, G)",
+        "interchange": "swap each span's sub-circuit between the textual and visual circuits",
+        "alignment": "per layer, how text-like the image-token residuals are",
+        "backpatch": "back-patch late image-token residuals into earlier layers; gain on a test split",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _study_args(p, tasks_arg=False)
+        p.add_argument("--task", required=True, choices=tasks.TASKS)
+        p.set_defaults(func=cmd_analysis)
+    p = sub.add_parser("reproduce", help="the whole study: circuits, analyses, figures, summary.json and report.md",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _study_args(p)
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

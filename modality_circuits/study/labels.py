@@ -1,0 +1,5 @@
+"""How the figures and the report name tasks and spans."""
+
+SPAN_NAMES = {"D": "D (data)", "Q": "Q (query)", "G": "G (generation)"}
+TASK_NAMES = {"counting": "counting", "arithmetic": "arithmetic", "color_ordering": "colour ordering",
+              "factual_recall": "factual recall", "sentiment": "sentiment"}

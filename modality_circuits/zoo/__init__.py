@@ -1,0 +1,39 @@
+"""Models by name: the embedded toy, the tiny random families of the test zoo, and short names of hub checkpoints."""
+from __future__ import annotations
+
+from ..execution import remote as _remote
+from ..model import VLM, load_pretrained
+
+#: Short names of the study's three models.
+SHORT_NAMES = {
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen": "Qwen/Qwen2-VL-7B-Instruct",
+    "pixtral-12b": "mistral-community/pixtral-12b",
+    "pixtral": "mistral-community/pixtral-12b",
+    "gemma-3-12b": "google/gemma-3-12b-it",
+    "gemma": "google/gemma-3-12b-it",
+}
+
+
+def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, remote=False) -> VLM:
+    """Load a VLM by short name, hub id or local path ("toy": the embedded default; "tiny-<family>": random test model).
+
+    remote: False (run here), True (NDIF host from nnsight's configuration / NDIF_HOST), a host URL,
+    or "local" (serialisation dry run on the local weights). For True or a URL the API key and the
+    host are checked first (RemoteUnavailable), then only the config and processor are loaded.
+    """
+    remote = _remote.check(remote)  # before any work: a missing key or a dead host fails here
+    if name_or_path.startswith("tiny-"):
+        from .tiny import tiny_model
+
+        if _remote.is_hosted(remote):
+            raise ValueError(f"{name_or_path} is built in memory, so no server can host it; "
+                             "use remote='local' for the serialisation dry run, or save it and serve the folder")
+        return tiny_model(name_or_path.removeprefix("tiny-")).with_remote(remote)
+    path = name_or_path  # results go to results/<name>/ ("toy" for the embedded model)
+    if name_or_path == "toy":
+        from .toy import toy_path
+
+        path = toy_path()
+    hub_id = SHORT_NAMES.get(path.lower(), path)
+    return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote)

@@ -1,0 +1,172 @@
+"""Tiny random-weight models of every supported family, built offline: the test zoo.
+
+Each has a word-level tokenizer trained on the fly on the task vocabulary, a chat template
+shaped like the real checkpoint's, and a processor built without torchvision; it is wrapped
+through the same adapter (`model.wrap`) as a hub model. `TINY` holds one recipe per family
+of the adapter table: its chat template and a function building (model, processor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import transformers as T
+
+from ..model import ADAPTERS, VLM, wrap
+from ..model.processing import MiniProcessor
+from .words import word_tokenizer
+
+IMAGE_SIZE = 64  # tiny models see 64x64 images as 16-pixel patches
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat template shaped like the real checkpoint's: special tokens, the turn around {body}, the image part."""
+
+    specials: tuple[str, ...]
+    turn: str
+    image: str
+    named: tuple[tuple[str, str], ...] = ()  # named special tokens (e.g. Gemma-3's boi/eoi/image tokens)
+
+    def jinja(self) -> str:
+        """A jinja chat template for one user turn with optional image and text parts."""
+        body = ("{% for c in messages[0]['content'] %}{% if c['type'] == 'image' %}" + self.image
+                + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}")
+        head, tail = self.turn.split("{body}")
+        return head + body + "{% if add_generation_prompt %}" + tail + "{% endif %}"
+
+    def tokenizer(self) -> T.PreTrainedTokenizerFast:
+        from ..data.tasks import vocabulary
+
+        extra = self.turn.replace("{body}", " ").split() + ["system", "You", "are", "a", "helpful", "assistant",
+                                                             "USER", "ASSISTANT", "user", "model"]
+        words = [*vocabulary(), *extra, *"0123456789", "?", ".", ",", ":", "!", "-", "+", "*", "/"]
+        return word_tokenizer(list(self.specials), words, chat_template=self.jinja(),
+                              extra_special_tokens=dict(self.named) or {})
+
+
+QWEN = Template(("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|endoftext|>"),
+                "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n"
+                "<|im_start|>assistant\n", "<|vision_start|><|image_pad|><|vision_end|>")
+LLAVA = Template(("<s>", "</s>", "<image>"), "<s>USER: {body} ASSISTANT:", "<image>\n")
+MISTRAL = Template(("<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"), "<s>[INST]{body}[/INST]", "[IMG]")
+GEMMA = Template(("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                  "<image_soft_token>"), "<bos><start_of_turn>user\n{body}<end_of_turn>\n<start_of_turn>model\n",
+                 "<start_of_image>", (("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
+                                      ("image_token", "<image_soft_token>")))
+
+
+def _text(cls, tok, **kw):
+    """A 2-layer decoder config: width 32, 4 heads of 8 (2 KV heads), 48 neurons."""
+    dims = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                bos_token_id=None, eos_token_id=None)
+    return cls(**{**dims, **kw})
+
+
+def _pixtral_vision():
+    return T.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=16, patch_size=16, image_size=IMAGE_SIZE)
+
+
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+_QWEN_PIXELS = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
+
+
+def _qwen_ids(cfg, tok):
+    cfg.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    cfg.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    cfg.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    ip = T.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, size=_QWEN_PIXELS)
+    return ip
+
+
+def _qwen2_vl(tok):
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=16)
+    cfg = T.Qwen2VLConfig(text_config=_text(T.Qwen2VLTextConfig, tok, rope_parameters=_MROPE).to_dict(), vision_config=vision)
+    ip = _qwen_ids(cfg, tok)
+    return T.Qwen2VLForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS["qwen2_vl"], merge=2, patch=16)
+
+
+def _qwen2_5_vl(tok):
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=2, patch_size=16,
+                  window_size=32, fullatt_block_indexes=[1])
+    cfg = T.Qwen2_5_VLConfig(text_config=_text(T.Qwen2_5_VLTextConfig, tok, rope_parameters=_MROPE).to_dict(),
+                             vision_config=vision)
+    ip = _qwen_ids(cfg, tok)
+    return T.Qwen2_5_VLForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS["qwen2_5_vl"], merge=2, patch=16)
+
+
+def _llava(tok):
+    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=IMAGE_SIZE, patch_size=16, projection_dim=32)
+    cfg = T.LlavaConfig(text_config=_text(T.LlamaConfig, tok), vision_config=vision,
+                        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                        vision_feature_select_strategy="default")
+    ip = T.LlavaImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc = T.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                            image_token="<image>", num_additional_image_tokens=1, chat_template=tok.chat_template)
+    return T.LlavaForConditionalGeneration(cfg), proc
+
+
+def _pixtral_ip():
+    return T.PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": 16, "width": 16})
+
+
+def _pixtral(tok):
+    cfg = T.LlavaConfig(text_config=_text(T.MistralConfig, tok), vision_config=_pixtral_vision(),
+                        image_token_id=tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1,
+                        vision_feature_select_strategy="full")
+    return T.LlavaForConditionalGeneration(cfg), MiniProcessor(tok, _pixtral_ip(), ADAPTERS["pixtral"], merge=1, patch=16)
+
+
+def _mistral3(tok):
+    cfg = T.Mistral3Config(text_config=_text(T.MistralConfig, tok), vision_config=_pixtral_vision(),
+                           image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+                           vision_feature_layer=-1)
+    return T.Mistral3ForConditionalGeneration(cfg), MiniProcessor(tok, _pixtral_ip(), ADAPTERS["mistral3"], merge=2, patch=16)
+
+
+def _gemma3(tok):
+    text = _text(T.Gemma3TextConfig, tok, sliding_window=64, query_pre_attn_scalar=8)
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=IMAGE_SIZE, patch_size=16)
+    cfg = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_id=tok.image_token_id,
+                         boi_token_id=tok.boi_token_id, eoi_token_id=tok.eoi_token_id)
+    ip = T.Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc = T.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=tok.chat_template)
+    return T.Gemma3ForConditionalGeneration(cfg), proc
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """How to build a tiny model of one family: its chat template and (tokenizer) -> (model, processor)."""
+
+    template: Template
+    build: Callable
+
+
+#: One tiny recipe per adapter row.
+TINY: dict[str, Tiny] = {
+    "qwen2_vl": Tiny(QWEN, _qwen2_vl),
+    "qwen2_5_vl": Tiny(QWEN, _qwen2_5_vl),
+    "llava": Tiny(LLAVA, _llava),
+    "pixtral": Tiny(MISTRAL, _pixtral),
+    "mistral3": Tiny(MISTRAL, _mistral3),
+    "gemma3": Tiny(GEMMA, _gemma3),
+}
+FAMILIES = tuple(TINY)
+
+
+def tiny_model(family: str, *, seed: int = 0) -> VLM:
+    """A tiny random-weight model of `family` (one of FAMILIES), wrapped like a hub model."""
+    if family not in TINY:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    recipe = TINY[family]
+    model, processor = recipe.build(recipe.template.tokenizer())
+    for param in model.parameters():  # some inits zero a matrix (Gemma-3's projector): no signal would pass
+        if param.ndim >= 2 and not param.any():
+            torch.nn.init.normal_(param, std=param.shape[0] ** -0.5)
+    return wrap(model.float(), processor, name=f"tiny-{family}", image_size=IMAGE_SIZE)
