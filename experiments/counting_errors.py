@@ -5,11 +5,10 @@
 import argparse
 from collections import Counter
 
-import torch
-
-from modality_circuits.zoo import load_model
 from modality_circuits.data.pairs import chat_text, encode
+from modality_circuits.methods.predict import predicted
 from modality_circuits.tasks import sample_pairs
+from modality_circuits.zoo import load_model
 
 
 def main(argv=None):
@@ -21,12 +20,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     model = load_model(args.model)
     tok = model.processor.tokenizer
-    counts = Counter()
-    with torch.no_grad():
-        for p, _ in sample_pairs("counting", args.modality, args.n, seed=args.seed, image_size=model.image_size):
-            inputs = encode(model, [chat_text(model, p)], [p.image] if p.image is not None else None)
-            pred = tok.convert_ids_to_tokens(int(model.hf_model(**inputs).logits[0, -1].argmax()))
-            counts[(p.answer, pred)] += 1
+    prompts = [p for p, _ in sample_pairs("counting", args.modality, args.n, seed=args.seed, image_size=model.image_size)]
+    inputs = [encode(model, [chat_text(model, p)], [p.image] if p.image is not None else None) for p in prompts]
+    tokens = tok.convert_ids_to_tokens(predicted(model, inputs).tolist())  # the package's one accuracy rule
+    counts = Counter((p.answer, t) for p, t in zip(prompts, tokens))
     preds = sorted({b for _, b in counts})
     print(f"{args.modality} counting, {args.n} prompts: rows = true count, columns = predicted token")
     print("true\\pred " + " ".join(f"{b:>4}" for b in preds))

@@ -87,3 +87,23 @@ def test_report_marks_an_uninterpretable_interchange_score(study_dir, tmp_path):
     row = next(line for line in section.splitlines() if line.startswith("| counting |"))
     assert row.split("|")[2].strip().startswith("n/a (ΔF") and "denominator is noise" in section
     assert "nan" not in report.lower()
+
+
+def test_readme_cli_lines_leave_the_committed_results_and_reproduce_reuses_them(tmp_path):
+    """One writer per file: the README's per-step commands run the study's steps, reusing what reproduce wrote."""
+    import re
+    import shlex
+    import shutil
+
+    committed = ROOT / "results" / "toy"
+    out = tmp_path / "results"
+    shutil.copytree(committed, out / "toy", ignore=shutil.ignore_patterns(".cache"))
+    lines = re.findall(r"^modality-circuits (?:discover|evaluate) --model toy .*$", (ROOT / "README.md").read_text(), re.M)
+    assert len(lines) == 2
+    data = [p.relative_to(committed) for p in committed.rglob("*") if p.suffix in (".json", ".safetensors", ".md")
+            and ".cache" not in p.parts]
+    for line in lines:
+        main([*shlex.split(line)[1:], "--out", str(out)])
+    main(["reproduce", "--model", "toy", "--out", str(out)])
+    changed = [str(p) for p in data if (out / "toy" / p).read_bytes() != (committed / p).read_bytes()]
+    assert not changed, f"files that differ from the committed results: {changed}"

@@ -127,22 +127,25 @@ def server_body(fn: Callable) -> Callable:
 
 
 def check_server_body(fn: Callable) -> list[str]:
-    """Global names `fn` (and the code nested in it) reads that resolve to an object of this package."""
-    def globals_read(code):
+    """Names `fn` (and the code nested in it) reads, as globals or closure variables, that resolve to an object
+    of this package: what a server could not deserialise."""
+    closure = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+    def names_read(code):
         for ins in dis.get_instructions(code):
-            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-                yield ins.argval
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF"):
+                yield ins.opname, ins.argval
         for const in code.co_consts:
             if hasattr(const, "co_code"):
-                yield from globals_read(const)
+                yield from names_read(const)
 
-    found = []
-    for name in sorted(set(globals_read(fn.__code__))):
-        obj = fn.__globals__.get(name)
+    found = set()
+    for op, name in names_read(fn.__code__):
+        obj = closure.get(name) if op == "LOAD_DEREF" else fn.__globals__.get(name)
         owner = getattr(obj, "__module__", None) or (obj.__name__ if isinstance(obj, type(sys)) else None)
         if isinstance(owner, str) and owner.split(".")[0] == _PACKAGE:
-            found.append(name)
-    return found
+            found.add(name)
+    return sorted(found)
 
 
 # --- the dry run -------------------------------------------------------------------------------

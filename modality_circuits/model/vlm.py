@@ -94,7 +94,7 @@ class VLM:
                 raise ValueError(f"{self.name} was built in memory and has no hub id, so no server can host it; "
                                  "use remote='local' for the serialisation dry run")
             nn = hosted_wrapper(self.hub_id, self.processor)
-            return dataclasses.replace(self, hf_model=nn._module, nn=nn, remote=remote)
+            return dataclasses.replace(self, hf_model=nn._module, nn=nn, remote=remote)  # `_module`: see hosted_wrapper
         if self.hosted:
             raise ValueError(f"{self.name} was loaded without weights for remote execution; "
                              f"load_model({self.name!r}) loads them to run here")
@@ -161,7 +161,8 @@ def hosted_wrapper(hub_id: str, processor):
     The module tree is the checkpoint's own transformers class (AutoModelForImageTextToText maps every
     supported family to the class of `ADAPTERS`), so envoy paths match the local wrapper's. The
     processor is handed over so nothing else is fetched. A local folder (or an offline hub) keeps its
-    id as given instead of being canonicalised through the Hub.
+    id as given instead of being canonicalised through the Hub. Its `_module` (private nnsight, checked
+    against 0.8.1) is the meta-device transformers module the wrapper traces: our `hf_model` skeleton.
     """
     from nnsight.modeling import huggingface
     from nnsight.modeling.transformers import TransformersModel
