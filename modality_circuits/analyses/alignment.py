@@ -14,27 +14,33 @@ import torch
 
 from ..circuits.stats import CI, bootstrap
 from ..data.pairs import Pair, batch, check_layout
+from ..execution import budget, requests
 from ..execution.remote import server_body
 
 
 @server_body
-def _alignment_session(model, image_inputs: dict, image_span: tuple, text_inputs: dict, text_span: tuple) -> torch.Tensor:
-    """One request: both forward passes and the similarities; only the (P, L) per-prompt means come back."""
-    root, layers = model.nn, model.layers()
+def _alignment_session(model, chunks: list, image_span: tuple, text_span: tuple) -> list:
+    """One request: for each chunk (image inputs, text inputs of the same P prompts), both forward
+    passes and the similarities; only the (P, L) per-prompt means come back."""
+    root, layers, opts = model.nn, model.layers(), model.FORWARD
     tuple_out = model.adapter.layer_returns_tuple
     with model.session():
-        res = []
-        for inputs, (start, end) in ((image_inputs, image_span), (text_inputs, text_span)):
-            with root.trace(**inputs):
-                hs = []
-                for layer in layers:
-                    h = layer.output[0] if tuple_out else layer.output
-                    hs.append(h[:, start:end].detach().float())
-            res.append(torch.stack(hs, 1))  # (P, L, n, d), stays where the model runs
-        img = torch.nn.functional.normalize(res[0], dim=-1)
-        txt = torch.nn.functional.normalize(res[1], dim=-1)
-        per_prompt = nnsight.save((img @ txt.transpose(-1, -2)).max(-1).values.mean(-1).cpu())  # (P, L)
-    return per_prompt
+        out = []
+        for image_inputs, text_inputs in chunks:
+            res = []
+            for inputs, (start, end) in ((image_inputs, image_span), (text_inputs, text_span)):
+                with root.trace(**inputs, **opts):
+                    hs = []
+                    for layer in layers:
+                        h = layer.output[0] if tuple_out else layer.output
+                        hs.append(h[:, start:end].detach().float())
+                res.append(torch.stack(hs, 1))  # (P, L, n, d), stays where the model runs
+            img = torch.nn.functional.normalize(res[0], dim=-1)
+            txt = torch.nn.functional.normalize(res[1], dim=-1)
+            out.append((img @ txt.transpose(-1, -2)).max(-1).values.mean(-1).cpu())  # (P, L)
+            del res, img, txt, hs, h  # the next chunk must not hold these too
+        result = nnsight.save(out)
+    return result
 
 
 def match(image_pairs: list[Pair], text_pairs: list[Pair]) -> list[tuple[int, int]]:
@@ -53,7 +59,8 @@ class Alignment:
     ci: list[CI]  # per layer, bootstrap over prompts
 
 
-def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resamples: int = 1000) -> Alignment:
+def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resamples: int = 1000,
+              max_rows: int | None = 64) -> Alignment:
     """Per layer, how text-like the image tokens are; prompts are matched by their content."""
     idx = match(image_pairs, text_pairs)
     if not idx:
@@ -61,8 +68,13 @@ def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resampl
     images, texts = [image_pairs[i] for i, _ in idx], [text_pairs[j] for _, j in idx]
     check_layout(images)
     check_layout(texts)
-    per_prompt = model.call(_alignment_session, model.prepare(batch([p.inputs for p in images])), images[0].spans["D"],
-                            model.prepare(batch([p.inputs for p in texts])), texts[0].spans["D"])  # (P, L)
+    (i0, i1), (t0, t1) = images[0].spans["D"], texts[0].spans["D"]
+    # a row holds its forward and the fp32 residuals of its data positions at every layer
+    cache = 4 * model.n_layers * model.text_config.hidden_size * max(i1 - i0, t1 - t0)
+    size = budget.rows(model, max(images[0].length, texts[0].length), max_rows=max_rows, extra=cache)
+    work = [(model.prepare(batch([i.inputs for i, _ in part])), model.prepare(batch([t.inputs for _, t in part])))
+            for part in requests.chunked(list(zip(images, texts)), size)]
+    per_prompt = torch.cat(requests.run(model, _alignment_session, work, (i0, i1), (t0, t1)))  # (P, L)
     cis = [bootstrap(lambda i, l=l: float(per_prompt[i, l].mean()), len(per_prompt), resamples=resamples)
            for l in range(per_prompt.shape[1])]
     return Alignment(per_prompt.mean(0), per_prompt, cis)

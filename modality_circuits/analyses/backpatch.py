@@ -15,7 +15,7 @@ import torch
 from ..circuits.stats import CI, bootstrap
 from ..data import tasks
 from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
-from ..execution import requests
+from ..execution import budget, requests
 from ..execution.remote import server_body
 
 Config = tuple[int, int, int]  # (src, dst, window)
@@ -31,64 +31,93 @@ def answer_ids(model, pairs: list[Pair]) -> torch.Tensor:
 
 
 @server_body
-def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids) -> list:
-    """One request: a cache pass, then one pass per chunk (n, writes); the cache never leaves the server.
+def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, vision: tuple, skip_below: tuple) -> list:
+    """One request: a cache pass, then one pass per chunk (n, writes, dst); the cache never leaves the server.
 
-    writes[layer] lists (config j in the chunk, src layer): rows j·P..(j+1)·P get, at `layer`'s output
-    and the data positions, the cached output of `src`. Returns each chunk's (n, P, V) last-position
-    logits (float32), or only the columns `ids`.
+    The cache pass keeps every decoder layer's output at the data positions, the decoder input e, and
+    the full output of layer d − 1 for each d in `skip_below`. writes[layer] lists (config j in the
+    chunk, src layer): rows j·P..(j+1)·P get, at `layer`'s output and the data positions, the cached
+    output of `src`. All configs of a chunk share dst: below it every row computes exactly what the
+    cache pass did, so those layers are skipped and give the cached output (for dst in `skip_below`),
+    or the pass starts from e (the vision tower runs once per prompt). Returns each chunk's
+    (n, P, V) last-position logits (float32), or only the columns `ids`.
     """
     start, end = span
-    root, layers = model.nn, model.layers()
+    root, layers, opts = model.nn, model.layers(), model.FORWARD
     tuple_out = model.adapter.layer_returns_tuple
+    decoder = {key: value for key, value in inputs.items() if key not in vision}
+    P = len(inputs["input_ids"])
     with model.session():
-        with root.trace(**inputs):  # cache pass: decoder-layer outputs at the data positions
-            cache = []
-            for layer in layers:
+        with root.trace(**inputs, **opts):  # cache pass
+            e = layers[0].input.clone()
+            cache, below = [], {}
+            for i, layer in enumerate(layers):
                 h = layer.output[0] if tuple_out else layer.output
                 cache.append(h[:, start:end].clone())
+                if i + 1 in skip_below:
+                    below[i + 1] = h.clone()
         out = []
-        for n, writes in chunks:
-            P = len(inputs["input_ids"])
-            rows = {key: torch.cat([inputs[key]] * n) for key in inputs}
-            with root.trace(**rows):
-                for l in range(len(layers)):
-                    if writes[l]:
-                        h = layers[l].output[0] if tuple_out else layers[l].output
-                        for j, src in writes[l]:
+        for n, writes, dst in chunks:
+            rows = {key: torch.cat([value] * n) for key, value in decoder.items()}
+            with root.trace(**rows, **opts):
+                if dst in skip_below:
+                    same = torch.cat([below[dst]] * n)
+                    for i in range(dst):  # layers below dst: only the last one's output is read
+                        layers[i].skip(same)
+                else:
+                    layers[0].input = torch.cat([e] * n)
+                for i in range(dst, len(layers)):
+                    if writes[i]:
+                        h = layers[i].output[0] if tuple_out else layers[i].output
+                        for j, src in writes[i]:
                             h[j * P:(j + 1) * P, start:end] = cache[src].to(h.dtype)
-                logits = root.output.logits[:, -1]
-            logits = logits.float()
+                logits = root.output.logits[:, -1].float()
             if ids is not None:
                 logits = logits[:, ids.to(logits.device)]
             out.append(logits.cpu().view(n, P, -1))
-            del h, logits  # the next chunk must not hold these too
+            del logits  # the next chunk must not hold these too
         result = nnsight.save(out)
     return result
 
 
-def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int = 64, ids=None) -> torch.Tensor:
-    """(C, P, V) last-position logits of every pair under every back-patching config.
+def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int | None = 64,
+                     ids=None) -> torch.Tensor:
+    """(C, P, V) last-position logits (float32) of every pair under every back-patching config.
 
     ids: token ids to keep (e.g. the task's answer set): (C, P, len(ids)), so that remote runs send
-    back a few logits instead of the vocabulary. Remote: `model.chunks_per_request` chunks of configs
-    per request, each request one session whose first pass caches the residuals on the server.
+    back a few logits instead of the vocabulary. Prompts and configs are split by the memory budget;
+    configs are grouped by dst so that the layers below it are skipped. Remote: each request is one
+    session whose first pass caches the residuals on the server.
     """
     check_layout(pairs)
     L = model.n_layers
     for src, dst, w in configs:
         if not (0 <= dst <= src and src + w <= L and w >= 1):
             raise ValueError(f"config (src={src}, dst={dst}, window={w}) needs 0 <= dst <= src and src + window <= {L}")
-    P, inputs = len(pairs), model.prepare(batch([p.inputs for p in pairs]))
     ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
-    chunks = []
-    for chunk in requests.chunked(configs, max(1, max_rows // P)):
-        writes = [[] for _ in range(L)]  # layer -> [(config index in chunk, src layer)]
-        for j, (src, dst, w) in enumerate(chunk):
-            for i in range(w):
-                writes[dst + i].append((j, src + i))
-        chunks.append((len(chunk), writes))
-    return torch.cat(requests.run(model, _backpatch_session, chunks, inputs, pairs[0].spans["D"], ids))
+    order = sorted(range(len(configs)), key=lambda c: configs[c][1])  # by dst, stable
+    skip_below = () if model.adapter.layer_returns_tuple else tuple(sorted({d for _, d, _ in configs if d > 0}))
+    (start, end), d = pairs[0].spans["D"], model.text_config.hidden_size
+    b = torch.finfo(model.dtype).bits // 8
+    held = L * (end - start) * d * b + (1 + len(skip_below)) * pairs[0].length * d * b  # the cache, per prompt
+    size = budget.rows(model, pairs[0].length, max_rows=max_rows, extra=held)
+    out = []
+    for part in requests.chunked(pairs, size):
+        P = len(part)
+        chunks = []
+        for dst in sorted({configs[c][1] for c in order}):
+            same = [configs[c] for c in order if configs[c][1] == dst]
+            for chunk in requests.chunked(same, max(1, size // P)):
+                writes = [[] for _ in range(L)]  # layer -> [(config index in chunk, src layer)]
+                for j, (src, _, w) in enumerate(chunk):
+                    for i in range(w):
+                        writes[dst + i].append((j, src + i))
+                chunks.append((len(chunk), writes, dst))
+        inputs = model.prepare(batch([p.inputs for p in part]))
+        out.append(torch.cat(requests.run(model, _backpatch_session, chunks, inputs, part[0].spans["D"], ids,
+                                          model.adapter.vision_inputs, skip_below), 0))
+    logits = torch.cat(out, 1)  # (C, P, V), configs in dst order
+    return logits[torch.argsort(torch.tensor(order))]
 
 
 def _correct_among(logits: torch.Tensor, pairs: list[Pair], answers: torch.Tensor) -> torch.Tensor:

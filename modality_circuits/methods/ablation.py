@@ -6,15 +6,17 @@ outside the circuit takes its p' value.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import nnsight
+import numpy as np
 import torch
 
 from ..circuits.circuit import Circuit
 from ..circuits.metrics import faithfulness_value
 from ..data.pairs import Pair, batch, check_layout
-from ..execution import requests
+from ..execution import budget, requests
 from ..execution.remote import server_body
 
 
@@ -34,11 +36,11 @@ def pack(mask: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
 @server_body
 def _ld_session(model, chunks: list) -> list:
     """One request: unpatched LD (float32) of each chunk (inputs, answers (R, 2)) -> [(R,)]."""
-    root = model.nn
+    root, opts = model.nn, model.FORWARD
     with model.session():
         lds = []
         for inputs, ids in chunks:
-            with root.trace(**inputs):
+            with root.trace(**inputs, **opts):
                 logits = root.output.logits[:, -1].float()
                 ld = logits.gather(-1, ids.to(logits.device))  # LD inline: a server body calls no package helper
             lds.append((ld[:, 0] - ld[:, 1]).cpu())
@@ -46,42 +48,52 @@ def _ld_session(model, chunks: list) -> list:
     return result
 
 
-def logit_diffs(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int = 64) -> torch.Tensor:
-    """(P,) LD(p) (which="prompt") or LD(p') (which="cf") of each pair, unpatched."""
+def logit_diffs(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int | None = 64) -> torch.Tensor:
+    """(P,) LD(p) (which="prompt") or LD(p') (which="cf") of each pair, unpatched, in float32."""
+    check_layout(pairs)
+    size = budget.rows(model, pairs[0].length, max_rows=max_rows)
     work = [(model.prepare(batch([p.inputs if which == "prompt" else p.cf_inputs for p in chunk])), answers(chunk))
-            for chunk in requests.chunked(pairs, max_rows)]
+            for chunk in requests.chunked(pairs, size)]
     return torch.cat(requests.run(model, _ld_session, work))
 
 
 @server_body
-def _ablate_session(model, chunks: list, cf_inputs: dict, inputs: dict, ids: torch.Tensor) -> list:
+def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: tuple) -> list:
     """One request: for each chunk, LD of its patched rows, where per layer nodes with keep=False take p' values.
 
-    cf_inputs / inputs: the P pairs' p' and p; each chunk (n, masks, circ_of_row) runs P p' rows then
-    n·P rows of p; masks: packed keep_heads (n, L, H, T) and keep_neurons (n, L, I, T); circ_of_row
-    (n·P,) picks each patched row's circuit; patched row r copies from p' row (r mod P).
+    both: processor outputs of the P pairs' p' then p (2P rows). A first pass computes their decoder
+    inputs (merged embeddings) once; every chunk's forward then starts from them, so the vision tower
+    runs once per prompt, not once per row. Each chunk (n, masks, circ_of_row) runs P p' rows then n·P
+    rows of p; masks: packed keep_heads (n, L, H or 1, T) and keep_neurons (n, L, I or 1, T) (a unit
+    dimension of 1 applies to every unit); circ_of_row (n·P,) picks each patched row's circuit;
+    patched row r copies from p' row (r mod P).
     """
     H, P = model.n_heads, len(ids)
-    root = model.nn
-    sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in model.layers()]
+    root, layers, opts = model.nn, model.layers(), model.FORWARD
+    sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
     bits = torch.arange(8, dtype=torch.uint8)
+    decoder = {key: value for key, value in both.items() if key not in vision}
     with model.session():
+        with root.trace(**both, **opts) as embed:
+            e = layers[0].input.clone()  # (2P, T, d): p' rows, then p rows
+            embed.stop()
         lds = []
         for n, masks, circ_of_row in chunks:
             keeps = [((packed[:, None] >> bits) & 1).bool().flatten()[:size].view(shape) for packed, shape, size in masks]
-            rows = {key: torch.cat([cf_inputs[key]] + [inputs[key]] * n) for key in inputs}
+            rows = {key: torch.cat([value[:P]] + [value[P:]] * n) for key, value in decoder.items()}
             src = torch.arange(len(circ_of_row)) % P
-            with root.trace(**rows):
+            with root.trace(**rows, **opts):
+                layers[0].input = torch.cat([e[:P]] + [e[P:]] * n)
                 for i in range(len(sites)):
                     for j in range(2):  # heads, then neurons
                         a = sites[i][j].input
                         own, cf = a[P:], a[:P][src.to(a.device)]
-                        k = keeps[j][:, i].to(a.device)[circ_of_row.to(a.device)].transpose(1, 2)  # (R, T, units)
+                        k = keeps[j][:, i].to(a.device)[circ_of_row.to(a.device)].transpose(1, 2)  # (R, T, units or 1)
                         if j == 0:
                             own, cf = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1)
                             k = k.unsqueeze(-1)
                         sites[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)])
-                logits = root.output.logits[P:, -1]
+                logits = root.output.logits[P:, -1].float()
                 ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
             lds.append((ld[:, 0] - ld[:, 1]).cpu())
             del a, own, cf, k, logits  # the next chunk must not hold these too
@@ -89,8 +101,39 @@ def _ablate_session(model, chunks: list, cf_inputs: dict, inputs: dict, ids: tor
     return result
 
 
-def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows: int = 64, progress: bool = False) -> torch.Tensor:
-    """(C, P) LD of every pair with every node outside each circuit set to its p' value.
+def _ablate(model, pairs: list[Pair], n_circuits: int, masks, *, max_rows: int | None, desc: str = "ablate",
+            progress: bool = False) -> torch.Tensor:
+    """(C, P) LD of every pair under each of C ablations; masks(idx) -> (keep_heads, keep_neurons) of circuits idx.
+
+    Masks are built per chunk, never for all circuits at once. Pairs are split too when 2P rows
+    exceed the memory budget; one request per pair chunk and `model.chunks_per_request` circuit chunks.
+    """
+    size = budget.rows(model, pairs[0].length, max_rows=max_rows)
+    out = []
+    for part in requests.chunked(pairs, max(1, size // 2)):
+        P = len(part)
+        both = model.prepare(batch([p.cf_inputs for p in part] + [p.inputs for p in part]))
+        work = []
+        for idx in requests.chunked(torch.arange(n_circuits), max(1, size // P - 1)):  # P p' rows + P rows a circuit
+            heads, neurons = masks(idx)
+            work.append((len(idx), (pack(heads), pack(neurons)), torch.arange(len(idx)).repeat_interleave(P)))
+        lds = requests.run(model, _ablate_session, work, both, answers(part), model.adapter.vision_inputs,
+                           desc=desc, progress=progress)
+        out.append(torch.cat([ld.view(n, P) for ld, (n, _, _) in zip(lds, work)]))
+    return torch.cat(out, 1)
+
+
+def _digest(c: Circuit) -> bytes:
+    """Identity of a circuit's node sets, hashed from the masks' memory (no copy)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for mask in (c.heads, c.neurons):
+        digest.update(np.ascontiguousarray(mask.numpy()).view(np.uint8))
+    return digest.digest()
+
+
+def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows: int | None = 64,
+                 progress: bool = False) -> torch.Tensor:
+    """(C, P) LD (float32) of every pair with every node outside each circuit set to its p' value.
 
     Identical circuits are evaluated once, so equal circuits give equal numbers. Remote:
     `model.chunks_per_request` chunks of circuits per request, masks sent as bits, only LDs back.
@@ -99,20 +142,15 @@ def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows:
     for c in circuits:
         if c.heads.shape[-1] != pairs[0].length:
             raise ValueError(f"circuit covers {c.heads.shape[-1]} positions, pairs have {pairs[0].length}")
-    keys = [(c.heads.numpy().tobytes(), c.neurons.numpy().tobytes()) for c in circuits]
+    keys = [_digest(c) for c in circuits]
     first = {k: i for i, k in reversed(list(enumerate(keys)))}
     unique = sorted(set(first.values()))
-    keep_h = torch.stack([circuits[i].heads for i in unique])
-    keep_n = torch.stack([circuits[i].neurons for i in unique])
-    P = len(pairs)
-    per_chunk = max(1, max_rows // P - 1)  # circuits per trace, P rows each plus P p' rows
-    cf_inputs = model.prepare(batch([p.cf_inputs for p in pairs]))
-    inputs = model.prepare(batch([p.inputs for p in pairs]))
-    work = []
-    for idx in requests.chunked(torch.arange(len(unique)), per_chunk):
-        work.append((len(idx), (pack(keep_h[idx]), pack(keep_n[idx])), idx.repeat_interleave(P) - idx[0]))
-    lds = requests.run(model, _ablate_session, work, cf_inputs, inputs, answers(pairs), desc="ablate", progress=progress)
-    lds = torch.cat([ld.view(n, P) for ld, (n, _, _) in zip(lds, work)])
+
+    def masks(idx):
+        return (torch.stack([circuits[unique[i]].heads for i in idx]),
+                torch.stack([circuits[unique[i]].neurons for i in idx]))
+
+    lds = _ablate(model, pairs, len(unique), masks, max_rows=max_rows, progress=progress)
     row = {u: j for j, u in enumerate(unique)}
     return lds[[row[first[k]] for k in keys]]
 
@@ -181,23 +219,31 @@ class PositionEffect:
     per_pair: torch.Tensor | None = None  # (T, P) exact effects, for bootstrapping
 
 
-def position_effect(model, pairs: list[Pair], scores=None) -> PositionEffect:
-    """Exact effect (one ablation per position), or the attributed one (`Scores.per_position`) when `scores` are given."""
+def position_effect(model, pairs: list[Pair], scores=None, *, positions=None, max_rows: int | None = 64,
+                    progress: bool = False) -> PositionEffect:
+    """Exact effect (one ablation per position), or the attributed one (`Scores.per_position`) when `scores` are given.
+
+    positions: the positions to probe (default all); the others read 0 in `per_position` and are
+    left out of `per_span`. Probe masks are built per chunk as (L, 1, T) position masks.
+    """
     check_layout(pairs)
-    spans, per_pair = pairs[0].spans, None
+    spans, per_pair, T = pairs[0].spans, None, pairs[0].length
+    probed = torch.arange(T) if positions is None else torch.as_tensor(positions, dtype=torch.long).unique()
     if scores is not None:
         effect = scores.per_position()
     else:
-        T = pairs[0].length
-        full = Circuit(torch.ones(model.n_layers, model.n_heads, T, dtype=torch.bool),
-                       torch.ones(model.n_layers, model.d_mlp, T, dtype=torch.bool), spans, model.name)
-        probes = []
-        for t in range(T):
-            c = Circuit.full(full, True)
-            c.heads[..., t] = False
-            c.neurons[..., t] = False
-            probes.append(c)
-        per_pair = ablation_lds(model, [full, *probes], pairs)
-        per_pair = per_pair[1:] - per_pair[:1]
+        def masks(idx):  # circuit 0 keeps everything; circuit c > 0 ablates every node at position probed[c - 1]
+            keep = torch.ones(len(idx), model.n_layers, 1, T, dtype=torch.bool)
+            for row, c in enumerate(idx.tolist()):
+                if c:
+                    keep[row, ..., probed[c - 1]] = False
+            return keep, keep
+
+        lds = _ablate(model, pairs, 1 + len(probed), masks, max_rows=max_rows, desc="position effect", progress=progress)
+        per_pair = torch.zeros(T, len(pairs))
+        per_pair[probed] = lds[1:] - lds[:1]
         effect = per_pair.mean(1)
-    return PositionEffect(effect, {s: float(effect[a:b].mean()) for s, (a, b) in spans.items()}, per_pair)
+    inside = torch.zeros(T, dtype=torch.bool)
+    inside[probed] = True
+    return PositionEffect(effect, {s: float(effect[a:b][inside[a:b]].mean()) for s, (a, b) in spans.items()
+                                   if inside[a:b].any()}, per_pair)

@@ -11,7 +11,7 @@ import torch
 
 from ..circuits.circuit import Scores
 from ..data.pairs import Pair, batch, check_layout
-from ..execution import requests
+from ..execution import budget, requests
 from ..execution.checkpoint import Checkpoint, fingerprint
 from ..execution.remote import server_body
 from .ablation import answers
@@ -24,33 +24,37 @@ def _ig_rows(pairs: list[Pair], steps: int) -> dict:
 
 @server_body
 def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
-    """One request: a forward+backward over P pairs × (k+1) rows for each chunk (inputs, answers (P, 2)).
+    """One request: a forward+backward over P pairs × (k+1) rows for each chunk (both, rows, answers (P, 2)).
 
-    Head (L, T, H) and neuron (L, T, I) scores summed over pairs are added, chunk by chunk and on
-    the server, to `totals` (None or the running sums); returns the new sums and, with per_pair,
-    each chunk's per-pair scores (P, L, units, T).
+    both: processor outputs of the chunk's p' then p (2P rows); a first pass computes their decoder
+    inputs e', e once (the vision tower runs once per prompt). rows: the decoder inputs of the
+    P·(k+1) interpolation rows, whose layer-0 input is replaced by x_j = e' + α_j (e − e'), computed
+    in float32 and cast to the model's dtype. Head (L, T, H) and neuron (L, T, I) scores (float32)
+    summed over pairs are added, chunk by chunk and on the server, to `totals` (None or the running
+    sums); returns the new sums and, with per_pair, each chunk's per-pair scores (P, L, units, T).
     """
     L, H, k = model.n_layers, model.n_heads, steps
-    root, layers = model.nn, model.layers()
+    root, layers, opts, dtype = model.nn, model.layers(), model.FORWARD, model.dtype
     attn, mlp = [model.head_site(layer) for layer in layers], [model.neuron_site(layer) for layer in layers]
-    alpha = torch.arange(k + 1, dtype=torch.float32) / k
+    alpha = (torch.arange(k + 1, dtype=torch.float32) / k).view(1, -1, 1, 1)
     heads_sum, neurons_sum = totals
     with model.session():
         kept = []
-        for inputs, ids in chunks:
-            with root.trace(**inputs):
-                h = layers[0].input
-                P = h.shape[0] // (k + 1)
-                h = h.view(P, k + 1, *h.shape[1:])
-                e_cf, e = h[:, :1], h[:, -1:]
-                a = alpha.to(h.device, h.dtype).view(1, -1, 1, 1)
-                x = (e_cf + a * (e - e_cf)).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
+        for both, rows, ids in chunks:
+            P = len(ids)
+            with root.trace(**both, **opts) as embed:
+                e0 = layers[0].input.float()  # (2P, T, d): e' rows, then e rows
+                embed.stop()
+            with root.trace(**rows, **opts):
+                e_cf, e = e0[:P].unsqueeze(1), e0[P:].unsqueeze(1)
+                a = alpha.to(e.device)
+                x = (e_cf + a * (e - e_cf)).to(dtype).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
                 layers[0].input = x
                 heads, neurons = [], []
                 for i in range(L):  # nnsight serves values in execution order
                     heads.append(attn[i].input)
                     neurons.append(mlp[i].input)
-                logits = root.output.logits[:, -1].view(P, k + 1, -1)[:, 1:]
+                logits = root.output.logits[:, -1].float().view(P, k + 1, -1)[:, 1:]
                 ld = logits.gather(-1, ids.to(logits.device).view(P, 1, 2).expand(P, k, 2))  # LD inline (server body)
                 metric = (ld[..., 0] - ld[..., 1]).sum()
                 out_h, out_n = [None] * L, [None] * L
@@ -58,12 +62,12 @@ def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
                     for i in reversed(range(L)):
                         for out, acts in ((out_n, neurons), (out_h, heads)):
                             act = acts[i].view(P, k + 1, *acts[i].shape[1:])
-                            g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].mean(1)
-                            s = (act[:, 0] - act[:, -1]) * g  # (P, T, width)
+                            g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].float().mean(1)
+                            s = (act[:, 0] - act[:, -1]).float() * g  # (P, T, width), float32
                             if out is out_h:
                                 s = s.view(*s.shape[:2], H, -1).sum(-1)
                             out[i] = s.detach() if per_pair else s.sum(0).detach()
-            del h, e_cf, e, a, x, heads, neurons, logits, ld, metric  # the next chunk must not hold these too
+            del e0, e_cf, e, a, x, heads, neurons, logits, ld, metric  # the next chunk must not hold these too
             chunk_h, chunk_n = torch.stack(out_h), torch.stack(out_n)
             if per_pair:  # (L, P, T, units) -> (P, L, units, T)
                 kept.append((chunk_h.permute(1, 0, 3, 2).cpu(), chunk_n.permute(1, 0, 3, 2).cpu()))
@@ -74,13 +78,14 @@ def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
     return result
 
 
-def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int = 48, per_pair: bool = False,
+def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None = 48, per_pair: bool = False,
               progress: bool = True, checkpoint=None) -> Scores:
     """Integrated-gradient scores of every head and neuron at every position, averaged over pairs.
 
     Returns Scores with heads (layers, heads, positions) and neurons (layers, d_mlp, positions).
-    steps=1 is attribution patching. Pairs are processed in chunks of at most `max_rows`
-    interpolation rows (k+1 per pair), one backward per chunk; sums stream across chunks.
+    steps=1 is attribution patching. Pairs are processed in chunks of as many interpolation rows
+    (k+1 per pair) as the model's memory budget allows, at most `max_rows`, one backward per chunk;
+    sums stream across chunks in float32.
     per_pair=True also keeps every pair's scores (Scores.per_pair, for bootstrapping; small models only).
     Remote: `model.chunks_per_request` chunks per request, only the running sums come back.
     checkpoint: a file that keeps the sums after every request; a run with the same model, pairs
@@ -89,7 +94,7 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int = 48, p
     check_layout(pairs)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    per_chunk = max(1, max_rows // (steps + 1))
+    per_chunk = max(1, budget.rows(model, pairs[0].length, backward=True, max_rows=max_rows) // (steps + 1))
     chunks = requests.chunked(pairs, per_chunk)
     state = {"done": 0, "heads": None, "neurons": None, "kept": []}
     store = None
@@ -100,7 +105,8 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int = 48, p
         state = store.load() or state
     for group in requests.requests(model, chunks[state["done"]:], desc=f"attribute k={steps}", progress=progress,
                                    done=state["done"]):
-        work = [(model.prepare(_ig_rows(chunk, steps)), answers(chunk)) for chunk in group]
+        work = [(model.prepare(batch([p.cf_inputs for p in chunk] + [p.inputs for p in chunk])),
+                 model.prepare(model.decoder_inputs(_ig_rows(chunk, steps))), answers(chunk)) for chunk in group]
         h, n, kept = model.call(_ig_session, work, steps, per_pair, (state["heads"], state["neurons"]))
         state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "kept": state["kept"] + list(kept)}
         if store is not None:

@@ -9,26 +9,32 @@ import nnsight
 import torch
 
 from ..data.pairs import Pair, batch, check_layout
-from ..execution import requests
+from ..execution import budget, requests
 from ..execution.remote import server_body
 from .ablation import answers, logit_diffs
 
 
 @server_body
-def _patch_session(model, chunks: list, cf_inputs: dict, inputs: dict, ids: torch.Tensor, base: torch.Tensor) -> list:
+def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: torch.Tensor, vision: tuple) -> list:
     """One request: for each chunk (n, plan), the mean over pairs of LD(p with one node patched) − LD(p), (n,).
 
-    Rows: P p' rows, then P rows of p per node; plan[layer] lists (0 heads | 1 neurons, rows, src, pos, unit)
-    index tensors of the writes at that layer.
+    both: processor outputs of the P pairs' p' then p; a first pass computes their decoder inputs once
+    (the vision tower runs once per prompt). Rows: P p' rows, then P rows of p per node; plan[layer]
+    lists (0 heads | 1 neurons, rows, src, pos, unit) index tensors of the writes at that layer.
     """
     H, P = model.n_heads, len(ids)
-    root = model.nn
-    sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in model.layers()]
+    root, layers, opts = model.nn, model.layers(), model.FORWARD
+    sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
+    decoder = {key: value for key, value in both.items() if key not in vision}
     with model.session():
+        with root.trace(**both, **opts) as embed:
+            e = layers[0].input.clone()  # (2P, T, d): p' rows, then p rows
+            embed.stop()
         effects = []
         for n, plan in chunks:
-            rows_in = {key: torch.cat([cf_inputs[key]] + [inputs[key]] * n) for key in inputs}
-            with root.trace(**rows_in):
+            rows_in = {key: torch.cat([value[:P]] + [value[P:]] * n) for key, value in decoder.items()}
+            with root.trace(**rows_in, **opts):
+                layers[0].input = torch.cat([e[:P]] + [e[P:]] * n)
                 for i in range(len(sites)):
                     for j, rows, src, t, u in plan[i]:  # heads before neurons: execution order
                         a = sites[i][j].input.clone()
@@ -36,7 +42,7 @@ def _patch_session(model, chunks: list, cf_inputs: dict, inputs: dict, ids: torc
                         rows, src, t, u = rows.to(a.device), src.to(a.device), t.to(a.device), u.to(a.device)
                         view[rows, t, u] = view[src, t, u]
                         sites[i][j].input = a
-                logits = root.output.logits[P:, -1]
+                logits = root.output.logits[P:, -1].float()
                 ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
             effects.append(((ld[:, 0] - ld[:, 1]).cpu().view(n, P) - base).mean(1))
             del a, view, logits  # the next chunk must not hold these too
@@ -61,15 +67,18 @@ def _plan(model, chunk: list, P: int) -> list:
     return plan
 
 
-def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int = 128,
+def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int | None = 128,
                    progress: bool = False) -> torch.Tensor:
     """(N,) mean over pairs of LD(p with a_n := a_n(p')) − LD(p) for nodes ("head"|"neuron", layer, unit, pos)."""
     check_layout(pairs)
-    P = len(pairs)
     base = logit_diffs(model, pairs)
-    cf_inputs = model.prepare(batch([p.cf_inputs for p in pairs]))
-    inputs = model.prepare(batch([p.inputs for p in pairs]))
-    work = [(len(chunk), _plan(model, chunk, P)) for chunk in requests.chunked(nodes, max(1, max_rows // P - 1))]
-    out = requests.run(model, _patch_session, work, cf_inputs, inputs, answers(pairs), base,
-                       desc="exact patching", progress=progress)
-    return torch.cat(out)
+    size = budget.rows(model, pairs[0].length, max_rows=max_rows)
+    total = torch.zeros(len(nodes))
+    for start, part in zip(range(0, len(pairs), max(1, size // 2)), requests.chunked(pairs, max(1, size // 2))):
+        P = len(part)
+        both = model.prepare(batch([p.cf_inputs for p in part] + [p.inputs for p in part]))
+        work = [(len(chunk), _plan(model, chunk, P)) for chunk in requests.chunked(nodes, max(1, size // P - 1))]
+        out = requests.run(model, _patch_session, work, both, answers(part), base[start:start + P],
+                           model.adapter.vision_inputs, desc="exact patching", progress=progress)
+        total += torch.cat(out) * (P / len(pairs))  # mean over this pair chunk, weighted by its share
+    return total

@@ -11,36 +11,37 @@ import torch
 
 from ..data.pairs import Pair, answer_token, batch, chat_text, encode
 from ..data.tasks import Prompt
-from ..execution import requests
+from ..execution import budget, requests
 from ..execution.remote import server_body
 
 
 @server_body
 def _logits_session(model, chunks: list) -> list:
     """One request: last-position logits (float32) of each chunk of inputs."""
-    root = model.nn
+    root, opts = model.nn, model.FORWARD
     with model.session():
         out = []
         for inputs in chunks:
-            with root.trace(**inputs):
-                logits = root.output.logits[:, -1]
-            out.append(logits.float().cpu())
+            with root.trace(**inputs, **opts):
+                logits = root.output.logits[:, -1].float()
+            out.append(logits.cpu())
         result = nnsight.save(out)
     return result
 
 
-def next_token_logits(model, inputs: list[dict], *, max_rows: int = 64) -> torch.Tensor:
-    """(N, V) logits at the last position of each encoded prompt (processor outputs of batch 1, equal lengths)."""
-    chunks = [model.prepare(batch(chunk)) for chunk in requests.chunked(inputs, max_rows)]
+def next_token_logits(model, inputs: list[dict], *, max_rows: int | None = 64) -> torch.Tensor:
+    """(N, V) float32 logits at the last position of each encoded prompt (processor outputs of batch 1, equal lengths)."""
+    size = budget.rows(model, inputs[0]["input_ids"].shape[1], max_rows=max_rows)
+    chunks = [model.prepare(batch(chunk)) for chunk in requests.chunked(inputs, size)]
     return torch.cat(requests.run(model, _logits_session, chunks))
 
 
-def predictions(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int = 64) -> torch.Tensor:
+def predictions(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int | None = 64) -> torch.Tensor:
     """(P, V) next-token logits at the last position of each pair's prompt (which="prompt") or counterfactual."""
     return next_token_logits(model, [p.inputs if which == "prompt" else p.cf_inputs for p in pairs], max_rows=max_rows)
 
 
-def predicted(model, inputs: list[dict], *, max_rows: int = 64) -> torch.Tensor:
+def predicted(model, inputs: list[dict], *, max_rows: int | None = 64) -> torch.Tensor:
     """(N,) top-1 next token of each encoded prompt; prompts of different lengths run in equal-length batches."""
     by_length: dict[int, list[int]] = {}
     for i, x in enumerate(inputs):
@@ -51,7 +52,7 @@ def predicted(model, inputs: list[dict], *, max_rows: int = 64) -> torch.Tensor:
     return out
 
 
-def correct(model, prompts: list[Prompt], *, max_rows: int = 64) -> list[bool]:
+def correct(model, prompts: list[Prompt], *, max_rows: int | None = 64) -> list[bool]:
     """Whether the model answers each prompt: top-1 next token == the answer's first token."""
     texts = [chat_text(model, p) for p in prompts]
     ids = torch.tensor([answer_token(model, t, p) for t, p in zip(texts, prompts)])

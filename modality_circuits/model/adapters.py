@@ -30,6 +30,10 @@ class Adapter:
     pil_image_processor: str | None = None  # transformers' PIL image processor class
     image_expansion: str | None = None  # "grid": placeholder x (patch grid / merge^2); "rows": rows closed by breaks
     mm_token_type_ids: bool = False  # the forward needs mm_token_type_ids (1 at image tokens) for its rotary positions
+    # Processor outputs read only by the vision tower: a forward whose decoder input is given
+    # (merged embeddings computed once per prompt) leaves them out; the rest (e.g. Qwen's
+    # image_grid_thw for rotary positions, Gemma-3's token_type_ids for its attention mask) stay.
+    vision_inputs: tuple[str, ...] = ("pixel_values",)
     # Side of the square images rendered for this family; None: the vision tower's own image size
     # capped at MAX_IMAGE_SIZE (a tower without one gets FALLBACK_IMAGE_SIZE).
     image_size: int | None = None
@@ -37,14 +41,20 @@ class Adapter:
 
 #: Rendered images are at most this many pixels wide: Pixtral's native 1024 px would be 4,096 image tokens.
 MAX_IMAGE_SIZE = 512
-#: Qwen2-VL's tower takes any size (no `image_size` in its config): 448 px is 256 image tokens after merging.
+#: A tower with no fixed input size in its config and no study size: 448 px.
 FALLBACK_IMAGE_SIZE = 448
+#: The study's image side (METHOD.md section 1: 252x252 images): Qwen2-VL -> 81 image tokens (14 px
+#: patches, 2x2 merge), Pixtral -> 16x16 [IMG] + 15 [IMG_BREAK] + [IMG_END] = 272 tokens.
+STUDY_IMAGE_SIZE = 252
+#: Gemma-3's processor resizes every image to 896x896 (256 image tokens): render at that size, not upsample.
+GEMMA3_IMAGE_SIZE = 896
 
 _QWEN = dict(image_placeholder="<|image_pad|>", pil_image_processor="Qwen2VLImageProcessorPil", image_expansion="grid",
-             mm_token_type_ids=True)
+             mm_token_type_ids=True, image_size=STUDY_IMAGE_SIZE)
 # Pixtral-style towers: rows of [IMG] closed by [IMG_BREAK], the last by [IMG_END]; all three are data (D) tokens.
 _MISTRAL = dict(image_placeholder="[IMG]", extra_image_tokens=("[IMG_BREAK]", "[IMG_END]"),
-                pil_image_processor="PixtralImageProcessorPil", image_expansion="rows")
+                pil_image_processor="PixtralImageProcessorPil", image_expansion="rows",
+                vision_inputs=("pixel_values", "image_sizes"), image_size=STUDY_IMAGE_SIZE)
 
 ADAPTERS: dict[str, Adapter] = {
     "qwen2_vl": Adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", **_QWEN),
@@ -53,7 +63,8 @@ ADAPTERS: dict[str, Adapter] = {
     # Pixtral-12B is a LLaVA checkpoint with a Pixtral vision tower.
     "pixtral": Adapter("pixtral", "LlavaForConditionalGeneration", **_MISTRAL),
     "mistral3": Adapter("mistral3", "Mistral3ForConditionalGeneration", **_MISTRAL),
-    "gemma3": Adapter("gemma3", "Gemma3ForConditionalGeneration", image_placeholder="<start_of_image>"),
+    "gemma3": Adapter("gemma3", "Gemma3ForConditionalGeneration", image_placeholder="<start_of_image>",
+                      image_size=GEMMA3_IMAGE_SIZE),
 }
 
 

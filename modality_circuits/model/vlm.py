@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..execution import remote as _remote
+from ..execution.budget import parse as parse_budget
 from .adapters import ADAPTERS, Adapter, default_image_size, family_of
 
 #: The pipeline task a hosted VLM is deployed under on NDIF (part of nnsight's model key).
@@ -31,6 +32,7 @@ class VLM:
     TransformersModel named by its hub id, and the weights live on the server.
     Requests that fail on a dropped connection are retried `retries` times with exponential
     backoff from `retry_backoff` seconds; `chunks_per_request` chunks of work go in one request.
+    `memory_budget` (bytes, "40GB" or "auto") bounds the rows of every forward (execution/budget.py).
     """
 
     name: str
@@ -49,9 +51,11 @@ class VLM:
     retries: int = 3
     retry_backoff: float = 2.0
     chunks_per_request: int = 8
+    memory_budget: int | str = "auto"
 
     def __post_init__(self):
         self.remote = _remote.normalize(self.remote)
+        self.memory_budget = parse_budget(self.memory_budget)
         tc = operator.attrgetter(self.adapter.text_config)(self.hf_model.config)
         self.n_layers = tc.num_hidden_layers
         self.n_heads = tc.num_attention_heads
@@ -68,6 +72,22 @@ class VLM:
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def text_config(self):
+        """The decoder's config (hidden size, vocabulary, ...)."""
+        return operator.attrgetter(self.adapter.text_config)(self.hf_model.config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    #: Keyword arguments of every traced forward: only the last position's logits, no KV cache.
+    FORWARD = {"logits_to_keep": 1, "use_cache": False}
+
+    def decoder_inputs(self, inputs: dict) -> dict:
+        """`inputs` without what only the vision tower reads (for forwards whose layer-0 input is given)."""
+        return {k: v for k, v in inputs.items() if k not in self.adapter.vision_inputs}
 
     @property
     def hosted(self) -> bool:

@@ -5,6 +5,7 @@ import argparse
 import time
 
 from ..data import tasks
+from ..execution import budget
 from . import steps
 
 
@@ -42,6 +43,10 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
                    help="run traces on NDIF (optionally at HOST; 'local' = nnsight's serialisation dry run)")
     p.add_argument("--all-prompts", action="store_true", help="keep wrongly answered prompts (random test models)")
     p.add_argument("--force", action="store_true", help="recompute finished steps instead of reusing them")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the rendered images in pixels; None: the study's size for the model's family")
+    p.add_argument("--memory-budget", default="auto", type=budget.parse,
+                   help="memory every forward may use: bytes, e.g. 40GB, or 'auto' (80%% of the free GPU memory or RAM)")
 
 
 def _study(args):
@@ -50,7 +55,8 @@ def _study(args):
     model = load_model(args.model, remote=args.remote)
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
     return steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
-                 resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force)
+                 resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force,
+                       image_size=args.image_size, memory_budget=args.memory_budget)
 
 
 def experiment(doc: str, names: tuple[str, ...], draw, argv=None) -> None:

@@ -28,6 +28,7 @@ from ..circuits.metrics import faithfulness_value
 from ..circuits.stats import CI, bootstrap
 from ..data import tasks as task_defs
 from ..data.pairs import SPANS, build_pairs, split
+from ..execution.budget import parse as parse_budget
 from ..execution.store import atomic, model_dir, read_json, write_json
 from ..methods.ablation import faithfulness_curve, position_effect
 from ..methods.attribution import attribute
@@ -53,8 +54,14 @@ class Study:
     all_prompts: bool = False
     data_dir: str | None = None
     force: bool = False
+    image_size: int | None = None  # side of rendered images (None: the model's, the study's size for its family)
+    memory_budget: int | str | None = None  # bytes, "40GB" or "auto" for every forward (None: the model's)
     max_per_pair_bytes: int = 2 * 2**30  # keep per-pair scores (for the nIoU CI) only below this size
     _pairs: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.memory_budget is not None:
+            self.model.memory_budget = parse_budget(self.memory_budget)
 
     @property
     def dir(self) -> Path:
@@ -68,7 +75,12 @@ class Study:
         key = ("all", task, modality)
         if key not in self._pairs:
             n = self.n if self.all_prompts else 3 * self.n
-            self._pairs[key] = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir)
+            pairs = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir,
+                                image_size=self.image_size)
+            (start, end), size = pairs[0].spans["D"], self.image_size or self.model.image_size
+            shown = f"{end - start} image tokens ({size} px images)" if modality == "image" else f"{end - start} tokens"
+            tqdm.write(f"{task}/{modality}: {len(pairs)} pairs of {pairs[0].length} tokens; D = {shown}")
+            self._pairs[key] = pairs
         return self._pairs[key]
 
     def pairs(self, task: str, modality: str):

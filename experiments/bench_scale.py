@@ -1,0 +1,605 @@
+"""What the study costs at real model width, against a plain-PyTorch floor, projected to full depth.
+
+Builds random-weight models of the study's three VLMs (Qwen/Qwen2-VL-7B-Instruct, mistral-community/pixtral-12b,
+google/gemma-3-12b-it) with their REAL widths (hidden size, heads, KV heads, head_dim, MLP size, vocabulary, vision
+tower) but only `--layers` decoder layers (default 1) and `--vision-layers` vision layers (default 1), wrapped by
+`modality_circuits.model.wrap` with the word-level tokenizers of the test zoo (their ids are a subset of the real
+vocabulary; embeddings and lm_head keep the real width). Images have the study's sizes: Qwen2-VL 252 px (324
+patches, 81 image tokens after the 2x2 merge), Pixtral 256 px (16x16 [IMG] + 15 [IMG_BREAK] + 1 [IMG_END] = 272
+tokens), Gemma-3 896 px (4096 patches pooled to 256 tokens).
+
+Each step runs in its own subprocess on P counting/image pairs (peak RSS, or CUDA peak, is that step's own):
+  attribute        modality_circuits.attribute (k steps): nnsight trace, logits at every position
+  attribute_floor  the same P*(k+1) interpolated rows in plain PyTorch hooks: forward+backward, use_cache=False,
+                   logits at the last position only, gradients at every o_proj and down_proj input, same scores
+  ablation         methods.ablation.ablation_lds with the full and the empty circuit (P p' rows + 2P patched rows)
+  ablation_floor   the same rows and the same patching in plain PyTorch hooks, last-position logits, no KV cache
+  logits_full      a plain forward of the IG rows with logits at every position (what every package trace computes)
+  logits_last      the same forward with logits_to_keep=1
+Ratios compare each step with its floor from the same invocation. A labelled projection to full depth on one
+80 GB GPU follows (FLOP and byte model printed with its formula and assumptions).
+
+    python experiments/bench_scale.py --quick                        # smoke test at 1/16 width, ~1 min
+    python experiments/bench_scale.py --models qwen2_vl --repeats 1  # real width, 1 layer, CPU
+    python experiments/bench_scale.py --device cuda --layers 28 --vision-layers 32 --models qwen2_vl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+STEPS = ("attribute", "attribute_floor", "ablation", "ablation_floor", "logits_full", "logits_last")
+FLOOR = {"attribute": "attribute_floor", "ablation": "ablation_floor", "logits_full": "logits_last"}
+GIB = 2**30
+
+# Real configuration numbers. Sources (looked up with the `search` tool):
+#  qwen2_vl: config.json of Qwen/Qwen2-VL-7B-Instruct as copied in fine-tunes of it (e.g.
+#    huggingface.co/pbarker/Qwen2-VL-7B-sk-googleflights-full-750-47ep, _name_or_path Qwen/Qwen2-VL-7B-Instruct) and
+#    Qwen/Qwen2-VL-7B-Instruct-GPTQ-Int8/config.json: hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 KV heads,
+#    vocab 152064, mrope_section [16, 24, 24]. Its vision_config sets only spatial_patch_size 14; the rest are the
+#    Qwen2VLVisionConfig defaults (depth 32, embed_dim 1280, num_heads 16, mlp_ratio 4, spatial_merge_size 2),
+#    matching the printed module tree of the loaded model (32 blocks, fc1 1280->5120, merger 5120->3584) and
+#    huggingface.co/menglc/DFN-Huge-Qwen2VL-7B/config.json.
+#  pixtral: mistralai/Pixtral-12B-2409/params.json (dim 5120, n_layers 40, head_dim 128, hidden_dim 14336, n_heads 32,
+#    n_kv_heads 8, vocab 131072; vision 1024 wide, 4096 MLP, 24 layers, 16 heads, 16 px patches, 1024 px) and the
+#    transformers conversion mistral-community/pixtral-12b/config.json (LlavaForConditionalGeneration, Mistral text
+#    config, vision head_dim 64, projector gelu, vision_feature_layer -1, strategy "full"; copy:
+#    huggingface.co/DewEfresh/pixtral-12b-8bit/config.json, _name_or_path mistral-community/pixtral-12b).
+#  gemma3: google/gemma-3-12b-it/config.json as mirrored at huggingface.co/unsloth/gemma-3-12b-it-GGUF/config.json:
+#    hidden 3840, intermediate 15360, 48 layers, 16 heads, 8 KV heads, head_dim 256, vocab 262208, sliding window 1024;
+#    SigLIP vision 1152 wide, 4304 MLP, 27 layers, 16 heads, 14 px patches, 896 px; mm_tokens_per_image 256.
+REAL = {
+    "qwen2_vl": dict(hub_id="Qwen/Qwen2-VL-7B-Instruct", vocab=152064, hidden=3584, intermediate=18944, layers=28,
+                     heads=28, kv_heads=4, head_dim=128, mrope_section=(16, 24, 24), vision_hidden=1280,
+                     vision_intermediate=5120, vision_layers=32, vision_heads=16, patch=14, merge=2, image_size=252),
+    "pixtral": dict(hub_id="mistral-community/pixtral-12b", vocab=131072, hidden=5120, intermediate=14336, layers=40,
+                    heads=32, kv_heads=8, head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
+                    vision_heads=16, patch=16, image_size=256),
+    "gemma3": dict(hub_id="google/gemma-3-12b-it", vocab=262208, hidden=3840, intermediate=15360, layers=48, heads=16,
+                   kv_heads=8, head_dim=256, vision_hidden=1152, vision_intermediate=4304, vision_layers=27,
+                   vision_heads=16, patch=14, image_size=896, image_tokens=256),
+}
+
+#: The study whose cost is projected: per task and modality (METHOD.md 1, 3, 4, 8; `study.steps`).
+STUDY = dict(tasks=5, modalities=2, pairs=250, discovery=188, evaluation=62, k=5, fractions=40, candidates=750,
+             backpatch_configs=120, max_rows=64, ig_max_rows=48)
+#: Projection assumptions: H100 dense bf16 ~989 TFLOP/s at 40 % MFU; 80 GB card with 8 GB kept free.
+GPU = dict(flops=400e12, budget=72e9, weight_bytes=2)
+
+
+# ---------------------------------------------------------------- models
+
+def dims(name: str, quick: bool) -> dict:
+    """The model's sizes; --quick divides every width by 16 (heads and head_dim by 4, vocabulary by 16), same tokens."""
+    d = dict(REAL[name])
+    if quick:
+        for key in ("hidden", "intermediate", "vocab", "vision_hidden", "vision_intermediate"):
+            d[key] //= 16
+        for key in ("heads", "head_dim", "vision_heads"):
+            d[key] //= 4
+        d["kv_heads"] = max(1, d["kv_heads"] // 4)
+        if "mrope_section" in d:
+            d["mrope_section"] = tuple(s // 4 for s in d["mrope_section"])
+        if "image_tokens" in d:  # Gemma-3: 224 px = 16x16 patches, pooled 1:1 to the same 256 image tokens
+            d["image_size"] = 16 * d["patch"]
+    return d
+
+
+def _text_kw(tok, d: dict, layers: int) -> dict:
+    """Decoder config arguments shared by the three families (bos/eos unused: no generation here)."""
+    return dict(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["intermediate"],
+                num_hidden_layers=layers, num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"],
+                pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None)
+
+
+def _qwen2_vl(tok, d: dict, layers: int, vision_layers: int):
+    import transformers as T
+
+    from modality_circuits.model import ADAPTERS
+    from modality_circuits.model.processing import MiniProcessor
+
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(d["mrope_section"])}
+    text = T.Qwen2VLTextConfig(**_text_kw(tok, d, layers), rope_parameters=rope)  # head_dim = hidden / heads
+    vision = dict(depth=vision_layers, embed_dim=d["vision_hidden"], hidden_size=d["hidden"], num_heads=d["vision_heads"],
+                  mlp_ratio=d["vision_intermediate"] // d["vision_hidden"], patch_size=d["patch"],
+                  spatial_merge_size=d["merge"])
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
+                                                        ("vision_start_token_id", "<|vision_start|>"),
+                                                        ("vision_end_token_id", "<|vision_end|>"))}
+    cfg = T.Qwen2VLConfig(text_config=text.to_dict(), vision_config=vision, **ids)
+    ip = T.Qwen2VLImageProcessorPil(patch_size=d["patch"], merge_size=d["merge"], temporal_patch_size=2)
+    processor = MiniProcessor(tok, ip, ADAPTERS["qwen2_vl"], merge=d["merge"], patch=d["patch"])
+    return T.Qwen2VLForConditionalGeneration, cfg, processor
+
+
+def _pixtral(tok, d: dict, layers: int, vision_layers: int):
+    import transformers as T
+
+    from modality_circuits.model import ADAPTERS
+    from modality_circuits.model.processing import MiniProcessor
+
+    text = T.MistralConfig(**_text_kw(tok, d, layers), head_dim=d["head_dim"], sliding_window=None,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e9})
+    vision = T.PixtralVisionConfig(hidden_size=d["vision_hidden"], intermediate_size=d["vision_intermediate"],
+                                   num_hidden_layers=vision_layers, num_attention_heads=d["vision_heads"],
+                                   patch_size=d["patch"], image_size=1024)
+    cfg = T.LlavaConfig(text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+                        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full")
+    ip = T.PixtralImageProcessorPil(size={"longest_edge": 1024}, patch_size={"height": d["patch"], "width": d["patch"]})
+    processor = MiniProcessor(tok, ip, ADAPTERS["pixtral"], merge=1, patch=d["patch"])
+    return T.LlavaForConditionalGeneration, cfg, processor
+
+
+def _gemma3(tok, d: dict, layers: int, vision_layers: int):
+    import transformers as T
+
+    text = T.Gemma3TextConfig(**_text_kw(tok, d, layers), head_dim=d["head_dim"], query_pre_attn_scalar=d["head_dim"],
+                              sliding_window=1024)
+    vision = T.SiglipVisionConfig(hidden_size=d["vision_hidden"], intermediate_size=d["vision_intermediate"],
+                                  num_hidden_layers=vision_layers, num_attention_heads=d["vision_heads"],
+                                  image_size=d["image_size"], patch_size=d["patch"], vision_use_head=False)
+    cfg = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=d["image_tokens"],
+                         image_token_index=tok.image_token_id, boi_token_index=tok.boi_token_id,
+                         eoi_token_index=tok.eoi_token_id)
+    ip = T.Gemma3ImageProcessorPil(size={"height": d["image_size"], "width": d["image_size"]})
+    processor = T.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=d["image_tokens"],
+                                  chat_template=tok.chat_template)
+    return T.Gemma3ForConditionalGeneration, cfg, processor
+
+
+BUILDERS = {"qwen2_vl": _qwen2_vl, "pixtral": _pixtral, "gemma3": _gemma3}
+VISION_BLOCKS = {"qwen2_vl": "model.visual.blocks", "pixtral": "model.vision_tower.transformer.layers",
+                 "gemma3": "model.vision_tower.encoder.layers"}
+
+
+def build(name: str, *, layers: int, vision_layers: int, quick: bool, dtype, device):
+    """A random-weight VLM of `name` at real (or --quick) width, wrapped by modality_circuits.model.wrap.
+
+    device "meta" builds the weightless skeleton (parameter counts, token layouts) in no memory.
+    """
+    from modality_circuits.model import wrap
+    from modality_circuits.zoo.tiny import TINY
+
+    d = dims(name, quick)
+    tok = TINY[name].template.tokenizer()
+    cls, cfg, processor = BUILDERS[name](tok, d, layers, vision_layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = cls._from_config(cfg, dtype=dtype)
+    if hf.device.type != "meta":
+        with torch.no_grad():  # some inits zero a matrix (Gemma-3's projector): no signal would pass it
+            for param in hf.parameters():
+                if param.ndim >= 2 and not param.any():
+                    param.normal_(std=param.shape[0] ** -0.5)
+    return wrap(hf, processor, name=f"scale-{name}", image_size=d["image_size"])
+
+
+def image_pairs(model, n: int, modality: str = "image"):
+    """n aligned counting pairs of `modality` at the model's study image size."""
+    from modality_circuits.tasks import build_pairs
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        return build_pairs("counting", modality, model, n=n, seed=0, image_size=model.image_size)
+
+
+# ---------------------------------------------------------------- steps
+
+def _ig_rows(model, pairs, k: int) -> dict:
+    """The attribution rows, as attribute builds them: per pair p' then p repeated k times."""
+    from modality_circuits.data.pairs import batch
+
+    return model.prepare(batch([x for p in pairs for x in [p.cf_inputs] + [p.inputs] * k]))
+
+
+def _answers(pairs) -> torch.Tensor:
+    return torch.tensor([[p.answer_id, p.cf_answer_id] for p in pairs])
+
+
+def _floor_ig_chunk(model, pairs, k: int, heads: torch.Tensor, neurons: torch.Tensor) -> None:
+    """One chunk of IG in plain PyTorch; adds the chunk's summed scores to heads (L, T, H) and neurons (L, T, I)."""
+    hf, P, R, H = model.hf_model, len(pairs), k + 1, model.n_heads
+    layers = model.layers(hf)
+    alpha = (torch.arange(R, dtype=torch.float32) / k).view(1, -1, 1, 1)
+    held = {}
+
+    def interpolate(module, args):
+        h = args[0].view(P, R, *args[0].shape[1:])
+        a = alpha.to(h.device, h.dtype)
+        x = (h[:, :1] + a * (h[:, -1:] - h[:, :1])).flatten(0, 1).detach().requires_grad_(True)
+        return (x, *args[1:])
+
+    def keep(key):
+        def hook(module, args):
+            args[0].retain_grad()
+            held[key] = args[0]
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(interpolate)]
+    for i, layer in enumerate(layers):
+        handles.append(model.head_site(layer).register_forward_pre_hook(keep((i, 0))))
+        handles.append(model.neuron_site(layer).register_forward_pre_hook(keep((i, 1))))
+    try:
+        logits = hf(**_ig_rows(model, pairs, k), use_cache=False, logits_to_keep=1).logits[:, -1]
+        ld = logits.view(P, R, -1)[:, 1:].gather(-1, _answers(pairs).to(logits.device).view(P, 1, 2).expand(P, k, 2))
+        (ld[..., 0] - ld[..., 1]).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for (i, j), x in held.items():
+        a, g = x.detach().view(P, R, *x.shape[1:]), x.grad.view(P, R, *x.shape[1:])[:, 1:].mean(1)
+        s = ((a[:, 0] - a[:, -1]) * g).sum(0)  # (T, width)
+        if j == 0:
+            heads[i] += s.view(s.shape[0], H, -1).sum(-1).float().cpu()
+        else:
+            neurons[i] += s.float().cpu()
+
+
+def floor_attribute(model, pairs, k: int, max_rows: int = STUDY["ig_max_rows"]) -> torch.Tensor:
+    """IG scores of every head and neuron in plain PyTorch, chunked like `attribute`; returns heads (L, T, H)."""
+    T, L = pairs[0].length, model.n_layers
+    heads, neurons = torch.zeros(L, T, model.n_heads), torch.zeros(L, T, model.d_mlp)
+    per = max(1, max_rows // (k + 1))
+    for start in range(0, len(pairs), per):
+        _floor_ig_chunk(model, pairs[start:start + per], k, heads, neurons)
+    return heads / len(pairs)
+
+
+def circuits(model, pairs):
+    """The full and the empty circuit of the pairs' layout (`Circuit.full`)."""
+    from modality_circuits.circuits.circuit import Circuit
+
+    T, L = pairs[0].length, model.n_layers
+    like = Circuit(torch.ones(L, model.n_heads, T, dtype=torch.bool), torch.ones(L, model.d_mlp, T, dtype=torch.bool),
+                   dict(pairs[0].spans), model.name)
+    return [Circuit.full(like, True), Circuit.full(like, False)]
+
+
+def floor_ablation(model, pairs, circs) -> torch.Tensor:
+    """ablation_lds in plain PyTorch: P p' rows, then P rows per circuit; nodes outside a circuit take p' values."""
+    from modality_circuits.data.pairs import batch
+
+    hf, P, n, H = model.hf_model, len(pairs), len(circs), model.n_heads
+    rows = model.prepare(batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs] * n))
+    circ_of_row, src = torch.arange(n).repeat_interleave(P), torch.arange(n * P) % P
+    keeps = (torch.stack([c.heads for c in circs]), torch.stack([c.neurons for c in circs]))
+
+    def patch(i, j):
+        def hook(module, args):
+            a = args[0]
+            own, cf = a[P:], a[:P][src.to(a.device)]
+            k = keeps[j][:, i][circ_of_row].transpose(1, 2).to(a.device)  # (nP, T, units)
+            if j == 0:
+                own, cf, k = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1), k.unsqueeze(-1)
+            return (torch.cat([a[:P], torch.where(k, own, cf).flatten(2)]), *args[1:])
+        return hook
+
+    handles = []
+    for i, layer in enumerate(model.layers(hf)):
+        handles.append(model.head_site(layer).register_forward_pre_hook(patch(i, 0)))
+        handles.append(model.neuron_site(layer).register_forward_pre_hook(patch(i, 1)))
+    try:
+        with torch.no_grad():
+            logits = hf(**rows, use_cache=False, logits_to_keep=1).logits[P:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    ld = logits.gather(-1, _answers(pairs).repeat(n, 1).to(logits.device)).float()
+    return (ld[:, 0] - ld[:, 1]).view(n, P)
+
+
+def plain_forward(model, pairs, k: int, keep: int) -> torch.Tensor:
+    """A no-grad forward of the IG rows; keep=0 computes logits at every position, keep=1 at the last only."""
+    with torch.no_grad():
+        return model.hf_model(**_ig_rows(model, pairs, k), use_cache=False, logits_to_keep=keep).logits[:, -1]
+
+
+def step_fn(step: str, model, pairs, k: int):
+    """A zero-argument callable running `step`, returning a checksum of its result (|scores| or |LD| summed)."""
+    from modality_circuits import attribute
+    from modality_circuits.methods.ablation import ablation_lds
+
+    circs = circuits(model, pairs)
+    return {
+        "attribute": lambda: attribute(model, pairs, steps=k, progress=False).heads.abs().sum(),
+        "attribute_floor": lambda: floor_attribute(model, pairs, k).abs().sum(),
+        "ablation": lambda: ablation_lds(model, circs, pairs).abs().sum(),
+        "ablation_floor": lambda: floor_ablation(model, pairs, circs).abs().sum(),
+        "logits_full": lambda: plain_forward(model, pairs, k, keep=0).float().abs().sum(),
+        "logits_last": lambda: plain_forward(model, pairs, k, keep=1).float().abs().sum(),
+    }[step]
+
+
+def step_rows(step: str, pairs: int, k: int) -> int:
+    """Batch rows one call of `step` runs (all IG rows, chunked at 48 rows by attribute, count alike)."""
+    return 3 * pairs if step.startswith("ablation") else pairs * (k + 1)
+
+
+# ---------------------------------------------------------------- measurement (child process)
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak(cuda: bool) -> bool:
+    """Start peak tracking here: CUDA peak stats, or the kernel's RSS high-water mark (/proc/self/clear_refs)."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(run, repeats: int, cuda: bool) -> dict:
+    """Run `run` `repeats` times: CPU and wall seconds each, memory before, peak memory over all of them."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    reset = _reset_peak(cuda)
+    base = torch.cuda.memory_allocated() if cuda else _rss()
+    cpu, wall, check = [], [], None
+    for _ in range(repeats):
+        sync()
+        c0, w0 = time.process_time(), time.perf_counter()
+        check = float(run())
+        sync()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(cpu_s=cpu, wall_s=wall, base_bytes=base, peak_bytes=peak, peak_reset=reset, check=check)
+
+
+def child(args) -> dict:
+    """Build one model, its pairs, and measure one step (the --child entry point)."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    name = args.models[0]
+    t0 = time.perf_counter()
+    model = build(name, layers=args.layers, vision_layers=args.vision_layers, quick=args.quick,
+                  dtype=getattr(torch, args.dtype), device=args.device)
+    pairs = image_pairs(model, args.pairs)
+    setup_s = time.perf_counter() - t0
+    result = measure(step_fn(args.child, model, pairs, args.steps), args.repeats, args.device == "cuda")
+    return dict(result, setup_s=setup_s, T=pairs[0].length, rows=step_rows(args.child, len(pairs), args.steps),
+                params=sum(p.numel() for p in model.hf_model.parameters()))
+
+
+# ---------------------------------------------------------------- parent: runs, table
+
+def run_child(args, name: str, step: str) -> dict:
+    """Measure `step` of model `name` in a fresh interpreter; the result, or {"error": ...}."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", step, "--models", name, "--layers", str(args.layers),
+           "--vision-layers", str(args.vision_layers), "--pairs", str(args.pairs), "--steps", str(args.steps),
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--dtype", args.dtype,
+           "--device", args.device] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_steps(args, name: str) -> dict:
+    """Every step of one model, `args.jobs` child processes at a time; progress printed as they finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(step):
+        r = run_child(args, name, step)
+        print(f"  {name} {step}: " + (r.get("error") or f"{min(seconds(r, args.device == 'cuda')):.2f} s"), flush=True)
+        return r
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return dict(zip(STEPS, pool.map(one, STEPS)))
+
+
+def seconds(r: dict, cuda: bool) -> list[float]:
+    """The timing that counts: CPU seconds on the CPU (1 thread by default), wall seconds on a GPU."""
+    return r["wall_s"] if cuda else r["cpu_s"]
+
+
+def print_table(name: str, results: dict, cuda: bool) -> None:
+    """One model's steps: time (min, spread), peak memory and growth during the step, ratios to the floor."""
+    unit = "wall s" if cuda else "CPU s"
+    mem = "CUDA peak" if cuda else "peak RSS"
+    print(f"\n{name}: {results['attribute_floor'].get('rows', '?')} IG rows of T={results['attribute_floor'].get('T', '?')}"
+          f" tokens, {results['attribute_floor'].get('params', 0) / 1e6:.0f} M parameters built")
+    print(f"  {'step':16s} {unit:>8s} {'spread':>7s} {mem + ' GiB':>13s} {'+step GiB':>10s} {'x floor s':>10s}"
+          f" {'x floor +mem':>13s} {'check':>10s}")
+    for step in STEPS:
+        r = results[step]
+        if "error" in r:
+            print(f"  {step:16s} FAILED {r['error']}")
+            continue
+        t = seconds(r, cuda)
+        grow = (r["peak_bytes"] - r["base_bytes"]) / GIB
+        floor = results.get(FLOOR.get(step, step), {})
+        ratio_t = ratio_m = ""
+        if "error" not in floor:
+            ratio_t = f"{min(t) / min(seconds(floor, cuda)):.2f}x"
+            ratio_m = f"{grow / max((floor['peak_bytes'] - floor['base_bytes']) / GIB, 1e-9):.2f}x"
+        spread = (max(t) - min(t)) / min(t) * 100
+        print(f"  {step:16s} {min(t):8.2f} {spread:6.1f}% {r['peak_bytes'] / GIB:13.2f} {grow:10.2f} {ratio_t:>10s}"
+              f" {ratio_m:>13s} {r['check']:10.4g}")
+
+
+# ---------------------------------------------------------------- projection
+
+def shape(name: str, *, layers: int, vision_layers: int, quick: bool) -> dict:
+    """What the FLOP/byte model needs, read off the weightless skeleton: parameter counts, widths, sequence lengths."""
+    import operator
+
+    model = build(name, layers=layers, vision_layers=vision_layers, quick=quick, dtype=torch.bfloat16, device="meta")
+    hf, d = model.hf_model, dims(name, quick)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    return dict(params=count(hf), p_layer=count(model.layers(hf)[0]),
+                p_vlayer=count(operator.attrgetter(VISION_BLOCKS[name])(hf)[0]), L=layers, Lv=vision_layers,
+                patches=(d["image_size"] // d["patch"]) ** 2, d=d["hidden"], V=d["vocab"], dv=d["vision_hidden"],
+                attn=d["heads"] * d["head_dim"], kv=2 * d["kv_heads"] * d["head_dim"] * GPU["weight_bytes"],
+                T_image=image_pairs(model, 1)[0].length, T_text=image_pairs(model, 1, "text")[0].length)
+
+
+def fwd_flops(s: dict, T: int, image: bool, kept: int) -> float:
+    """Forward FLOPs of one row: decoder L(2 p_layer T + 4 T^2 H hd), vision Lv(2 p_vlayer N + 4 N^2 dv), head 2 d V kept."""
+    decoder = s["L"] * (2 * s["p_layer"] * T + 4 * T * T * s["attn"])
+    vision = s["Lv"] * (2 * s["p_vlayer"] * s["patches"] + 4 * s["patches"] ** 2 * s["dv"]) if image else 0
+    return decoder + vision + 2 * s["d"] * s["V"] * kept
+
+
+def bwd_flops(s: dict, T: int, kept: int) -> float:
+    """Backward FLOPs of one row with frozen weights (input gradients only): L(2 p_layer T + 8 T^2 H hd) + 2 d V kept."""
+    return s["L"] * (2 * s["p_layer"] * T + 8 * T * T * s["attn"]) + 2 * s["d"] * s["V"] * kept
+
+
+def ablation_rows(P: int, C: int, max_rows: int = STUDY["max_rows"]) -> tuple[int, int]:
+    """(all rows, rows per trace) of ablation_lds for C circuits on P pairs: every trace repeats the P p' rows."""
+    per = max(1, max_rows // P - 1)
+    return math.ceil(C / per) * P + C * P, P + min(per, C) * P
+
+
+def study_flops(s: dict, full_logits: bool) -> dict:
+    """FLOPs of each step of the study, summed over tasks and both modalities (full_logits: as the package runs)."""
+    st, out = STUDY, {"accuracy": 0.0, "attribution": 0.0, "curves": 0.0, "position_effect": 0.0, "backpatch": 0.0}
+    selection = st["candidates"] // 2
+    for image, T in ((True, s["T_image"]), (False, s["T_text"])):
+        kept = T if full_logits else 1
+        fwd = fwd_flops(s, T, image, kept)
+        out["accuracy"] += st["candidates"] * fwd
+        out["attribution"] += st["discovery"] * (st["k"] + 1) * (fwd + bwd_flops(s, T, kept))
+        out["curves"] += ablation_rows(st["evaluation"], st["fractions"] + 2)[0] * fwd
+        out["position_effect"] += ablation_rows(st["evaluation"], T + 1)[0] * fwd
+        out["backpatch"] += (selection * (st["backpatch_configs"] + 2) + (st["candidates"] - selection) * 3) * fwd
+    return {k: v * st["tasks"] for k, v in out.items()}
+
+
+def per_row_bytes(r: dict) -> float:
+    """Memory a step added per batch row: peak minus what was held before it, over its rows."""
+    return (r["peak_bytes"] - r["base_bytes"]) / r["rows"]
+
+
+def _memory(full: dict, results: dict, layers_run: int) -> dict:
+    """Projected bytes per row at full depth, safe rows per chunk, and the package's largest forward traces."""
+    weights, room = full["params"] * GPU["weight_bytes"], GPU["budget"] - full["params"] * GPU["weight_bytes"]
+    floor, lib = per_row_bytes(results["attribute_floor"]), per_row_bytes(results["attribute"])
+    ig = {"floor": floor / layers_run * full["L"], "package": floor / layers_run * full["L"] + lib - floor}
+    # forward-only rows hold no per-layer activations, but the package's traces keep a KV cache (use_cache=True)
+    kv_more = (full["L"] - layers_run) * full["T_image"] * full["kv"]
+    fwd = {"floor": per_row_bytes(results["ablation_floor"]), "package": per_row_bytes(results["ablation"]) + kv_more}
+    out = {f"gb_per_ig_row_{k}": v / 1e9 for k, v in ig.items()}
+    out.update({f"safe_ig_rows_{k}": max(0, int(room // v)) for k, v in ig.items()})
+    out.update({f"gb_per_forward_row_{k}": v / 1e9 for k, v in fwd.items()})
+    traces = {"curve trace": ablation_rows(STUDY["evaluation"], STUDY["fractions"] + 2)[1],
+              "back-patching trace": STUDY["candidates"] // 2}
+    out["package_traces_gb"] = {f"{k} ({rows} rows)": (weights + rows * fwd["package"]) / 1e9 for k, rows in traces.items()}
+    return out
+
+
+def project(name: str, results: dict, args) -> dict:
+    """Full-depth projection for one 80 GB GPU: FLOP model for time, measured per-row memory scaled to full depth."""
+    full = shape(name, layers=REAL[name]["layers"], vision_layers=REAL[name]["vision_layers"], quick=False)
+    out = dict(weights_gb=full["params"] * GPU["weight_bytes"] / 1e9, T_image=full["T_image"], T_text=full["T_text"])
+    for key, full_logits in (("package", True), ("floor", False)):
+        out[f"hours_{key}"] = {k: v / GPU["flops"] / 3600 for k, v in study_flops(full, full_logits).items()}
+    if all("error" not in results[s] for s in STEPS):
+        out.update(_memory(full, results, args.layers))
+        ran = shape(name, layers=args.layers, vision_layers=args.vision_layers, quick=args.quick)
+        flops = results["attribute_floor"]["rows"] * (fwd_flops(ran, ran["T_image"], True, 1) + bwd_flops(ran, ran["T_image"], 1))
+        out["floor_gflops_per_s"] = flops / min(seconds(results["attribute_floor"], args.device == "cuda")) / 1e9
+    return out
+
+
+def print_projection(projections: dict, args) -> None:
+    """The assumptions, the formulas and the projected figures, labelled as a projection."""
+    st = STUDY
+    print("\nPROJECTION to full depth on one 80 GB GPU (a model, not a measurement)")
+    print(f"  assumptions: bf16 weights {GPU['weight_bytes']} B/param (real parameter count from the full-depth skeleton);"
+          f" {GPU['flops'] / 1e12:.0f} TFLOP/s effective (H100 bf16 dense ~989 TFLOP/s at 40 % MFU);"
+          f" {GPU['budget'] / 1e9:.0f} GB usable")
+    print("  forward FLOPs/row = L(2 p_layer T + 4 T^2 H hd) + [image rows] Lv(2 p_vlayer N + 4 N^2 dv) + 2 d V K;"
+          " K = T (package: logits at every position) or 1 (floor)")
+    print("  backward FLOPs/row = L(2 p_layer T + 8 T^2 H hd) + 2 d V K  (weights frozen: input gradients only)")
+    print(f"  GB/IG row = floor bytes per row and layer (measured at {args.layers} layer(s), so embedding, vision and"
+          " head terms are counted per layer too: conservative) x L; package: + its measured extra per row over the"
+          " floor (full logits, nnsight), taken as depth-independent. safe rows = (budget - weights) / GB per row")
+    print("  GB/forward row: measured per row of ablation (package) / ablation_floor; the package's traces also keep"
+          " a KV cache: + (L - layers run) T 2 KV hd 2 B")
+    print(f"  study: {st['tasks']} tasks x {st['modalities']} modalities x {st['pairs']} pairs; IG k={st['k']} on"
+          f" {st['discovery']} discovery pairs; curves {st['fractions']}+2 circuits on {st['evaluation']} evaluation"
+          f" pairs; position effect T+1 ablations on them; back-patching {st['backpatch_configs']}+2 configs on"
+          f" {st['candidates'] // 2} selection prompts (+3 on the test half); accuracy on {st['candidates']} candidates;"
+          f" ablations chunked as ablation_lds does (max_rows {st['max_rows']}: every trace repeats the P p' rows)")
+    if args.quick:
+        print("  --quick: measured bytes are of 1/16-width models; the memory figures below mean nothing")
+    for name, p in projections.items():
+        print(f"\n  {name}: {p['weights_gb']:.1f} GB weights, T = {p['T_image']} (image) / {p['T_text']} (text)")
+        if "gb_per_ig_row_floor" in p:
+            print(f"    GB per IG row: package {p['gb_per_ig_row_package']:.2f}, floor {p['gb_per_ig_row_floor']:.2f};"
+                  f" safe rows per chunk: package {p['safe_ig_rows_package']}, floor {p['safe_ig_rows_floor']}"
+                  f" (attribute's default chunk: {st['ig_max_rows']} rows)")
+            traces = ", ".join(f"{k} {v:.1f} GB" for k, v in p["package_traces_gb"].items())
+            print(f"    GB per forward row: package {p['gb_per_forward_row_package']:.3f}, floor"
+                  f" {p['gb_per_forward_row_floor']:.3f}; package's largest traces incl. weights: {traces}")
+            print(f"    FLOP model check: the measured floor IG ran at {p['floor_gflops_per_s']:.0f} GFLOP/s here")
+        for key in ("package", "floor"):
+            h = p[f"hours_{key}"]
+            print(f"    hours ({key}): " + ", ".join(f"{k} {v:.2f}" for k, v in h.items()) + f"; total {sum(h.values()):.1f}")
+
+
+# ---------------------------------------------------------------- main
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=tuple(REAL), default=list(REAL))
+    p.add_argument("--layers", type=int, default=1, help="decoder layers built (real widths)")
+    p.add_argument("--vision-layers", type=int, default=1, help="vision-tower layers built")
+    p.add_argument("--pairs", type=int, default=4, help="counting/image pairs per step")
+    p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps k")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="1/16 widths: smoke-test the script")
+    p.add_argument("--jobs", type=int, help="child processes at once (default 2 with --quick, else 1: measured"
+                   " runs should not share the CPU)")
+    p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.jobs = args.jobs or (2 if args.quick else 1)
+    return args
+
+
+def main():
+    args = parse()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    print(f"bench_scale: {args.layers} decoder layer(s), {args.vision_layers} vision layer(s), {args.pairs} counting/image"
+          f" pairs, k={args.steps}, {args.repeats} repeat(s), {args.threads} thread(s), {args.dtype} on {args.device},"
+          f" {args.jobs} child(ren) at once"
+          + (", QUICK (1/16 widths)" if args.quick else ", real widths"))
+    report = {"args": vars(args), "models": {}}
+    projections = {}
+    for name in args.models:
+        results = run_steps(args, name)
+        print_table(name, results, args.device == "cuda")
+        projections[name] = project(name, results, args)
+        report["models"][name] = {"dims": dims(name, args.quick), "steps": results, "projection": projections[name]}
+    print_projection(projections, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

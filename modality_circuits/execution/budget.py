@@ -1,0 +1,73 @@
+"""How many rows a forward may hold: the memory budget every method's chunking reads.
+
+`VLM.memory_budget` is bytes, a string such as "40GB", or "auto": a safe share of what is free
+now (CUDA: free device memory; CPU: MemAvailable). `rows(model, length, backward=...)` divides it
+by a modelled per-row cost, caps the result at the method's `max_rows`, and is what every method
+passes to `requests.chunked`.
+
+The per-row model (b bytes per element of the model's dtype; d hidden size, I MLP width, H heads,
+L layers, T tokens, V vocabulary):
+  forward:  T·(6d + 7I)·b + 2·H·T²·b + 4V         one layer's live activations, the site inputs an
+                                                  intervention holds, attention scores, fp32 last logits
+  backward: L·T·(10d + 6I)·b + L·H·T²·b + forward  what autograd and the per-layer site inputs and their
+                                                  gradients keep for every layer
+It is deliberately generous; experiments/bench_scale.py compares it with measured peaks.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+#: Share of the free memory "auto" uses: the rest absorbs allocator fragmentation and the model's own buffers.
+SAFE_SHARE = 0.8
+_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def parse(budget) -> int | str:
+    """A budget as bytes (int) or "auto"; accepts numbers and strings like "40GB", "512 MB"."""
+    if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
+        return "auto"
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0:
+        return int(budget)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", str(budget).upper())
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"memory budget must be 'auto', a positive number of bytes or e.g. '40GB'; got {budget!r}")
+    unit = match.group(2) if match.group(2).endswith("B") or not match.group(2) else match.group(2) + "B"
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for activations now: free CUDA memory, or MemAvailable of the machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: assume 8 GiB
+        return 8 * 2**30
+
+
+def resolve(budget, device: torch.device) -> int:
+    """The budget in bytes ("auto": SAFE_SHARE of what is free on `device` now)."""
+    budget = parse(budget)
+    return int(SAFE_SHARE * free_bytes(device)) if budget == "auto" else budget
+
+
+def row_bytes(model, length: int, *, backward: bool = False) -> int:
+    """Modelled peak bytes of one row of `length` tokens (see the module docstring)."""
+    tc = model.text_config
+    b = torch.finfo(model.dtype).bits // 8
+    d, i, h, layers, t = tc.hidden_size, model.d_mlp, model.n_heads, model.n_layers, length
+    forward = t * (6 * d + 7 * i) * b + 2 * h * t * t * b + 4 * tc.vocab_size
+    if not backward:
+        return forward
+    return layers * (t * (10 * d + 6 * i) * b + h * t * t * b) + forward
+
+
+def rows(model, length: int, *, backward: bool = False, max_rows: int | None = None, extra: int = 0) -> int:
+    """How many rows of `length` tokens fit the model's memory budget (at least 1, at most max_rows);
+    `extra`: bytes a row holds besides its forward (e.g. cached residuals)."""
+    fit = resolve(model.memory_budget, model.device) // (row_bytes(model, length, backward=backward) + extra)
+    return max(1, min(fit, max_rows) if max_rows else fit)
