@@ -128,8 +128,8 @@ def test_only_aggregates_come_back():
 
     remote.EXCHANGES.clear()
     scores = attribute(dry, image, steps=2, progress=False)
-    size = (scores.heads.numel() + scores.neurons.numel()) * 4
-    assert all(e.result_bytes < size + 4096 for e in remote.EXCHANGES)  # the sums, not per-pair scores
+    size = 2 * (scores.heads.numel() + scores.neurons.numel()) * 4
+    assert all(e.result_bytes < size + 4096 for e in remote.EXCHANGES)  # the sums and square sums, not per-pair scores
     remote.EXCHANGES.clear()
     alignment(dry, image, text, resamples=10)
     assert [e.result_bytes < P * L * 4 + 4096 < residual_cache for e in remote.EXCHANGES] == [True]

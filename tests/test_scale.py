@@ -156,3 +156,26 @@ def test_bf16_model_metrics_are_float32_and_match_a_float64_recomputation():
     heads, neurons = ig_scores(model, pairs[0], 2)  # bf16 throughout: agreement to bf16 precision
     corr = torch.corrcoef(torch.stack([scores.neurons.flatten(), neurons.float().flatten()]))[0, 1]
     assert corr > 0.99, f"r = {corr:.4f}"
+
+
+def test_certified_candidates_give_the_full_tensor_niou_interval(tmp_path, capsys):
+    """On the toy, the nIoU interval from per-pair scores kept only for a certified candidate set (as at real
+    scale) equals the interval from every pair's full score tensor."""
+    import json
+
+    from modality_circuits.study.steps import Study, run_overlap
+    from modality_circuits.zoo import load_model
+
+    toy = load_model("toy")
+    settings = dict(out=str(tmp_path), tasks=("counting",), n=12, resamples=200)
+    full = run_overlap(Study(toy, **settings), "counting")
+    (tmp_path / "toy" / "counting" / "overlap.json").unlink()
+    for cache in (tmp_path / "toy" / ".cache").glob("*"):
+        cache.unlink()
+    large = Study(toy, max_per_pair_bytes=0, **settings)  # as if every pair's scores were too large to keep
+    capsys.readouterr()
+    kept = run_overlap(large, "counting")
+    log = capsys.readouterr().out
+    assert log.count("200/200 resamples certified") == 2, log  # the candidate path ran, for both modalities
+    assert "note" not in kept
+    assert json.dumps(kept, sort_keys=True) == json.dumps(full, sort_keys=True)

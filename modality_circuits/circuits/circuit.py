@@ -19,7 +19,12 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Scores:
-    """Mean signed node scores over pairs: heads (L, H, T), neurons (L, I, T)."""
+    """Mean signed node scores over pairs: heads (L, H, T), neurons (L, I, T).
+
+    per_pair: every pair's scores ((P, L, H, T), (P, L, I, T)), or with `kept` = (head index,
+    neuron index) only those at the flat indices `kept` of the layouts ((P, n_heads_kept),
+    (P, n_neurons_kept)); square_sums: Σ over pairs of score², in the layouts of heads and neurons.
+    """
 
     heads: torch.Tensor
     neurons: torch.Tensor
@@ -27,21 +32,32 @@ class Scores:
     model: str
     n_pairs: int
     meta: dict = field(default_factory=dict)
-    per_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, L, H, T), (P, L, I, T) if kept
+    per_pair: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    kept: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    square_sums: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def resample(self, idx) -> "Scores":
-        """Scores averaged over the pairs `idx` (with repeats) of per_pair: one bootstrap draw."""
+        """Scores averaged over the pairs `idx` (with repeats) of per_pair: one bootstrap draw.
+
+        With `kept` indices, nodes outside them score 0 (circuits/candidates.py certifies that no
+        resampled circuit would have picked them)."""
         if self.per_pair is None:
             raise ValueError("these scores kept no per-pair values: attribute(..., per_pair=True)")
-        h, n = self.per_pair
-        return Scores(h[idx].mean(0), n[idx].mean(0), self.spans, self.model, len(idx), self.meta)
+        h, n = (v[idx].mean(0) for v in self.per_pair)
+        if self.kept is not None:
+            h, n = (torch.zeros(like.numel(), dtype=v.dtype).index_copy_(0, i, v).view_as(like)
+                    for v, i, like in zip((h, n), self.kept, (self.heads, self.neurons)))
+        return Scores(h, n, self.spans, self.model, len(idx), self.meta)
 
     def per_position(self) -> torch.Tensor:
         """(T,) summed signed score of every node at each position (the attributed position effect)."""
         return self.heads.sum((0, 1)) + self.neurons.sum((0, 1))
 
     def save(self, path: str) -> None:
-        _save(path, {"heads": self.heads, "neurons": self.neurons}, self._header())
+        tensors = {"heads": self.heads, "neurons": self.neurons}
+        if self.square_sums is not None:
+            tensors.update(heads_square_sums=self.square_sums[0], neurons_square_sums=self.square_sums[1])
+        _save(path, tensors, self._header())
 
     def _header(self) -> dict:
         return {"kind": "scores", "spans": self.spans, "model": self.model, "n_pairs": self.n_pairs, "meta": self.meta}
@@ -49,7 +65,9 @@ class Scores:
     @classmethod
     def load(cls, path: str) -> "Scores":
         tensors, h = _load(path, "scores")
-        return cls(tensors["heads"], tensors["neurons"], _spans(h), h["model"], h["n_pairs"], h["meta"])
+        squares = (tensors["heads_square_sums"], tensors["neurons_square_sums"]) if "heads_square_sums" in tensors else None
+        return cls(tensors["heads"], tensors["neurons"], _spans(h), h["model"], h["n_pairs"], h["meta"],
+                   square_sums=squares)
 
 
 def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -23,21 +23,24 @@ def _ig_rows(pairs: list[Pair], steps: int) -> dict:
 
 
 @server_body
-def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
+def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple):
     """One request: a forward+backward over P pairs × (k+1) rows for each chunk (both, rows, answers (P, 2)).
 
     both: processor outputs of the chunk's p' then p (2P rows); a first pass computes their decoder
     inputs e', e once (the vision tower runs once per prompt). rows: the decoder inputs of the
     P·(k+1) interpolation rows, whose layer-0 input is replaced by x_j = e' + α_j (e − e'), computed
     in float32 and cast to the model's dtype. Head (L, T, H) and neuron (L, T, I) scores (float32)
-    summed over pairs are added, chunk by chunk and on the server, to `totals` (None or the running
-    sums); returns the new sums and, with per_pair, each chunk's per-pair scores (P, L, units, T).
+    summed over pairs, and their squares summed over pairs, are added, chunk by chunk and on the
+    server, to `totals` (four running sums or Nones); returns the new sums and each chunk's per-pair
+    scores: all of them (per_pair=True, (P, L, units, T)), those at the flat indices of the Scores
+    layout per_pair=(head index, neuron index) ((P, n_kept) each), or none (per_pair=False).
     """
     L, H, k = model.n_layers, model.n_heads, steps
     root, layers, opts, dtype = model.nn, model.layers(), model.FORWARD, model.dtype
     attn, mlp = [model.head_site(layer) for layer in layers], [model.neuron_site(layer) for layer in layers]
     alpha = (torch.arange(k + 1, dtype=torch.float32) / k).view(1, -1, 1, 1)
-    heads_sum, neurons_sum = totals
+    heads_sum, neurons_sum, heads_sq, neurons_sq = totals
+    keep_all, index = per_pair is True, per_pair if isinstance(per_pair, tuple) else None
     with model.session():
         kept = []
         for both, rows, ids in chunks:
@@ -57,24 +60,31 @@ def _ig_session(model, chunks: list, steps: int, per_pair: bool, totals: tuple):
                 logits = root.output.logits[:, -1].float().view(P, k + 1, -1)[:, 1:]
                 ld = logits.gather(-1, ids.to(logits.device).view(P, 1, 2).expand(P, k, 2))  # LD inline (server body)
                 metric = (ld[..., 0] - ld[..., 1]).sum()
-                out_h, out_n = [None] * L, [None] * L
+                # per kind (0 heads, 1 neurons) and layer: sum over pairs, sum of squares, per-pair values if kept
+                sums, squares, each = [[None] * L, [None] * L], [[None] * L, [None] * L], [[None] * L, [None] * L]
                 with metric.backward():
                     for i in reversed(range(L)):
-                        for out, acts in ((out_n, neurons), (out_h, heads)):
+                        for j, acts in ((1, neurons), (0, heads)):
                             act = acts[i].view(P, k + 1, *acts[i].shape[1:])
                             g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].float().mean(1)
-                            s = (act[:, 0] - act[:, -1]).float() * g  # (P, T, width), float32
-                            if out is out_h:
-                                s = s.view(*s.shape[:2], H, -1).sum(-1)
-                            out[i] = s.detach() if per_pair else s.sum(0).detach()
+                            s = ((act[:, 0] - act[:, -1]).float() * g).detach()  # (P, T, width), float32
+                            if j == 0:
+                                s = s.view(*s.shape[:2], H, -1).sum(-1)  # (P, T, heads)
+                            sums[j][i], squares[j][i] = s.sum(0), (s * s).sum(0)
+                            if keep_all or index is not None:
+                                each[j][i] = s
             del e0, e_cf, e, a, x, heads, neurons, logits, ld, metric  # the next chunk must not hold these too
-            chunk_h, chunk_n = torch.stack(out_h), torch.stack(out_n)
-            if per_pair:  # (L, P, T, units) -> (P, L, units, T)
-                kept.append((chunk_h.permute(1, 0, 3, 2).cpu(), chunk_n.permute(1, 0, 3, 2).cpu()))
-                chunk_h, chunk_n = chunk_h.sum(1), chunk_n.sum(1)
-            heads_sum = chunk_h if heads_sum is None else heads_sum + chunk_h
-            neurons_sum = chunk_n if neurons_sum is None else neurons_sum + chunk_n
-        result = nnsight.save((heads_sum, neurons_sum, kept))
+            if keep_all:  # (L, P, T, units) -> (P, L, units, T)
+                kept.append(tuple(torch.stack(v).permute(1, 0, 3, 2).cpu() for v in each))
+            elif index is not None:  # (P, n_kept) at flat indices of the (L, units, T) layout
+                kept.append(tuple(torch.stack(v).permute(1, 0, 3, 2).flatten(1)[:, i.to(v[0].device)].cpu()
+                                  for v, i in zip(each, index)))
+            sums, squares = [torch.stack(v) for v in sums], [torch.stack(v) for v in squares]  # (L, T, units)
+            heads_sum = sums[0] if heads_sum is None else heads_sum + sums[0]
+            neurons_sum = sums[1] if neurons_sum is None else neurons_sum + sums[1]
+            heads_sq = squares[0] if heads_sq is None else heads_sq + squares[0]
+            neurons_sq = squares[1] if neurons_sq is None else neurons_sq + squares[1]
+        result = nnsight.save((heads_sum, neurons_sum, heads_sq, neurons_sq, kept))
     return result
 
 
@@ -86,7 +96,10 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
     steps=1 is attribution patching. Pairs are processed in chunks of as many interpolation rows
     (k+1 per pair) as the model's memory budget allows, at most `max_rows`, one backward per chunk;
     sums stream across chunks in float32.
-    per_pair=True also keeps every pair's scores (Scores.per_pair, for bootstrapping; small models only).
+    per_pair=True also keeps every pair's scores (Scores.per_pair, for bootstrapping; small models only);
+    per_pair=(head index, neuron index) keeps them only at those flat indices of the (L, units, T)
+    layouts (Scores.per_pair (P, n) each, Scores.kept the indices). Scores.square_sums always holds
+    Σ_p score², which bounds what any resample of the pairs can give a node (circuits/candidates.py).
     Remote: `model.chunks_per_request` chunks per request, only the running sums come back.
     checkpoint: a file that keeps the sums after every request; a run with the same model, pairs
     and settings resumes from it (a file of another run is replaced).
@@ -96,24 +109,32 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_chunk = max(1, budget.rows(model, pairs[0].length, backward=True, max_rows=max_rows) // (steps + 1))
     chunks = requests.chunked(pairs, per_chunk)
-    state = {"done": 0, "heads": None, "neurons": None, "kept": []}
+    state = {"done": 0, "heads": None, "neurons": None, "heads_sq": None, "neurons_sq": None, "kept": []}
     store = None
     if checkpoint is not None:
         store = Checkpoint(checkpoint, fingerprint(
-            "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps, per_pair, per_chunk,
+            "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps,
+            per_pair if isinstance(per_pair, tuple) else bool(per_pair), per_chunk,
             [(p.inputs, p.cf_inputs, p.answer_id, p.cf_answer_id) for p in pairs]))
         state = store.load() or state
     for group in requests.requests(model, chunks[state["done"]:], desc=f"attribute k={steps}", progress=progress,
                                    done=state["done"]):
         work = [(model.prepare(batch([p.cf_inputs for p in chunk] + [p.inputs for p in chunk])),
                  model.prepare(model.decoder_inputs(_ig_rows(chunk, steps))), answers(chunk)) for chunk in group]
-        h, n, kept = model.call(_ig_session, work, steps, per_pair, (state["heads"], state["neurons"]))
-        state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "kept": state["kept"] + list(kept)}
+        totals = (state["heads"], state["neurons"], state["heads_sq"], state["neurons_sq"])
+        h, n, hq, nq, kept = model.call(_ig_session, work, steps, per_pair, totals)
+        state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "heads_sq": hq, "neurons_sq": nq,
+                 "kept": state["kept"] + list(kept)}
         if store is not None:
             store.save(state)
-    heads, neurons, n = state["heads"], state["neurons"], len(pairs)
-    scores = Scores((heads / n).permute(0, 2, 1).contiguous().cpu(), (neurons / n).permute(0, 2, 1).contiguous().cpu(),
-                    dict(pairs[0].spans), model.name, n, {"steps": steps})
-    if per_pair:
+    n = len(pairs)
+
+    def layout(t):  # (L, T, units) -> (L, units, T)
+        return t.permute(0, 2, 1).contiguous().cpu()
+
+    scores = Scores(layout(state["heads"] / n), layout(state["neurons"] / n), dict(pairs[0].spans), model.name, n,
+                    {"steps": steps}, square_sums=(layout(state["heads_sq"]), layout(state["neurons_sq"])))
+    if per_pair is True or isinstance(per_pair, tuple):
         scores.per_pair = (torch.cat([h for h, _ in state["kept"]]), torch.cat([n for _, n in state["kept"]]))
+        scores.kept = per_pair if isinstance(per_pair, tuple) else None
     return scores

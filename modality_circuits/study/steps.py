@@ -25,7 +25,8 @@ from ..analyses.interchange import interchange, margin, readable
 from ..analyses.overlap import overlap
 from ..circuits.circuit import Circuit, Scores
 from ..circuits.metrics import faithfulness_value
-from ..circuits.stats import CI, bootstrap
+from ..circuits.candidates import candidates, certify
+from ..circuits.stats import CI, bootstrap, draws
 from ..data import tasks as task_defs
 from ..data.pairs import SPANS, build_pairs, split
 from ..execution.budget import parse as parse_budget
@@ -57,7 +58,7 @@ class Study:
     image_size: int | None = None  # side of rendered images (None: the model's, the study's size for its family)
     memory_budget: int | str | None = None  # bytes, "40GB" or "auto" for every forward (None: the model's)
     max_per_pair_bytes: int = 2 * 2**30  # keep per-pair scores (for the nIoU CI) only below this size
-    _pairs: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
 
     def __post_init__(self):
         if self.memory_budget is not None:
@@ -73,27 +74,27 @@ class Study:
     def candidates(self, task: str, modality: str):
         """Every built pair (correct or not), 3n of them (all_prompts: n)."""
         key = ("all", task, modality)
-        if key not in self._pairs:
+        if key not in self._memo:
             n = self.n if self.all_prompts else 3 * self.n
             pairs = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir,
                                 image_size=self.image_size)
             (start, end), size = pairs[0].spans["D"], self.image_size or self.model.image_size
             shown = f"{end - start} image tokens ({size} px images)" if modality == "image" else f"{end - start} tokens"
             tqdm.write(f"{task}/{modality}: {len(pairs)} pairs of {pairs[0].length} tokens; D = {shown}")
-            self._pairs[key] = pairs
-        return self._pairs[key]
+            self._memo[key] = pairs
+        return self._memo[key]
 
     def pairs(self, task: str, modality: str):
         """(discovery, evaluation) splits of the kept pairs."""
         key = ("kept", task, modality)
-        if key not in self._pairs:
+        if key not in self._memo:
             cands = self.candidates(task, modality)
             kept = cands if self.all_prompts else keep_correct(self.model, cands)[: self.n]
             if len(kept) < 4:
                 raise TooFewPairs(f"{self.model.name} answers only {len(kept)} {task}/{modality} pairs correctly; "
                                    "too few for a circuit (use all_prompts for random test models)")
-            self._pairs[key] = split(kept)
-        return self._pairs[key]
+            self._memo[key] = split(kept)
+        return self._memo[key]
 
 
 def _step(study: Study, path: Path, compute):
@@ -119,6 +120,8 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
     """IG scores on the discovery split (per-pair values cached for the overlap bootstrap)."""
     path = study.path(task, "scores.safetensors", modality)
     cache = study.dir / ".cache" / f"{task}-{modality}-per-pair.safetensors"
+    if ("scores", task, modality) in study._memo:  # computed by this run (with force: once, not once per reader)
+        return study._memo["scores", task, modality]
     if path.exists() and not study.force:
         s = Scores.load(path)
         if cache.exists():
@@ -134,6 +137,7 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
         with atomic(cache) as tmp:
             save_file({"heads": s.per_pair[0].contiguous(), "neurons": s.per_pair[1].contiguous()}, tmp)
     s.save(path)
+    study._memo["scores", task, modality] = s
     return s
 
 
@@ -181,6 +185,14 @@ def run_overlap(study: Study, task: str) -> dict:
         point = overlap(text, image)
         st, si = run_scores(study, task, "text"), run_scores(study, task, "image")
         ft, fi = (read_json(study.path(task, "curve.json", m))["circuit_fraction"] for m in ("text", "image"))
+        sizes = (st.n_pairs, si.n_pairs)
+        resampled = draws(sizes, study.resamples)  # the bootstrap's own draws (seed 0)
+        note = None
+        if st.per_pair is None or si.per_pair is None:  # too large to keep every pair's scores: certified candidates
+            st, si = (_candidate_scores(study, task, m, s, f, [d[j] for d in resampled])
+                      for j, (m, s, f) in enumerate((("text", st, ft), ("image", si, fi))))
+            if st is None or si is None:
+                note = "no interval: the candidate sets could not be certified for every resample"
         cache = {}
 
         def draw(it, ii):
@@ -192,15 +204,33 @@ def run_overlap(study: Study, task: str) -> dict:
 
         result = {}
         for s in SPANS:
-            if st.per_pair is None or si.per_pair is None:  # too large to keep: no interval
+            if note:
                 ci = CI(point[s].niou, float("nan"), float("nan"))
             else:
-                sizes = (st.per_pair[0].shape[0], si.per_pair[0].shape[0])
                 ci = bootstrap(lambda it, ii, s=s: draw(it, ii)[s].niou, sizes, resamples=study.resamples)
             result[s] = {"niou": ci.as_dict(), "niou_heads": point[s].niou_heads, "niou_neurons": point[s].niou_neurons,
                          "iou_heads": point[s].iou_heads, "iou_neurons": point[s].iou_neurons}
+        if note:
+            result["note"] = note
         return result
     return _step(study, study.path(task, "overlap.json"), compute)
+
+
+def _candidate_scores(study: Study, task: str, modality: str, scores: Scores, fraction: float, idx: list):
+    """`scores` with per-pair values kept for a certified candidate set (circuits/candidates.py), by a second
+    attribution pass over the discovery pairs that returns only those; None if no set could be certified."""
+    discovery, _ = study.pairs(task, modality)
+    for slack in (0.5, 0.25, 0.125):
+        kept = candidates(scores, fraction, idx, slack)
+        again = attribute(study.model, discovery, steps=study.steps, per_pair=kept, progress=False)
+        scores.per_pair, scores.kept = again.per_pair, kept
+        failed = certify(scores, fraction, idx)
+        tqdm.write(f"{task}/{modality}: per-pair scores kept for {len(kept[0])} heads and {len(kept[1])} neurons "
+                   f"(slack {slack}); {len(idx) - len(failed)}/{len(idx)} resamples certified")
+        if not failed:
+            return scores
+    scores.per_pair = scores.kept = None
+    return None
 
 
 def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
