@@ -5,22 +5,24 @@ google/gemma-3-12b-it) with their REAL widths (hidden size, heads, KV heads, hea
 tower) but only `--layers` decoder layers (default 1) and `--vision-layers` vision layers (default 1), wrapped by
 `modality_circuits.model.wrap` with the word-level tokenizers of the test zoo (their ids are a subset of the real
 vocabulary; embeddings and lm_head keep the real width). Images have the study's sizes: Qwen2-VL 252 px (324
-patches, 81 image tokens after the 2x2 merge), Pixtral 256 px (16x16 [IMG] + 15 [IMG_BREAK] + 1 [IMG_END] = 272
-tokens), Gemma-3 896 px (4096 patches pooled to 256 tokens).
+patches, 81 image tokens after the 2x2 merge), Pixtral 252 px (processed as 16x16 patches of 16 px: 256 [IMG] +
+15 [IMG_BREAK] + 1 [IMG_END] = 272 tokens), Gemma-3 896 px (4096 patches pooled to 256 tokens).
 
 Each step runs in its own subprocess on P counting/image pairs (peak RSS, or CUDA peak, is that step's own):
-  attribute        modality_circuits.attribute (k steps): nnsight trace, logits at every position
-  attribute_floor  the same P*(k+1) interpolated rows in plain PyTorch hooks: forward+backward, use_cache=False,
-                   logits at the last position only, gradients at every o_proj and down_proj input, same scores
+  attribute        modality_circuits.attribute (k steps), as the package runs it
+  attribute_floor  the same work in plain PyTorch hooks: merged embeddings of p', p once (vision tower once per
+                   prompt), the P(k+1) interpolated rows forward+backward with use_cache=False, last-position logits
+                   through one GEMM, gradients at every o_proj and down_proj input, the same float32 scores
   ablation         methods.ablation.ablation_lds with the full and the empty circuit (P p' rows + 2P patched rows)
-  ablation_floor   the same rows and the same patching in plain PyTorch hooks, last-position logits, no KV cache
-  logits_full      a plain forward of the IG rows with logits at every position (what every package trace computes)
-  logits_last      the same forward with logits_to_keep=1
+  ablation_floor   the same embeddings, rows and patching in plain PyTorch hooks
+  logits_full      a no-grad forward of the IG rows (layer-0 input given) with logits at every position
+  logits_keep1     the same with transformers' logits_to_keep=1, as every package trace now runs
+  logits_last      the same with the last position given as an index tensor (one contiguous GEMM): the floor
 Ratios compare each step with its floor from the same invocation. A labelled projection to full depth on one
 80 GB GPU follows (FLOP and byte model printed with its formula and assumptions).
 
-    python experiments/bench_scale.py --quick                        # smoke test at 1/16 width, ~1 min
-    python experiments/bench_scale.py --models qwen2_vl --repeats 1  # real width, 1 layer, CPU
+    python experiments/bench_scale.py --quick                        # smoke test at 1/16 width, about a minute
+    python experiments/bench_scale.py --models qwen2_vl --pairs 1 --repeats 1   # real width, 1 layer, CPU
     python experiments/bench_scale.py --device cuda --layers 28 --vision-layers 32 --models qwen2_vl
 """
 from __future__ import annotations
@@ -37,8 +39,9 @@ import warnings
 
 import torch
 
-STEPS = ("attribute", "attribute_floor", "ablation", "ablation_floor", "logits_full", "logits_last")
-FLOOR = {"attribute": "attribute_floor", "ablation": "ablation_floor", "logits_full": "logits_last"}
+STEPS = ("attribute", "attribute_floor", "ablation", "ablation_floor", "logits_full", "logits_keep1", "logits_last")
+FLOOR = {"attribute": "attribute_floor", "ablation": "ablation_floor", "logits_full": "logits_last",
+         "logits_keep1": "logits_last"}
 GIB = 2**30
 
 # Real configuration numbers. Sources (looked up with the `search` tool):
@@ -63,17 +66,17 @@ REAL = {
                      vision_intermediate=5120, vision_layers=32, vision_heads=16, patch=14, merge=2, image_size=252),
     "pixtral": dict(hub_id="mistral-community/pixtral-12b", vocab=131072, hidden=5120, intermediate=14336, layers=40,
                     heads=32, kv_heads=8, head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
-                    vision_heads=16, patch=16, image_size=256),
+                    vision_heads=16, patch=16, image_size=252),
     "gemma3": dict(hub_id="google/gemma-3-12b-it", vocab=262208, hidden=3840, intermediate=15360, layers=48, heads=16,
                    kv_heads=8, head_dim=256, vision_hidden=1152, vision_intermediate=4304, vision_layers=27,
                    vision_heads=16, patch=14, image_size=896, image_tokens=256),
 }
 
-#: The study whose cost is projected: per task and modality (METHOD.md 1, 3, 4, 8; `study.steps`).
+#: The study whose cost is projected: per task and modality (docs/method.md sections 1, 3, 4, 8; `study.steps`).
 STUDY = dict(tasks=5, modalities=2, pairs=250, discovery=188, evaluation=62, k=5, fractions=40, candidates=750,
-             backpatch_configs=120, max_rows=64, ig_max_rows=48)
-#: Projection assumptions: H100 dense bf16 ~989 TFLOP/s at 40 % MFU; 80 GB card with 8 GB kept free.
-GPU = dict(flops=400e12, budget=72e9, weight_bytes=2)
+             position_probes=64, interchange_circuits=3 * 2 * (4 + 5))
+#: Projection assumptions: H100 dense bf16 ~989 TFLOP/s at 40 % MFU; HBM3 3.35 TB/s at ~60 %; 80 GB card, 8 GB kept free.
+GPU = dict(flops=400e12, bandwidth=2e12, budget=72e9, weight_bytes=2)
 
 
 # ---------------------------------------------------------------- models
@@ -194,6 +197,51 @@ def image_pairs(model, n: int, modality: str = "image"):
 
 # ---------------------------------------------------------------- steps
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward once layer 0's input is known."""
+
+
+def embed(model, pairs) -> torch.Tensor:
+    """Decoder inputs (merged embeddings) of every pair's p' then p, (2P, T, d): the vision tower runs once per prompt."""
+    from modality_circuits.data.pairs import batch
+
+    both, got = model.prepare(batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs])), {}
+
+    def grab(module, args):
+        got["e"] = args[0].detach()
+        raise _Stop
+
+    handle = model.layers(model.hf_model)[0].register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            model.hf_model(**both, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got["e"]
+
+
+def decoder_logits(model, rows: dict, x: torch.Tensor, keep) -> torch.Tensor:
+    """Logits of a forward of `rows` (vision inputs dropped) whose layer-0 input is x; `keep` is logits_to_keep."""
+    hf = model.hf_model
+    handle = model.layers(hf)[0].register_forward_pre_hook(lambda module, args: (x, *args[1:]))
+    try:
+        return hf(**model.decoder_inputs(rows), use_cache=False, logits_to_keep=keep).logits
+    finally:
+        handle.remove()
+
+
+def last(model, pairs) -> torch.Tensor:
+    """logits_to_keep as an index tensor: transformers gathers a contiguous (rows, 1, d), which folds into one GEMM.
+
+    (logits_to_keep=1 slices a non-contiguous (rows, 1, d) view; with frozen weights torch's matmul then does not
+    fold it and broadcasts lm_head's weight to every row: a rows x d x V copy. The logits_keep1 step measures that;
+    the package passes an index tensor too, `VLM.FORWARD`.)
+    """
+    return torch.tensor([pairs[0].length - 1], device=model.device)
+
+
 def _ig_rows(model, pairs, k: int) -> dict:
     """The attribution rows, as attribute builds them: per pair p' then p repeated k times."""
     from modality_circuits.data.pairs import batch
@@ -201,22 +249,25 @@ def _ig_rows(model, pairs, k: int) -> dict:
     return model.prepare(batch([x for p in pairs for x in [p.cf_inputs] + [p.inputs] * k]))
 
 
+def _interpolated(model, pairs, k: int) -> torch.Tensor:
+    """Layer-0 inputs x_j = e' + j/k (e - e') of the IG rows, computed in float32 and cast back, (P (k+1), T, d)."""
+    e0 = embed(model, pairs)
+    P = len(pairs)
+    e_cf, e = e0[:P].float().unsqueeze(1), e0[P:].float().unsqueeze(1)
+    alpha = (torch.arange(k + 1, dtype=torch.float32, device=e.device) / k).view(1, -1, 1, 1)
+    return (e_cf + alpha * (e - e_cf)).to(e0.dtype).flatten(0, 1)
+
+
 def _answers(pairs) -> torch.Tensor:
+    """(P, 2) answer ids (r, r') of each pair."""
     return torch.tensor([[p.answer_id, p.cf_answer_id] for p in pairs])
 
 
-def _floor_ig_chunk(model, pairs, k: int, heads: torch.Tensor, neurons: torch.Tensor) -> None:
-    """One chunk of IG in plain PyTorch; adds the chunk's summed scores to heads (L, T, H) and neurons (L, T, I)."""
-    hf, P, R, H = model.hf_model, len(pairs), k + 1, model.n_heads
-    layers = model.layers(hf)
-    alpha = (torch.arange(R, dtype=torch.float32) / k).view(1, -1, 1, 1)
+def _floor_ig_chunk(model, pairs, k: int, sums: list) -> None:
+    """One chunk of IG in plain PyTorch; adds float32 score sums and squares per kind and layer to `sums`."""
+    P, R, H = len(pairs), k + 1, model.n_heads
+    x = _interpolated(model, pairs, k).requires_grad_(True)  # frozen weights: gradients flow via x
     held = {}
-
-    def interpolate(module, args):
-        h = args[0].view(P, R, *args[0].shape[1:])
-        a = alpha.to(h.device, h.dtype)
-        x = (h[:, :1] + a * (h[:, -1:] - h[:, :1])).flatten(0, 1).detach().requires_grad_(True)
-        return (x, *args[1:])
 
     def keep(key):
         def hook(module, args):
@@ -224,34 +275,37 @@ def _floor_ig_chunk(model, pairs, k: int, heads: torch.Tensor, neurons: torch.Te
             held[key] = args[0]
         return hook
 
-    handles = [layers[0].register_forward_pre_hook(interpolate)]
-    for i, layer in enumerate(layers):
+    handles = []
+    for i, layer in enumerate(model.layers(model.hf_model)):
         handles.append(model.head_site(layer).register_forward_pre_hook(keep((i, 0))))
         handles.append(model.neuron_site(layer).register_forward_pre_hook(keep((i, 1))))
     try:
-        logits = hf(**_ig_rows(model, pairs, k), use_cache=False, logits_to_keep=1).logits[:, -1]
+        logits = decoder_logits(model, _ig_rows(model, pairs, k), x, last(model, pairs))[:, -1].float()
         ld = logits.view(P, R, -1)[:, 1:].gather(-1, _answers(pairs).to(logits.device).view(P, 1, 2).expand(P, k, 2))
         (ld[..., 0] - ld[..., 1]).sum().backward()
     finally:
         for handle in handles:
             handle.remove()
-    for (i, j), x in held.items():
-        a, g = x.detach().view(P, R, *x.shape[1:]), x.grad.view(P, R, *x.shape[1:])[:, 1:].mean(1)
-        s = ((a[:, 0] - a[:, -1]) * g).sum(0)  # (T, width)
+    for (i, j), a in held.items():
+        act, g = a.detach().view(P, R, *a.shape[1:]), a.grad.view(P, R, *a.shape[1:])[:, 1:].float().mean(1)
+        s = (act[:, 0] - act[:, -1]).float() * g  # (P, T, width)
         if j == 0:
-            heads[i] += s.view(s.shape[0], H, -1).sum(-1).float().cpu()
-        else:
-            neurons[i] += s.float().cpu()
+            s = s.view(*s.shape[:2], H, -1).sum(-1)
+        sums[j][i] += s.sum(0).cpu()
+        sums[2 + j][i] += (s * s).sum(0).cpu()
 
 
-def floor_attribute(model, pairs, k: int, max_rows: int = STUDY["ig_max_rows"]) -> torch.Tensor:
-    """IG scores of every head and neuron in plain PyTorch, chunked like `attribute`; returns heads (L, T, H)."""
+def floor_attribute(model, pairs, k: int) -> torch.Tensor:
+    """attribute's work in plain PyTorch hooks, in the chunks the package's memory budget gives it; returns mean
+    head scores (L, T, H)."""
+    from modality_circuits.execution import budget
+
     T, L = pairs[0].length, model.n_layers
-    heads, neurons = torch.zeros(L, T, model.n_heads), torch.zeros(L, T, model.d_mlp)
-    per = max(1, max_rows // (k + 1))
+    sums = [torch.zeros(L, T, n) for n in (model.n_heads, model.d_mlp, model.n_heads, model.d_mlp)]
+    per = max(1, budget.rows(model, T, backward=True) // (k + 1))
     for start in range(0, len(pairs), per):
-        _floor_ig_chunk(model, pairs[start:start + per], k, heads, neurons)
-    return heads / len(pairs)
+        _floor_ig_chunk(model, pairs[start:start + per], k, sums)
+    return sums[0] / len(pairs)
 
 
 def circuits(model, pairs):
@@ -265,10 +319,12 @@ def circuits(model, pairs):
 
 
 def floor_ablation(model, pairs, circs) -> torch.Tensor:
-    """ablation_lds in plain PyTorch: P p' rows, then P rows per circuit; nodes outside a circuit take p' values."""
+    """ablation_lds in plain PyTorch: embeddings once, then P p' rows and P rows per circuit, one forward;
+    nodes outside a circuit take their p' values."""
     from modality_circuits.data.pairs import batch
 
-    hf, P, n, H = model.hf_model, len(pairs), len(circs), model.n_heads
+    P, n, H = len(pairs), len(circs), model.n_heads
+    e = embed(model, pairs)
     rows = model.prepare(batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs] * n))
     circ_of_row, src = torch.arange(n).repeat_interleave(P), torch.arange(n * P) % P
     keeps = (torch.stack([c.heads for c in circs]), torch.stack([c.neurons for c in circs]))
@@ -284,49 +340,61 @@ def floor_ablation(model, pairs, circs) -> torch.Tensor:
         return hook
 
     handles = []
-    for i, layer in enumerate(model.layers(hf)):
+    for i, layer in enumerate(model.layers(model.hf_model)):
         handles.append(model.head_site(layer).register_forward_pre_hook(patch(i, 0)))
         handles.append(model.neuron_site(layer).register_forward_pre_hook(patch(i, 1)))
     try:
         with torch.no_grad():
-            logits = hf(**rows, use_cache=False, logits_to_keep=1).logits[P:, -1]
+            logits = decoder_logits(model, rows, torch.cat([e[:P]] + [e[P:]] * n), last(model, pairs))[P:, -1].float()
     finally:
         for handle in handles:
             handle.remove()
-    ld = logits.gather(-1, _answers(pairs).repeat(n, 1).to(logits.device)).float()
+    ld = logits.gather(-1, _answers(pairs).repeat(n, 1).to(logits.device))
     return (ld[:, 0] - ld[:, 1]).view(n, P)
 
 
-def plain_forward(model, pairs, k: int, keep: int) -> torch.Tensor:
-    """A no-grad forward of the IG rows; keep=0 computes logits at every position, keep=1 at the last only."""
-    with torch.no_grad():
-        return model.hf_model(**_ig_rows(model, pairs, k), use_cache=False, logits_to_keep=keep).logits[:, -1]
-
-
 def step_fn(step: str, model, pairs, k: int):
-    """A zero-argument callable running `step`, returning a checksum of its result (|scores| or |LD| summed)."""
+    """A zero-argument callable running `step`, returning a checksum of its result (|scores|, |LD| or |logits| summed).
+
+    The logits steps time one no-grad forward of the IG rows from precomputed layer-0 inputs (no vision tower):
+    logits at every position (keep 0), transformers' logits_to_keep=1 (as the package's traces), or an index tensor.
+    """
     from modality_circuits import attribute
     from modality_circuits.methods.ablation import ablation_lds
 
+    if step.startswith("logits"):
+        rows, x = _ig_rows(model, pairs, k), _interpolated(model, pairs, k)
+        keep = {"logits_full": 0, "logits_keep1": 1, "logits_last": last(model, pairs)}[step]
+
+        def forward():
+            with torch.no_grad():
+                return decoder_logits(model, rows, x, keep)[:, -1].float().abs().sum()
+        return forward
     circs = circuits(model, pairs)
     return {
         "attribute": lambda: attribute(model, pairs, steps=k, progress=False).heads.abs().sum(),
         "attribute_floor": lambda: floor_attribute(model, pairs, k).abs().sum(),
         "ablation": lambda: ablation_lds(model, circs, pairs).abs().sum(),
         "ablation_floor": lambda: floor_ablation(model, pairs, circs).abs().sum(),
-        "logits_full": lambda: plain_forward(model, pairs, k, keep=0).float().abs().sum(),
-        "logits_last": lambda: plain_forward(model, pairs, k, keep=1).float().abs().sum(),
     }[step]
 
 
 def step_rows(step: str, pairs: int, k: int) -> int:
-    """Batch rows one call of `step` runs (all IG rows, chunked at 48 rows by attribute, count alike)."""
+    """Batch rows of the decoder forward(s) one call of `step` runs (besides the 2P-prompt embedding pass)."""
     return 3 * pairs if step.startswith("ablation") else pairs * (k + 1)
+
+
+def budget_row_bytes(model, step: str, T: int):
+    """The package's own per-row memory model (execution/budget.py) for attribute or ablation; None for other steps."""
+    from modality_circuits.execution import budget
+
+    return budget.row_bytes(model, T, backward=step == "attribute") if step in ("attribute", "ablation") else None
 
 
 # ---------------------------------------------------------------- measurement (child process)
 
 def _rss() -> int:
+    """Resident set size of this process now, in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -372,8 +440,10 @@ def child(args) -> dict:
     pairs = image_pairs(model, args.pairs)
     setup_s = time.perf_counter() - t0
     result = measure(step_fn(args.child, model, pairs, args.steps), args.repeats, args.device == "cuda")
-    return dict(result, setup_s=setup_s, T=pairs[0].length, rows=step_rows(args.child, len(pairs), args.steps),
-                params=sum(p.numel() for p in model.hf_model.parameters()))
+    T, (d0, d1) = pairs[0].length, pairs[0].spans["D"]
+    return dict(result, setup_s=setup_s, T=T, image_tokens=d1 - d0, rows=step_rows(args.child, len(pairs), args.steps),
+                params=sum(p.numel() for p in model.hf_model.parameters()),
+                budget_row_bytes=budget_row_bytes(model, args.child, T))
 
 
 # ---------------------------------------------------------------- parent: runs, table
@@ -411,10 +481,12 @@ def seconds(r: dict, cuda: bool) -> list[float]:
 
 def print_table(name: str, results: dict, cuda: bool) -> None:
     """One model's steps: time (min, spread), peak memory and growth during the step, ratios to the floor."""
-    unit = "wall s" if cuda else "CPU s"
-    mem = "CUDA peak" if cuda else "peak RSS"
-    print(f"\n{name}: {results['attribute_floor'].get('rows', '?')} IG rows of T={results['attribute_floor'].get('T', '?')}"
-          f" tokens, {results['attribute_floor'].get('params', 0) / 1e6:.0f} M parameters built")
+    unit, mem = ("wall s", "CUDA peak") if cuda else ("CPU s", "peak RSS")
+    ok = [results[s] for s in STEPS if "error" not in results[s]]
+    if ok:
+        r = ok[0]
+        print(f"\n{name}: T = {r['T']} tokens ({r['image_tokens']} image tokens), {r['params'] / 1e6:.0f} M parameters"
+              f" built; rows: IG {results['attribute'].get('rows', '?')}, ablation {results['ablation'].get('rows', '?')}")
     print(f"  {'step':16s} {unit:>8s} {'spread':>7s} {mem + ' GiB':>13s} {'+step GiB':>10s} {'x floor s':>10s}"
           f" {'x floor +mem':>13s} {'check':>10s}")
     for step in STEPS:
@@ -422,9 +494,8 @@ def print_table(name: str, results: dict, cuda: bool) -> None:
         if "error" in r:
             print(f"  {step:16s} FAILED {r['error']}")
             continue
-        t = seconds(r, cuda)
-        grow = (r["peak_bytes"] - r["base_bytes"]) / GIB
-        floor = results.get(FLOOR.get(step, step), {})
+        t, grow = seconds(r, cuda), (r["peak_bytes"] - r["base_bytes"]) / GIB
+        floor = results[FLOOR.get(step, step)]
         ratio_t = ratio_m = ""
         if "error" not in floor:
             ratio_t = f"{min(t) / min(seconds(floor, cuda)):.2f}x"
@@ -432,55 +503,89 @@ def print_table(name: str, results: dict, cuda: bool) -> None:
         spread = (max(t) - min(t)) / min(t) * 100
         print(f"  {step:16s} {min(t):8.2f} {spread:6.1f}% {r['peak_bytes'] / GIB:13.2f} {grow:10.2f} {ratio_t:>10s}"
               f" {ratio_m:>13s} {r['check']:10.4g}")
+    for step in ("attribute", "ablation"):
+        r = results[step]
+        if "error" not in r and r.get("budget_row_bytes"):
+            print(f"  {step}: measured {per_row_bytes(r) / GIB:.3f} GiB per row; the package's budget model"
+                  f" (execution/budget.py) {r['budget_row_bytes'] / GIB:.3f} GiB")
 
 
 # ---------------------------------------------------------------- projection
 
 def shape(name: str, *, layers: int, vision_layers: int, quick: bool) -> dict:
-    """What the FLOP/byte model needs, read off the weightless skeleton: parameter counts, widths, sequence lengths."""
+    """What the FLOP/byte model needs, read off the weightless skeleton: parameter counts, widths, sequence lengths,
+    and the package's own per-row memory model (execution/budget.py) at that depth."""
     import operator
 
     model = build(name, layers=layers, vision_layers=vision_layers, quick=quick, dtype=torch.bfloat16, device="meta")
     hf, d = model.hf_model, dims(name, quick)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    T_image = image_pairs(model, 1)[0].length
     return dict(params=count(hf), p_layer=count(model.layers(hf)[0]),
                 p_vlayer=count(operator.attrgetter(VISION_BLOCKS[name])(hf)[0]), L=layers, Lv=vision_layers,
                 patches=(d["image_size"] // d["patch"]) ** 2, d=d["hidden"], V=d["vocab"], dv=d["vision_hidden"],
-                attn=d["heads"] * d["head_dim"], kv=2 * d["kv_heads"] * d["head_dim"] * GPU["weight_bytes"],
-                T_image=image_pairs(model, 1)[0].length, T_text=image_pairs(model, 1, "text")[0].length)
+                attn=d["heads"] * d["head_dim"], T_image=T_image, T_text=image_pairs(model, 1, "text")[0].length,
+                budget_ig=budget_row_bytes(model, "attribute", T_image),
+                budget_fwd=budget_row_bytes(model, "ablation", T_image))
 
 
-def fwd_flops(s: dict, T: int, image: bool, kept: int) -> float:
-    """Forward FLOPs of one row: decoder L(2 p_layer T + 4 T^2 H hd), vision Lv(2 p_vlayer N + 4 N^2 dv), head 2 d V kept."""
-    decoder = s["L"] * (2 * s["p_layer"] * T + 4 * T * T * s["attn"])
-    vision = s["Lv"] * (2 * s["p_vlayer"] * s["patches"] + 4 * s["patches"] ** 2 * s["dv"]) if image else 0
-    return decoder + vision + 2 * s["d"] * s["V"] * kept
+def vision_flops(s: dict) -> float:
+    """Forward FLOPs of the vision tower on one image: Lv (2 p_vlayer N + 4 N^2 dv)."""
+    return s["Lv"] * (2 * s["p_vlayer"] * s["patches"] + 4 * s["patches"] ** 2 * s["dv"])
 
 
-def bwd_flops(s: dict, T: int, kept: int) -> float:
-    """Backward FLOPs of one row with frozen weights (input gradients only): L(2 p_layer T + 8 T^2 H hd) + 2 d V kept."""
-    return s["L"] * (2 * s["p_layer"] * T + 8 * T * T * s["attn"]) + 2 * s["d"] * s["V"] * kept
+def fwd_flops(s: dict, T: int) -> float:
+    """Forward FLOPs of one decoder row, logits at the last position: L (2 p_layer T + 4 T^2 H hd) + 2 d V."""
+    return s["L"] * (2 * s["p_layer"] * T + 4 * T * T * s["attn"]) + 2 * s["d"] * s["V"]
 
 
-def ablation_rows(P: int, C: int, max_rows: int = STUDY["max_rows"]) -> tuple[int, int]:
-    """(all rows, rows per trace) of ablation_lds for C circuits on P pairs: every trace repeats the P p' rows."""
-    per = max(1, max_rows // P - 1)
-    return math.ceil(C / per) * P + C * P, P + min(per, C) * P
+def bwd_flops(s: dict, T: int) -> float:
+    """Backward FLOPs of one row with frozen weights (input gradients only): L (2 p_layer T + 8 T^2 H hd) + 2 d V."""
+    return s["L"] * (2 * s["p_layer"] * T + 8 * T * T * s["attn"]) + 2 * s["d"] * s["V"]
 
 
-def study_flops(s: dict, full_logits: bool) -> dict:
-    """FLOPs of each step of the study, summed over tasks and both modalities (full_logits: as the package runs)."""
-    st, out = STUDY, {"accuracy": 0.0, "attribution": 0.0, "curves": 0.0, "position_effect": 0.0, "backpatch": 0.0}
-    selection = st["candidates"] // 2
+def ablation_rows(P: int, C: int, rows: int) -> int:
+    """Decoder rows of ablation_lds for C circuits on P pairs in chunks of `rows` rows: every trace repeats the
+    p' rows of its pairs (pairs are split when 2P rows do not fit)."""
+    part = min(P, max(1, rows // 2))
+    per_chunk = max(1, rows // part - 1)
+    return math.ceil(P / part) * (math.ceil(C / per_chunk) * part + C * part)
+
+
+def backpatch_share(L: int) -> float:
+    """Mean share of the decoder a back-patching config runs: the layers below dst are skipped
+    (modality_circuits.analyses.backpatch), averaged over the study's config grid."""
+    from modality_circuits.analyses.backpatch import default_configs
+
+    configs = default_configs(L)
+    return sum((L - dst) / L for _, dst, _ in configs) / len(configs), len(configs)
+
+
+def study_work(s: dict, rows: int) -> dict:
+    """Per study step: decoder-forward FLOPs, image and text summed over the tasks; `rows`: forward rows per chunk.
+
+    Every step computes decoder inputs once per prompt (the vision tower sees each image once).
+    """
+    st, selection = STUDY, STUDY["candidates"] // 2
+    share, n_configs = backpatch_share(s["L"])
+    out = {}
     for image, T in ((True, s["T_image"]), (False, s["T_text"])):
-        kept = T if full_logits else 1
-        fwd = fwd_flops(s, T, image, kept)
-        out["accuracy"] += st["candidates"] * fwd
-        out["attribution"] += st["discovery"] * (st["k"] + 1) * (fwd + bwd_flops(s, T, kept))
-        out["curves"] += ablation_rows(st["evaluation"], st["fractions"] + 2)[0] * fwd
-        out["position_effect"] += ablation_rows(st["evaluation"], T + 1)[0] * fwd
-        out["backpatch"] += (selection * (st["backpatch_configs"] + 2) + (st["candidates"] - selection) * 3) * fwd
-    return {k: v * st["tasks"] for k, v in out.items()}
+        ig = st["discovery"] * (st["k"] + 1)
+        probes = min(T, st["position_probes"]) + 1
+        steps = {"accuracy": (st["candidates"], 0, st["candidates"]),
+                 "attribution": (ig, ig, 2 * st["discovery"]),
+                 "curves": (ablation_rows(st["evaluation"], st["fractions"] + 2, rows), 0, 2 * st["evaluation"]),
+                 "position_effect": (ablation_rows(st["evaluation"], probes, rows), 0, 2 * st["evaluation"]),
+                 "interchange": (ablation_rows(st["evaluation"], st["interchange_circuits"], rows), 0,
+                                 2 * st["evaluation"]),
+                 "alignment": (st["candidates"], 0, st["candidates"]),
+                 # cache pass + base on the selection half, every config (layers below dst skipped), 3 on the test half
+                 "backpatch": (selection * (2 + n_configs * share) + (st["candidates"] - selection) * 3, 0,
+                               st["candidates"])}
+        for key, (f, b, n) in steps.items():
+            flops = f * fwd_flops(s, T) + b * bwd_flops(s, T) + (n * vision_flops(s) if image else 0)
+            out[key] = out.get(key, 0.0) + st["tasks"] * flops
+    return out
 
 
 def per_row_bytes(r: dict) -> float:
@@ -489,33 +594,37 @@ def per_row_bytes(r: dict) -> float:
 
 
 def _memory(full: dict, results: dict, layers_run: int) -> dict:
-    """Projected bytes per row at full depth, safe rows per chunk, and the package's largest forward traces."""
-    weights, room = full["params"] * GPU["weight_bytes"], GPU["budget"] - full["params"] * GPU["weight_bytes"]
+    """Projected bytes per IG and forward row at full depth, safe rows per chunk, and the rows the package's own
+    budget model would put in one chunk on an 80 GB card ("auto": 0.8 of the memory left by the weights)."""
+    weights = full["params"] * GPU["weight_bytes"]
+    room, auto = GPU["budget"] - weights, 0.8 * (80e9 - weights)
     floor, lib = per_row_bytes(results["attribute_floor"]), per_row_bytes(results["attribute"])
-    ig = {"floor": floor / layers_run * full["L"], "package": floor / layers_run * full["L"] + lib - floor}
-    # forward-only rows hold no per-layer activations, but the package's traces keep a KV cache (use_cache=True)
-    kv_more = (full["L"] - layers_run) * full["T_image"] * full["kv"]
-    fwd = {"floor": per_row_bytes(results["ablation_floor"]), "package": per_row_bytes(results["ablation"]) + kv_more}
-    out = {f"gb_per_ig_row_{k}": v / 1e9 for k, v in ig.items()}
-    out.update({f"safe_ig_rows_{k}": max(0, int(room // v)) for k, v in ig.items()})
-    out.update({f"gb_per_forward_row_{k}": v / 1e9 for k, v in fwd.items()})
-    traces = {"curve trace": ablation_rows(STUDY["evaluation"], STUDY["fractions"] + 2)[1],
-              "back-patching trace": STUDY["candidates"] // 2}
-    out["package_traces_gb"] = {f"{k} ({rows} rows)": (weights + rows * fwd["package"]) / 1e9 for k, rows in traces.items()}
+    rows = {("ig", "floor"): floor / layers_run * full["L"], ("ig", "package"): floor / layers_run * full["L"] + lib - floor,
+            ("fwd", "floor"): per_row_bytes(results["ablation_floor"]), ("fwd", "package"): per_row_bytes(results["ablation"])}
+    out = {f"gb_per_{kind}_row_{who}": v / 1e9 for (kind, who), v in rows.items()}
+    out.update({f"safe_{kind}_rows_{who}": max(0, int(room // v)) for (kind, who), v in rows.items()})
+    for kind in ("ig", "fwd"):
+        out[f"budget_gb_per_{kind}_row"] = full[f"budget_{kind}"] / 1e9
+        out[f"budget_{kind}_rows"] = max(1, int(auto // full[f"budget_{kind}"]))
     return out
 
 
 def project(name: str, results: dict, args) -> dict:
     """Full-depth projection for one 80 GB GPU: FLOP model for time, measured per-row memory scaled to full depth."""
     full = shape(name, layers=REAL[name]["layers"], vision_layers=REAL[name]["vision_layers"], quick=False)
-    out = dict(weights_gb=full["params"] * GPU["weight_bytes"] / 1e9, T_image=full["T_image"], T_text=full["T_text"])
-    for key, full_logits in (("package", True), ("floor", False)):
-        out[f"hours_{key}"] = {k: v / GPU["flops"] / 3600 for k, v in study_flops(full, full_logits).items()}
+    weights = full["params"] * GPU["weight_bytes"]
+    out = dict(weights_gb=weights / 1e9, T_image=full["T_image"], T_text=full["T_text"])
+    rows = max(1, int(0.8 * (80e9 - weights) // full["budget_fwd"]))  # what "auto" gives a forward on an 80 GB card
+    out["hours"] = {k: f / GPU["flops"] / 3600 for k, f in study_work(full, rows).items()}
     if all("error" not in results[s] for s in STEPS):
         out.update(_memory(full, results, args.layers))
+        for kind in ("ig", "fwd"):  # peak of a chunk the budget chooses, with the measured per-row bytes
+            out[f"peak_gb_{kind}"] = out["weights_gb"] + out[f"budget_{kind}_rows"] * out[f"gb_per_{kind}_row_package"]
         ran = shape(name, layers=args.layers, vision_layers=args.vision_layers, quick=args.quick)
-        flops = results["attribute_floor"]["rows"] * (fwd_flops(ran, ran["T_image"], True, 1) + bwd_flops(ran, ran["T_image"], 1))
-        out["floor_gflops_per_s"] = flops / min(seconds(results["attribute_floor"], args.device == "cuda")) / 1e9
+        r = results["attribute_floor"]
+        flops = r["rows"] * (fwd_flops(ran, ran["T_image"]) + bwd_flops(ran, ran["T_image"]))
+        flops += 2 * args.pairs * vision_flops(ran)
+        out["floor_gflops_per_s"] = flops / min(seconds(r, args.device == "cuda")) / 1e9
     return out
 
 
@@ -525,35 +634,41 @@ def print_projection(projections: dict, args) -> None:
     print("\nPROJECTION to full depth on one 80 GB GPU (a model, not a measurement)")
     print(f"  assumptions: bf16 weights {GPU['weight_bytes']} B/param (real parameter count from the full-depth skeleton);"
           f" {GPU['flops'] / 1e12:.0f} TFLOP/s effective (H100 bf16 dense ~989 TFLOP/s at 40 % MFU);"
-          f" {GPU['budget'] / 1e9:.0f} GB usable")
-    print("  forward FLOPs/row = L(2 p_layer T + 4 T^2 H hd) + [image rows] Lv(2 p_vlayer N + 4 N^2 dv) + 2 d V K;"
-          " K = T (package: logits at every position) or 1 (floor)")
-    print("  backward FLOPs/row = L(2 p_layer T + 8 T^2 H hd) + 2 d V K  (weights frozen: input gradients only)")
+          f" {GPU['bandwidth'] / 1e12:.0f} TB/s effective HBM; {GPU['budget'] / 1e9:.0f} GB usable")
+    print("  FLOPs: decoder row forward L(2 p_layer T + 4 T^2 H hd) + 2 d V (last-position logits); backward"
+          " L(2 p_layer T + 8 T^2 H hd) + 2 d V (weights frozen: input gradients only); vision tower per image"
+          " Lv(2 p_vlayer N + 4 N^2 dv), once per prompt")
+    print("  back-patching: the layers below dst are skipped (share of the decoder run averaged over the config"
+          " grid); position effect: at most 64 probed positions + the unpatched run")
     print(f"  GB/IG row = floor bytes per row and layer (measured at {args.layers} layer(s), so embedding, vision and"
-          " head terms are counted per layer too: conservative) x L; package: + its measured extra per row over the"
-          " floor (full logits, nnsight), taken as depth-independent. safe rows = (budget - weights) / GB per row")
-    print("  GB/forward row: measured per row of ablation (package) / ablation_floor; the package's traces also keep"
-          " a KV cache: + (L - layers run) T 2 KV hd 2 B")
+          " head terms count per layer too: conservative) x L; package: + its measured extra per row over the floor,"
+          " taken as depth-independent. GB/forward row: measured per row of ablation / ablation_floor (a no-grad"
+          " forward holds one layer at a time). safe rows = (budget - weights) / GB per row")
+    print("  budget model: modality_circuits.execution.budget.row_bytes at full depth; its rows = 0.8 (80 GB -"
+          " weights) / modelled row; projected peak = weights + those rows x measured package GB per row")
     print(f"  study: {st['tasks']} tasks x {st['modalities']} modalities x {st['pairs']} pairs; IG k={st['k']} on"
           f" {st['discovery']} discovery pairs; curves {st['fractions']}+2 circuits on {st['evaluation']} evaluation"
-          f" pairs; position effect T+1 ablations on them; back-patching {st['backpatch_configs']}+2 configs on"
-          f" {st['candidates'] // 2} selection prompts (+3 on the test half); accuracy on {st['candidates']} candidates;"
-          f" ablations chunked as ablation_lds does (max_rows {st['max_rows']}: every trace repeats the P p' rows)")
+          f" pairs; position effect min(T, {st['position_probes']})+1 ablations on them; interchange"
+          f" {st['interchange_circuits']} ablations; back-patching the default grid on {st['candidates'] // 2} selection"
+          f" prompts (+3 on the test half); accuracy and alignment on {st['candidates']} candidates; ablation rows as"
+          " ablation_lds chunks them (every trace repeats the p' rows of its pairs)")
     if args.quick:
         print("  --quick: measured bytes are of 1/16-width models; the memory figures below mean nothing")
     for name, p in projections.items():
-        print(f"\n  {name}: {p['weights_gb']:.1f} GB weights, T = {p['T_image']} (image) / {p['T_text']} (text)")
-        if "gb_per_ig_row_floor" in p:
-            print(f"    GB per IG row: package {p['gb_per_ig_row_package']:.2f}, floor {p['gb_per_ig_row_floor']:.2f};"
-                  f" safe rows per chunk: package {p['safe_ig_rows_package']}, floor {p['safe_ig_rows_floor']}"
-                  f" (attribute's default chunk: {st['ig_max_rows']} rows)")
-            traces = ", ".join(f"{k} {v:.1f} GB" for k, v in p["package_traces_gb"].items())
-            print(f"    GB per forward row: package {p['gb_per_forward_row_package']:.3f}, floor"
-                  f" {p['gb_per_forward_row_floor']:.3f}; package's largest traces incl. weights: {traces}")
+        print(f"\n  {name} ({REAL[name]['hub_id']}): {p['weights_gb']:.1f} GB weights, T = {p['T_image']} (image)"
+              f" / {p['T_text']} (text)")
+        for kind, label in (("ig", "IG row"), ("fwd", "forward row")):
+            if f"gb_per_{kind}_row_floor" in p:
+                print(f"    {label:11s}: package {p[f'gb_per_{kind}_row_package']:.3f} GB, floor"
+                      f" {p[f'gb_per_{kind}_row_floor']:.3f} GB; safe rows per chunk: package"
+                      f" {p[f'safe_{kind}_rows_package']}, floor {p[f'safe_{kind}_rows_floor']};"
+                      f" budget model {p[f'budget_gb_per_{kind}_row']:.3f} GB -> chunks of {p[f'budget_{kind}_rows']}"
+                      f" -> projected peak {p[f'peak_gb_{kind}']:.1f} GB")
+        if "floor_gflops_per_s" in p:
             print(f"    FLOP model check: the measured floor IG ran at {p['floor_gflops_per_s']:.0f} GFLOP/s here")
-        for key in ("package", "floor"):
-            h = p[f"hours_{key}"]
-            print(f"    hours ({key}): " + ", ".join(f"{k} {v:.2f}" for k, v in h.items()) + f"; total {sum(h.values()):.1f}")
+        h = p["hours"]
+        print("    hours (FLOP model): " + ", ".join(f"{k} {v:.2f}" for k, v in h.items())
+              + f"; total {sum(h.values()):.2f} GPU-hours")
 
 
 # ---------------------------------------------------------------- main

@@ -1,4 +1,6 @@
-"""Overlap, interchange, alignment, back-patching and bootstrap (METHOD.md sections 5-9)."""
+"""Overlap, interchange, alignment, back-patching and bootstrap (docs/method.md sections 5-9)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -131,8 +133,10 @@ def test_alignment_per_layer(llava):
     res = alignment(llava, image, text, resamples=50)
     assert res.per_layer.shape == (llava.n_layers,)
     assert ((res.per_layer > -1) & (res.per_layer <= 1)).all()
-    # same content on both sides: aligning a modality with itself gives similarity 1
-    self_sim = alignment(llava, text, text, resamples=10)
+    # same content on both sides: aligning a modality with itself gives similarity 1 (text posing as the image side,
+    # since alignment refuses text prompts as image_pairs)
+    posing = [dataclasses.replace(p, prompt=dataclasses.replace(p.prompt, modality="image")) for p in text]
+    self_sim = alignment(llava, posing, text, resamples=10)
     torch.testing.assert_close(self_sim.per_layer, torch.ones(llava.n_layers), atol=1e-5, rtol=0)
 
 

@@ -265,7 +265,7 @@ def ping_server():
         def do_GET(self):
             self.send_response(200 if self.path == "/ping" else 404)
             self.end_headers()
-            self.wfile.write(b"pong")
+            self.wfile.write(b'"pong"')  # as an NDIF server: the JSON string "pong"
 
         def log_message(self, *args):
             pass

@@ -107,3 +107,48 @@ def test_readme_cli_lines_leave_the_committed_results_and_reproduce_reuses_them(
     main(["reproduce", "--model", "toy", "--out", str(out)])
     changed = [str(p) for p in data if (out / "toy" / p).read_bytes() != (committed / p).read_bytes()]
     assert not changed, f"files that differ from the committed results: {changed}"
+
+
+def test_a_rerun_with_other_settings_recomputes_instead_of_mixing(study_dir):
+    curve = study_dir / "counting" / "text" / "curve.json"
+    assert json.loads(curve.read_text())["settings"]["resamples"] == 20
+    other = [("30" if a == "20" else a) for a in ARGS]  # --resamples 30
+    main(["reproduce", *other, "--out", str(study_dir.parent)])
+    for path in study_dir.rglob("*.json"):
+        if path.name not in ("summary.json",) and "training" not in path.parts:
+            assert json.loads(path.read_text())["settings"]["resamples"] == 30, path
+    main(["reproduce", *ARGS, "--out", str(study_dir.parent)])  # and back, for the other tests of this module
+    assert json.loads(curve.read_text())["settings"]["resamples"] == 20
+
+
+@pytest.mark.parametrize("bad, message", [(["--resamples", "0"], "resamples must be"), (["--n", "0"], "n must be"),
+                                          (["--steps", "0"], "steps must be")])
+def test_settings_are_refused_before_any_work(bad, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        main(["reproduce", "--model", "tiny-llava", *bad, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_a_killed_run_resumes_to_the_same_results(tmp_path, signal_name):
+    """kill -9 (or Ctrl-C) mid-run leaves only finished files; the same command then gives the same summary.json."""
+    import signal
+    import subprocess
+    import time
+
+    args = [sys.executable, "-m", "modality_circuits", "reproduce", "--model", "tiny-llava", "--tasks", "counting",
+            "--n", "8", "--resamples", "20", "--all-prompts"]
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    curve = tmp_path / "killed" / "tiny-llava" / "counting" / "text" / "curve.json"
+    deadline = time.time() + 120
+    while not curve.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate()
+    assert not list((tmp_path / "killed").rglob("*.tmp*")), "a half-written file was left"
+    if signal_name == "SIGINT" and proc.returncode == 130:
+        assert err.decode().strip().splitlines()[-1].startswith("interrupted:")
+    subprocess.run([*args, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    whole, resumed = (json.loads((tmp_path / d / "tiny-llava" / "summary.json").read_text()) for d in ("whole", "killed"))
+    assert resumed == whole

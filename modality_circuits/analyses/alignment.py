@@ -1,4 +1,4 @@
-"""Image-to-text alignment across layers (METHOD.md section 7).
+"""Image-to-text alignment across layers (docs/method.md section 7).
 
 For each layer and each image token of a visual prompt: the maximum cosine similarity of its
 residual stream to any data-token residual of the aligned textual prompt (separate forward
@@ -60,8 +60,13 @@ class Alignment:
 
 
 def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resamples: int = 1000,
-              max_rows: int | None = 64) -> Alignment:
+              max_rows: int | None = None) -> Alignment:
     """Per layer, how text-like the image tokens are; prompts are matched by their content."""
+    for name, pairs, modality in (("image_pairs", image_pairs, "image"), ("text_pairs", text_pairs, "text")):
+        found = sorted({p.prompt.modality for p in pairs})
+        if found != [modality]:
+            raise ValueError(f"alignment(model, image_pairs, text_pairs): {name} must be {modality} prompts, "
+                             f"got {' and '.join(found) or 'none'}")
     idx = match(image_pairs, text_pairs)
     if not idx:
         raise ValueError("no image prompt has a textual prompt with the same content; build both with the same seed")

@@ -1,4 +1,4 @@
-"""Back-patching (METHOD.md section 8): write late-layer residuals of the data positions into an earlier layer.
+"""Back-patching (docs/method.md section 8): write late-layer residuals of the data positions into an earlier layer.
 
 Run a prompt once and cache the decoder-layer outputs at the data positions (the image tokens
 of a visual prompt, the data tokens of a textual one). Run it again and make layer dst output,
@@ -80,7 +80,7 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     return result
 
 
-def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int | None = 64,
+def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int | None = None,
                      ids=None) -> torch.Tensor:
     """(C, P, V) last-position logits (float32) of every pair under every back-patching config.
 

@@ -1,4 +1,4 @@
-"""Cross-modal interchange of sub-circuits (METHOD.md section 6).
+"""Cross-modal interchange of sub-circuits (docs/method.md section 6).
 
 Replace the target circuit's D, Q or G sub-circuit by the source circuit's, mapped to the
 target's positions, and score faithfulness against a random sub-circuit of the same size

@@ -1,4 +1,4 @@
-"""Overlap of the textual and visual circuits of a task, span by span (METHOD.md section 5).
+"""Overlap of the textual and visual circuits of a task, span by span (docs/method.md section 5).
 
 Q and G nodes are aligned across modalities by their offset from the end of the span; D nodes
 are compared without position, as sets of (layer, unit) present at any data position.

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..execution.checkpoint import fingerprint
+from ..execution.checks import finite
 from ..execution.store import atomic
 
 FORMAT_VERSION = 1
@@ -98,6 +101,8 @@ class Circuit:
             raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
         if count is not None and count < 0:
             raise ValueError(f"count must be non-negative, got {count}")
+        for t in (scores.heads, scores.neurons):
+            finite(t, f"Circuit.from_scores (scores of {scores.model})")
 
         def k(t):
             return min(count, t.numel()) if count is not None else int(fraction * t.numel())
@@ -167,23 +172,50 @@ def _spans(header: dict) -> dict[str, tuple[int, int]]:
     return {k: tuple(v) for k, v in header["spans"].items()}
 
 
+#: What each kind of file holds: its tensors and its header fields.
+_CONTENTS = {"circuit": (("heads", "neurons"), ("spans", "model", "meta")),
+             "scores": (("heads", "neurons"), ("spans", "model", "n_pairs", "meta"))}
+
+
 def _save(path: str, tensors: dict, header: dict) -> None:
-    """Write safetensors with a JSON header atomically (temp file + rename)."""
-    meta = {"modality_circuits": json.dumps({**header, "format_version": FORMAT_VERSION})}
+    """Write safetensors with a JSON header (format version, sha256 of the tensors) atomically (temp file + rename)."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    header = {**header, "format_version": FORMAT_VERSION, "sha256": fingerprint(tensors)}
+    meta = {"modality_circuits": json.dumps(header)}
     with atomic(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=meta)
 
 
 def _load(path: str, kind: str) -> tuple[dict, dict]:
+    """Tensors and header of a file `_save` wrote; anything else (damaged, foreign, another kind) is one ValueError.
+
+    Files written before the checksum was added are read without it."""
     from safetensors import safe_open
 
-    with safe_open(path, "pt") as f:
-        raw = (f.metadata() or {}).get("modality_circuits")
+    expected = f"expected a modality_circuits {kind} file (safetensors with a JSON header)"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file; {expected}")
+    try:
+        with safe_open(path, "pt") as f:
+            raw = (f.metadata() or {}).get("modality_circuits")
+        tensors = load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        raise ValueError(f"{path} is unreadable or truncated ({type(err).__name__}: {err}); {expected}") from None
     if raw is None:
-        raise ValueError(f"{path} was not written by modality_circuits")
-    header = json.loads(raw)
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {header.get('format_version')}; this version reads {FORMAT_VERSION}")
-    if header["kind"] != kind:
-        raise ValueError(f"{path} holds {header['kind']}, not {kind}")
-    return load_file(path), header
+        raise ValueError(f"{path} was not written by modality_circuits (no header); {expected}")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} has a garbled header ({err}); {expected}") from None
+    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
+        found = header.get("format_version") if isinstance(header, dict) else None
+        raise ValueError(f"{path} has format version {found}; this version reads {FORMAT_VERSION}")
+    if header.get("kind") != kind:
+        raise ValueError(f"{path} holds {header.get('kind')}, not {kind}")
+    names, fields = _CONTENTS[kind]
+    missing = [n for n in names if n not in tensors] + [f for f in fields if f not in header]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; {expected}")
+    if "sha256" in header and fingerprint(tensors) != header["sha256"]:
+        raise ValueError(f"{path} is damaged: its tensors do not match the checksum saved with them")
+    return tensors, header

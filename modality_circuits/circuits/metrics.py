@@ -1,4 +1,4 @@
-"""Scalar metrics of circuits: faithfulness from logit differences, IoU and nIoU of node sets (METHOD.md 4-5)."""
+"""Scalar metrics of circuits: faithfulness from logit differences, IoU and nIoU of node sets (docs/method.md sections 4-5)."""
 from __future__ import annotations
 
 from functools import lru_cache

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals over prompts (METHOD.md section 9)."""
+"""Bootstrap confidence intervals over prompts (docs/method.md section 9)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -91,8 +91,20 @@ def find_spans(model, prompt: Prompt, text: str, input_ids: torch.Tensor) -> dic
     return {s: spans[s] for s in SPANS}
 
 
+def check_known(model, text: str) -> None:
+    """Refuse text with words the tokenizer does not know (a word-level tokenizer reads them as its unknown token)."""
+    tok = model.tokenizer
+    if tok.unk_token_id is None:
+        return
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    unknown = sorted({text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == tok.unk_token_id})
+    if unknown:
+        raise ValueError(f"{model.name}'s tokenizer does not know {', '.join(map(repr, unknown))} (it would read "
+                         f"{tok.unk_token!r}): use words of its vocabulary in the prompts and answers")
+
+
 def answer_token(model, text: str, prompt: Prompt) -> int:
-    """Id of the answer's first token as generated after `text`; multi-token answers are refused."""
+    """Id of the answer's first token as generated after `text`; multi-token answers and unknown words are refused."""
     tok = model.tokenizer
     base = tok(text, add_special_tokens=False)["input_ids"]
     full = tok(text + prompt.answer, add_special_tokens=False)["input_ids"]
@@ -101,6 +113,7 @@ def answer_token(model, text: str, prompt: Prompt) -> int:
         raise ValueError(f"answer {prompt.answer!r} merges with the prompt's last token")
     if len(new) > 1 and prompt.task not in FIRST_TOKEN_TASKS:
         raise ValueError(f"answer {prompt.answer!r} is {len(new)} tokens; the metric needs single-token answers")
+    check_known(model, text + prompt.answer)
     return new[0]
 
 
@@ -111,6 +124,7 @@ def make_pair(model, prompt: Prompt, cf: Prompt) -> Pair:
     if prompt.modality == "image" and prompt.image.size != cf.image.size:
         raise LayoutError(f"image sizes differ: {prompt.image.size} vs {cf.image.size}")
     texts = [chat_text(model, p) for p in (prompt, cf)]
+    ids = [answer_token(model, t, p) for t, p in zip(texts, (prompt, cf))]  # first: refuses unknown words
     enc = [encode(model, [t], [p.image] if p.image is not None else None) for t, p in zip(texts, (prompt, cf))]
     if enc[0]["input_ids"].shape != enc[1]["input_ids"].shape:
         raise LayoutError(
@@ -120,7 +134,6 @@ def make_pair(model, prompt: Prompt, cf: Prompt) -> Pair:
     spans = [find_spans(model, p, t, e["input_ids"][0]) for p, t, e in zip((prompt, cf), texts, enc)]
     if spans[0] != spans[1]:
         raise LayoutError(f"span layouts differ: {spans[0]} vs {spans[1]}")
-    ids = [answer_token(model, t, p) for t, p in zip(texts, (prompt, cf))]
     if ids[0] == ids[1]:
         raise LayoutError(f"answers {prompt.answer!r} and {cf.answer!r} share their first token")
     return Pair(prompt, cf, enc[0], enc[1], ids[0], ids[1], spans[0])
@@ -137,24 +150,30 @@ def check_layout(pairs: list[Pair]) -> None:
 
 
 def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None) -> list[Pair]:
-    """n aligned pairs of one task and modality for `model`, all with the same token layout.
+    """n aligned pairs of one task and modality for `model`, all with the same token layout and distinct prompts.
 
-    Candidates whose counterfactual cannot be aligned are skipped; of the rest, the most common
-    layout (length and spans) is kept. A warning counts what was skipped; too few left is an error.
+    Candidates whose counterfactual cannot be aligned, or whose prompt repeats an earlier pair's, are
+    skipped; of the rest, the most common layout (length and spans) is kept. A warning counts what was
+    skipped, and says how many pairs there are when fewer than n; none is an error.
     """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
     size = image_size or model.image_size
     candidates = sample_pairs(task, modality, 5 * n, seed=seed, image_size=size, data_dir=data_dir)
-    layouts, rejected = {}, []
+    layouts, rejected, seen = {}, [], set()
     for p, cf in candidates:
+        if prompt_key(p) in seen:  # a repeated prompt adds no information
+            continue
         try:
             pair = make_pair(model, p, cf)
         except LayoutError as err:
             rejected.append(str(err))
             continue
+        seen.add(prompt_key(p))
         group = layouts.setdefault((pair.length, tuple(sorted(pair.spans.items()))), [])
         group.append(pair)
         if len(group) == n:
@@ -164,8 +183,11 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
     if skipped:
         example = rejected[0] if rejected else "a different token layout"
         warnings.warn(f"{task}/{modality}: skipped {skipped} candidate pairs that do not align, e.g. {example}")
+    if not pairs:
+        raise LayoutError(f"{task}/{modality}: no candidate pair aligns for {model.name}")
     if len(pairs) < n:
-        raise LayoutError(f"{task}/{modality}: only {len(pairs)} of {n} pairs share one token layout for {model.name}")
+        warnings.warn(f"{task}/{modality}: only {len(pairs)} distinct pairs of one token layout for {model.name} "
+                      f"(asked for {n}); using those")
     return pairs
 
 

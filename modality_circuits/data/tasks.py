@@ -1,4 +1,4 @@
-"""Prompt content of the five tasks (METHOD.md section 1), independent of any model.
+"""Prompt content of the five tasks (docs/method.md section 1), independent of any model.
 
 A prompt is a data part (words, or an image), a query and a one-word answer. Each task first
 draws modality-free facts (`Prompt.meta`) and then renders them as text or as an image, so the
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -209,8 +210,11 @@ def _entity_icon(index: int) -> list[tuple[int, str, str]]:
 
 
 def _load_image(path: str, size: int) -> Image.Image:
-    with Image.open(path) as img:
-        return ImageOps.pad(img.convert("RGB"), (size, size), color=render.BACKGROUND)
+    try:
+        with Image.open(path) as img:
+            return ImageOps.pad(img.convert("RGB"), (size, size), color=render.BACKGROUND)
+    except (OSError, SyntaxError) as err:  # PIL's errors for unknown formats, truncated and broken files
+        raise ValueError(f"image {path} cannot be read ({err}): replace it with a PNG or JPEG file") from None
 
 
 def _image(task: str, m: dict, size: int) -> Image.Image:
@@ -296,16 +300,34 @@ def vocabulary() -> list[str]:
 
 
 def load_image_data(data_dir: str | Path, task: str) -> list[dict]:
-    """Rows of data_dir/<task>.csv (columns item,question,answer,image; image path relative to
-    the CSV) as dicts with the image path resolved."""
+    """Rows of data_dir/<task>.csv (UTF-8, a byte-order mark allowed; columns item,question,answer,image;
+    image path relative to the CSV) as dicts with the image path resolved. Repeated rows are dropped
+    with a warning; an empty file or cell is an error."""
     _check_task(task)
     path = Path(data_dir) / f"{task}.csv"
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing}; expected {list(CSV_COLUMNS)}")
-        rows = [{c: (r[c] or "").strip() for c in CSV_COLUMNS} for r in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise ValueError(f"{path} is empty; expected a header {','.join(CSV_COLUMNS)} and one row per item")
+            missing = [c for c in CSV_COLUMNS if c not in reader.fieldnames]
+            if missing:
+                raise ValueError(f"{path}: missing columns {missing}; expected {list(CSV_COLUMNS)}")
+            read = []
+            for r in reader:
+                row = tuple((r[c] or "").strip() for c in CSV_COLUMNS)
+                if empty := [c for c, v in zip(CSV_COLUMNS, row) if not v]:
+                    raise ValueError(f"{path}, line {reader.line_num}: empty {', '.join(empty)}")
+                read.append(row)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); save it with UTF-8 encoding") \
+            from None
+    if not read:
+        raise ValueError(f"{path} has a header but no rows")
+    unique = list(dict.fromkeys(read))
+    if len(unique) < len(read):
+        warnings.warn(f"{path}: dropped {len(read) - len(unique)} repeated rows", stacklevel=2)
+    rows = [dict(zip(CSV_COLUMNS, row)) for row in unique]
     for r in rows:
         image = path.parent / r["image"]
         if not image.is_file():

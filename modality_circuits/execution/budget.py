@@ -1,17 +1,17 @@
 """How many rows a forward may hold: the memory budget every method's chunking reads.
 
 `VLM.memory_budget` is bytes, a string such as "40GB", or "auto": a safe share of what is free
-now (CUDA: free device memory; CPU: MemAvailable). `rows(model, length, backward=...)` divides it
-by a modelled per-row cost, caps the result at the method's `max_rows`, and is what every method
-passes to `requests.chunked`.
+now (CUDA: 80 % of the free device memory; CPU: 50 % of MemAvailable, the machine being shared).
+`rows(model, length, backward=...)` divides it by a modelled per-row cost, caps the result at the
+method's `max_rows` (default: no cap), and is what every method passes to `requests.chunked`.
 
 The per-row model (b bytes per element of the model's dtype; d hidden size, I MLP width, H heads,
 L layers, T tokens, V vocabulary):
-  forward:  T·(6d + 7I)·b + 2·H·T²·b + 4V         one layer's live activations, the site inputs an
-                                                  intervention holds, attention scores, fp32 last logits
-  backward: L·T·(10d + 6I)·b + L·H·T²·b + forward  what autograd and the per-layer site inputs and their
-                                                  gradients keep for every layer
-It is deliberately generous; experiments/bench_scale.py compares it with measured peaks.
+  forward:  T·(6d + 7I)·b + 2·H·T²·b + 4V          one layer's live activations, the site inputs an
+                                                   intervention holds, attention scores, fp32 last logits
+  backward: L·T·(14d + 10I)·b + L·H·T²·b + forward  what autograd keeps for every layer, and the site
+                                                   inputs and their gradients the attribution reads
+experiments/bench_scale.py compares it with measured peaks (Qwen2-VL-7B width: see the README).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import re
 
 import torch
 
-#: Share of the free memory "auto" uses: the rest absorbs allocator fragmentation and the model's own buffers.
-SAFE_SHARE = 0.8
+#: Share of the free memory "auto" uses (the rest absorbs allocator fragmentation and the model's own
+#: buffers); on the CPU, other processes share the RAM.
+SAFE_SHARE = {"cuda": 0.8, "cpu": 0.5}
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
 
@@ -52,7 +53,8 @@ def free_bytes(device: torch.device) -> int:
 def resolve(budget, device: torch.device) -> int:
     """The budget in bytes ("auto": SAFE_SHARE of what is free on `device` now)."""
     budget = parse(budget)
-    return int(SAFE_SHARE * free_bytes(device)) if budget == "auto" else budget
+    share = SAFE_SHARE.get(device.type, SAFE_SHARE["cpu"])
+    return int(share * free_bytes(device)) if budget == "auto" else budget
 
 
 def row_bytes(model, length: int, *, backward: bool = False) -> int:
@@ -63,7 +65,7 @@ def row_bytes(model, length: int, *, backward: bool = False) -> int:
     forward = t * (6 * d + 7 * i) * b + 2 * h * t * t * b + 4 * tc.vocab_size
     if not backward:
         return forward
-    return layers * (t * (10 * d + 6 * i) * b + h * t * t * b) + forward
+    return layers * (t * (14 * d + 10 * i) * b + h * t * t * b) + forward
 
 
 def rows(model, length: int, *, backward: bool = False, max_rows: int | None = None, extra: int = 0) -> int:

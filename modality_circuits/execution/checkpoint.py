@@ -17,7 +17,7 @@ def fingerprint(*parts) -> str:
     def feed(x):
         if torch.is_tensor(x):
             digest.update(f"T{x.dtype}{tuple(x.shape)}".encode())
-            digest.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            digest.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()  # hashed in place, no copy
                           if x.numel() else b"")
         elif isinstance(x, dict):
             for k in sorted(x, key=str):

@@ -85,7 +85,7 @@ def api_key() -> str | None:
 def check(remote: Any, *, timeout: float = PING_TIMEOUT) -> bool | str:
     """Normalise `remote` and, for a hosted run, fail early: an API key must be set and the host must answer.
 
-    The host check is one GET of `<host>/ping` with a short timeout; any HTTP answer below 500 counts.
+    The host check is one GET of `<host>/ping` with a short timeout, which an NDIF server answers with 200 "pong".
     Raises RemoteUnavailable with what to do; returns the normalised setting.
     """
     remote = normalize(remote)
@@ -111,6 +111,10 @@ def check(remote: Any, *, timeout: float = PING_TIMEOUT) -> bool | str:
         ) from None
     if response.status_code >= 500:
         raise RemoteUnavailable(f"NDIF host {host} answered {response.status_code} to /ping: the service is down")
+    if response.status_code != 200 or response.text.strip().strip('"') != "pong":  # NDIF: the JSON string "pong"
+        raise RemoteUnavailable(f"{host} is not an NDIF server: it answered /ping with {response.status_code} "
+                                f"{response.text.strip()[:60]!r}, not 200 \"pong\"; check the URL "
+                                "(NDIF_HOST, or remote='http://host:port')")
     return remote
 
 

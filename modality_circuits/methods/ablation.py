@@ -1,4 +1,4 @@
-"""Circuit ablation: logit differences, faithfulness, faithfulness curves and the position effect (METHOD.md 4).
+"""Circuit ablation: logit differences, faithfulness, faithfulness curves and the position effect (docs/method.md section 4).
 
 Every ablation trace puts the counterfactual rows p' first and unpatched, so at every layer
 their activations are a(p') and patched rows copy from them in the same forward: a node
@@ -17,6 +17,7 @@ from ..circuits.circuit import Circuit
 from ..circuits.metrics import faithfulness_value
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
+from ..execution.checks import finite
 from ..execution.remote import server_body
 
 
@@ -48,13 +49,13 @@ def _ld_session(model, chunks: list) -> list:
     return result
 
 
-def logit_diffs(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int | None = 64) -> torch.Tensor:
+def logit_diffs(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int | None = None) -> torch.Tensor:
     """(P,) LD(p) (which="prompt") or LD(p') (which="cf") of each pair, unpatched, in float32."""
     check_layout(pairs)
     size = budget.rows(model, pairs[0].length, max_rows=max_rows)
     work = [(model.prepare(batch([p.inputs if which == "prompt" else p.cf_inputs for p in chunk])), answers(chunk))
             for chunk in requests.chunked(pairs, size)]
-    return torch.cat(requests.run(model, _ld_session, work))
+    return finite(torch.cat(requests.run(model, _ld_session, work)), "logit_diffs", model)
 
 
 @server_body
@@ -131,7 +132,7 @@ def _digest(c: Circuit) -> bytes:
     return digest.digest()
 
 
-def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows: int | None = 64,
+def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows: int | None = None,
                  progress: bool = False) -> torch.Tensor:
     """(C, P) LD (float32) of every pair with every node outside each circuit set to its p' value.
 
@@ -150,7 +151,7 @@ def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows:
         return (torch.stack([circuits[unique[i]].heads for i in idx]),
                 torch.stack([circuits[unique[i]].neurons for i in idx]))
 
-    lds = _ablate(model, pairs, len(unique), masks, max_rows=max_rows, progress=progress)
+    lds = finite(_ablate(model, pairs, len(unique), masks, max_rows=max_rows, progress=progress), "ablation_lds", model)
     row = {u: j for j, u in enumerate(unique)}
     return lds[[row[first[k]] for k in keys]]
 
@@ -219,12 +220,12 @@ class PositionEffect:
     per_pair: torch.Tensor | None = None  # (T, P) exact effects, for bootstrapping
 
 
-def position_effect(model, pairs: list[Pair], scores=None, *, positions=None, max_rows: int | None = 64,
+def position_effect(model, pairs: list[Pair], scores=None, *, positions=None, max_rows: int | None = None,
                     progress: bool = False) -> PositionEffect:
     """Exact effect (one ablation per position), or the attributed one (`Scores.per_position`) when `scores` are given.
 
-    positions: the positions to probe (default all); the others read 0 in `per_position` and are
-    left out of `per_span`. Probe masks are built per chunk as (L, 1, T) position masks.
+    positions: the positions to probe (default all); the others read NaN in `per_position` and
+    `per_pair` and are left out of `per_span`. Probe masks are built per chunk as (L, 1, T) position masks.
     """
     check_layout(pairs)
     spans, per_pair, T = pairs[0].spans, None, pairs[0].length
@@ -239,8 +240,9 @@ def position_effect(model, pairs: list[Pair], scores=None, *, positions=None, ma
                     keep[row, ..., probed[c - 1]] = False
             return keep, keep
 
-        lds = _ablate(model, pairs, 1 + len(probed), masks, max_rows=max_rows, desc="position effect", progress=progress)
-        per_pair = torch.zeros(T, len(pairs))
+        lds = finite(_ablate(model, pairs, 1 + len(probed), masks, max_rows=max_rows, desc="position effect",
+                             progress=progress), "position_effect", model)
+        per_pair = torch.full((T, len(pairs)), float("nan"))
         per_pair[probed] = lds[1:] - lds[:1]
         effect = per_pair.mean(1)
     inside = torch.zeros(T, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""Node attribution with integrated gradients on the merged input embeddings (METHOD.md section 3).
+"""Node attribution with integrated gradients on the merged input embeddings (docs/method.md section 3).
 
 For α_j = j/k the decoder input is x_j = e' + α_j (e − e'), where e, e' are the
 decoder inputs of p and p' after image features were merged in, so image positions
@@ -13,6 +13,7 @@ from ..circuits.circuit import Scores
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
 from ..execution.checkpoint import Checkpoint, fingerprint
+from ..execution.checks import finite
 from ..execution.remote import server_body
 from .ablation import answers
 
@@ -88,7 +89,7 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple):
     return result
 
 
-def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None = 48, per_pair: bool = False,
+def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None = None, per_pair: bool = False,
               progress: bool = True, checkpoint=None) -> Scores:
     """Integrated-gradient scores of every head and neuron at every position, averaged over pairs.
 
@@ -123,6 +124,8 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
                  model.prepare(model.decoder_inputs(_ig_rows(chunk, steps))), answers(chunk)) for chunk in group]
         totals = (state["heads"], state["neurons"], state["heads_sq"], state["neurons_sq"])
         h, n, hq, nq, kept = model.call(_ig_session, work, steps, per_pair, totals)
+        for sums in (h, n):  # checked before a checkpoint keeps them
+            finite(sums, "attribute", model)
         state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "heads_sq": hq, "neurons_sq": nq,
                  "kept": state["kept"] + list(kept)}
         if store is not None:

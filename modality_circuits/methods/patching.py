@@ -1,4 +1,4 @@
-"""Exact single-node patching: the ground truth that attribution approximates (METHOD.md 3).
+"""Exact single-node patching: the ground truth that attribution approximates (docs/method.md section 3).
 
 Every trace puts the counterfactual rows p' first and unpatched, so at every layer their
 activations are a(p'); each node's rows of p copy that node's value from them in the same forward.
@@ -10,6 +10,7 @@ import torch
 
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
+from ..execution.checks import finite
 from ..execution.remote import server_body
 from .ablation import answers, logit_diffs
 
@@ -67,7 +68,7 @@ def _plan(model, chunk: list, P: int) -> list:
     return plan
 
 
-def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int | None = 128,
+def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int | None = None,
                    progress: bool = False) -> torch.Tensor:
     """(N,) mean over pairs of LD(p with a_n := a_n(p')) − LD(p) for nodes ("head"|"neuron", layer, unit, pos)."""
     check_layout(pairs)
@@ -81,4 +82,4 @@ def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, in
         out = requests.run(model, _patch_session, work, both, answers(part), base[start:start + P],
                            model.adapter.vision_inputs, desc="exact patching", progress=progress)
         total += torch.cat(out) * (P / len(pairs))  # mean over this pair chunk, weighted by its share
-    return total
+    return finite(total, "exact_patching", model)

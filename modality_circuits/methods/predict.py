@@ -12,6 +12,7 @@ import torch
 from ..data.pairs import Pair, answer_token, batch, chat_text, encode
 from ..data.tasks import Prompt
 from ..execution import budget, requests
+from ..execution.checks import finite
 from ..execution.remote import server_body
 
 
@@ -29,19 +30,19 @@ def _logits_session(model, chunks: list) -> list:
     return result
 
 
-def next_token_logits(model, inputs: list[dict], *, max_rows: int | None = 64) -> torch.Tensor:
+def next_token_logits(model, inputs: list[dict], *, max_rows: int | None = None) -> torch.Tensor:
     """(N, V) float32 logits at the last position of each encoded prompt (processor outputs of batch 1, equal lengths)."""
     size = budget.rows(model, inputs[0]["input_ids"].shape[1], max_rows=max_rows)
     chunks = [model.prepare(batch(chunk)) for chunk in requests.chunked(inputs, size)]
-    return torch.cat(requests.run(model, _logits_session, chunks))
+    return finite(torch.cat(requests.run(model, _logits_session, chunks)), "next_token_logits", model)
 
 
-def predictions(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int | None = 64) -> torch.Tensor:
+def predictions(model, pairs: list[Pair], which: str = "prompt", *, max_rows: int | None = None) -> torch.Tensor:
     """(P, V) next-token logits at the last position of each pair's prompt (which="prompt") or counterfactual."""
     return next_token_logits(model, [p.inputs if which == "prompt" else p.cf_inputs for p in pairs], max_rows=max_rows)
 
 
-def predicted(model, inputs: list[dict], *, max_rows: int | None = 64) -> torch.Tensor:
+def predicted(model, inputs: list[dict], *, max_rows: int | None = None) -> torch.Tensor:
     """(N,) top-1 next token of each encoded prompt; prompts of different lengths run in equal-length batches."""
     by_length: dict[int, list[int]] = {}
     for i, x in enumerate(inputs):
@@ -52,7 +53,7 @@ def predicted(model, inputs: list[dict], *, max_rows: int | None = 64) -> torch.
     return out
 
 
-def correct(model, prompts: list[Prompt], *, max_rows: int | None = 64) -> list[bool]:
+def correct(model, prompts: list[Prompt], *, max_rows: int | None = None) -> list[bool]:
     """Whether the model answers each prompt: top-1 next token == the answer's first token."""
     texts = [chat_text(model, p) for p in prompts]
     ids = torch.tensor([answer_token(model, t, p) for t, p in zip(texts, prompts)])

@@ -43,7 +43,7 @@ class Adapter:
 MAX_IMAGE_SIZE = 512
 #: A tower with no fixed input size in its config and no study size: 448 px.
 FALLBACK_IMAGE_SIZE = 448
-#: The study's image side (METHOD.md section 1: 252x252 images): Qwen2-VL -> 81 image tokens (14 px
+#: The study's image side (docs/method.md section 1: 252x252 images): Qwen2-VL -> 81 image tokens (14 px
 #: patches, 2x2 merge), Pixtral -> 16x16 [IMG] + 15 [IMG_BREAK] + [IMG_END] = 272 tokens.
 STUDY_IMAGE_SIZE = 252
 #: Gemma-3's processor resizes every image to 896x896 (256 image tokens): render at that size, not upsample.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from ..data import tasks
@@ -46,7 +47,11 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="side of the rendered images in pixels; None: the study's size for the model's family")
     p.add_argument("--memory-budget", default="auto", type=budget.parse,
-                   help="memory every forward may use: bytes, e.g. 40GB, or 'auto' (80%% of the free GPU memory or RAM)")
+                   help="memory every forward may use: bytes, e.g. 40GB, or 'auto' (80%% of the free GPU memory, "
+                        "50%% of the available RAM on CPU)")
+    p.add_argument("--position-probes", type=int, default=64,
+                   help="positions the exact position effect probes at most: every Q and G position and evenly spaced "
+                        "D positions (0: all)")
 
 
 def _study(args):
@@ -56,7 +61,8 @@ def _study(args):
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
     return steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
                  resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force,
-                       image_size=args.image_size, memory_budget=args.memory_budget)
+                       image_size=args.image_size, memory_budget=args.memory_budget,
+                       position_probes=args.position_probes or None)
 
 
 def experiment(doc: str, names: tuple[str, ...], draw, argv=None) -> None:
@@ -129,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:  # every result file is written atomically: what finished is kept, nothing is half
+        print(f"interrupted: finished steps are kept under {args.out}; the same command resumes", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

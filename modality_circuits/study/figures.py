@@ -16,7 +16,7 @@ import seaborn as sns  # noqa: E402
 
 from ..analyses.interchange import MIN_MARGIN  # noqa: E402
 from ..data.pairs import SPANS, build_pairs, chat_text  # noqa: E402
-from ..execution.store import atomic, read_json  # noqa: E402
+from ..execution.store import atomic, nan_for_null, read_json  # noqa: E402
 from .labels import SPAN_NAMES, TASK_NAMES  # noqa: E402
 from .steps import interchange_readable  # noqa: E402
 
@@ -74,7 +74,8 @@ def position_effect_bars(folder: Path, tasks) -> Path:
     """Mean exact effect on the logit difference of patching all components at a position, per span."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        data = {m: read_json(folder / task / m / "position_effect.json")["per_span"] for m in ("text", "image")}
+        data = {m: nan_for_null(read_json(folder / task / m / "position_effect.json")["per_span"])
+                for m in ("text", "image")}
         _bars(ax, list(SPANS), {m: [data[m][s] for s in SPANS] for m in data}, MODALITY_COLORS,
               "Δ logit difference" if ax is axes[0][0] else "")
         ax.set_title(TASK_NAMES[task])
@@ -90,8 +91,9 @@ def faithfulness_curves(folder: Path, tasks) -> Path:
         for m, color in MODALITY_COLORS.items():
             c = read_json(folder / task / m / "curve.json")
             x = np.array(c["fractions"]) * 100
-            ax.plot(x, c["faithfulness"], color=color, label=m, marker=".", ms=3)
-            ax.fill_between(x, [ci["low"] for ci in c["ci"]], [ci["high"] for ci in c["ci"]], color=color, alpha=0.2)
+            ax.plot(x, nan_for_null(c["faithfulness"]), color=color, label=m, marker=".", ms=3)
+            ci = nan_for_null(c["ci"])
+            ax.fill_between(x, [b["low"] for b in ci], [b["high"] for b in ci], color=color, alpha=0.2)
             if c["minimal_fraction"] is not None:
                 ax.axvline(c["minimal_fraction"] * 100, color=color, ls=":", lw=1)
         ax.axhline(0.8, color="gray", ls="--", lw=0.8)
@@ -106,7 +108,7 @@ def faithfulness_curves(folder: Path, tasks) -> Path:
 
 def overlap_heatmap(folder: Path, tasks) -> Path:
     """nIoU of textual and visual circuits per task and span, annotated with the CI."""
-    data = {t: read_json(folder / t / "overlap.json") for t in tasks}
+    data = {t: nan_for_null(read_json(folder / t / "overlap.json")) for t in tasks}
     vals = np.array([[data[t][s]["niou"]["value"] for s in SPANS] for t in tasks])
     labels = np.array([[f"{data[t][s]['niou']['value']:.2f}\n[{data[t][s]['niou']['low']:.2f}, "
                         f"{data[t][s]['niou']['high']:.2f}]" for s in SPANS] for t in tasks])
@@ -119,7 +121,7 @@ def overlap_heatmap(folder: Path, tasks) -> Path:
 
 def interchange_bars(folder: Path, tasks) -> Path:
     """Interchange score per span and task (1: the swapped-in sub-circuit works like the original, 0: like random)."""
-    data = {t: read_json(folder / t / "interchange.json") for t in tasks}
+    data = {t: nan_for_null(read_json(folder / t / "interchange.json")) for t in tasks}
     fig, ax = plt.subplots(figsize=(7, 3.2))
     colors = dict(zip(SPANS, sns.color_palette("Set2", 3)))
     blank = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
@@ -139,7 +141,7 @@ def alignment_lines(folder: Path, tasks) -> Path:
     """Per layer, how text-like the image tokens are."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for task, color in zip(tasks, sns.color_palette("tab10", len(tasks))):
-        a = read_json(folder / task / "alignment.json")
+        a = nan_for_null(read_json(folder / task / "alignment.json"))
         x = np.arange(1, len(a["per_layer"]) + 1)
         ax.plot(x, a["per_layer"], marker="o", color=color, label=TASK_NAMES[task])
         ax.fill_between(x, [c["low"] for c in a["ci"]], [c["high"] for c in a["ci"]], color=color, alpha=0.15)
@@ -153,7 +155,7 @@ def alignment_lines(folder: Path, tasks) -> Path:
 
 def backpatch_bars(folder: Path, tasks) -> Path:
     """Accuracy gain from back-patching on visual prompts vs the textual control."""
-    data = {t: read_json(folder / t / "backpatch.json") for t in tasks}
+    data = {t: nan_for_null(read_json(folder / t / "backpatch.json")) for t in tasks}
     fig, ax = plt.subplots(figsize=(7, 3.2))
     _bars(ax, [TASK_NAMES[t] for t in tasks],
           {m: [{k: 100 * v for k, v in data[t][m]["gain"].items()} for t in tasks] for m in ("image", "text")},

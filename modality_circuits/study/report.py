@@ -1,4 +1,4 @@
-"""summary.json and report.md: the study's numbers beside the reference results of METHOD.md."""
+"""summary.json and report.md: this run's numbers beside the study's reference numbers (docs/method.md section 12)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,11 @@ import numpy as np
 
 from ..analyses.interchange import MIN_MARGIN
 from ..data.pairs import SPANS
-from ..execution.store import atomic, read_json, write_json
+from ..execution.store import atomic, nan_for_null, read_json, write_json
 from .labels import TASK_NAMES
 from .steps import interchange_margin, interchange_readable
 
-# Reference results (METHOD.md sections 4-8), for comparison in the report.
+# Reference results (docs/method.md section 12), for comparison in the report.
 REFERENCE = {
     "circuit_fraction": {"text": 0.07, "image": 0.15},
     "interchange": {"Q": (0.7, 1.0), "G": (0.7, 1.0), "D": (-0.1, 0.1)},
@@ -30,12 +30,12 @@ def summarize(folder: Path, tasks) -> dict:
     for t in tasks:
         acc = {m: read_json(folder / t / m / "accuracy.json")["accuracy"] for m in ("text", "image")}
         curves = {m: read_json(folder / t / m / "curve.json") for m in ("text", "image")}
-        ov, ic = read_json(folder / t / "overlap.json"), read_json(folder / t / "interchange.json")
-        bp, al = read_json(folder / t / "backpatch.json"), read_json(folder / t / "alignment.json")
+        ov, ic, bp, al = (nan_for_null(read_json(folder / t / f"{name}.json"))  # null: an undefined number
+                          for name in ("overlap", "interchange", "backpatch", "alignment"))
         out[t] = {
             "accuracy": acc,
             "minimal_faithful_fraction": {m: curves[m]["minimal_fraction"] for m in curves},
-            "faithfulness_at_circuit": {m: curves[m]["faithfulness_at_circuit"] for m in curves},
+            "faithfulness_at_circuit": {m: nan_for_null(curves[m]["faithfulness_at_circuit"]) for m in curves},
             "niou": {s: ov[s]["niou"] for s in SPANS},
             "interchange": {s: {**ic[s]["score"], "margin": interchange_margin(ic[s]), "interpretable": interchange_readable(ic[s])}
                             for s in SPANS},
@@ -71,7 +71,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     lines = [f"# Results on {model_name}", "",
              "Every number below is produced by `modality-circuits reproduce` (this folder's JSON files); "
              f"brackets are 95 % bootstrap confidence intervals over prompts ({resamples} resamples). "
-             "Reference numbers are those of the study (METHOD.md), measured on Qwen2-VL-7B, Pixtral-12B and Gemma-3-12B.",
+             "Reference numbers are those of the study (paper; docs/method.md section 12), measured on Qwen2-VL-7B, Pixtral-12B and Gemma-3-12B.",
              *(["", "Left out: " + "; ".join(f"{TASK_NAMES[t]} ({read_json(folder / t / 'skipped.json')['reason']})"
                                              for t in skipped) + "."] if skipped else []),
              "", "## Accuracy: the text–image gap", "",
@@ -154,7 +154,7 @@ def backpatch_table(folder: Path, tasks) -> str:
     """Markdown table of back-patching results."""
     rows = ["| task | prompts | (src, dst, window) | accuracy before | after | gain (points) |", "|---|---|---|---|---|---|"]
     for t in tasks:
-        d = read_json(folder / t / "backpatch.json")
+        d = nan_for_null(read_json(folder / t / "backpatch.json"))
         for m in ("image", "text"):
             r = d[m]
             c = r["config"]

@@ -11,6 +11,7 @@ Layout: <out>/<model>/<task>/<modality>/{accuracy,curve,position_effect}.json, s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from ..circuits.stats import CI, bootstrap, draws
 from ..data import tasks as task_defs
 from ..data.pairs import SPANS, build_pairs, split
 from ..execution.budget import parse as parse_budget
+from ..execution.checkpoint import fingerprint
 from ..execution.store import atomic, model_dir, read_json, write_json
 from ..methods.ablation import faithfulness_curve, position_effect
 from ..methods.attribution import attribute
@@ -56,13 +58,35 @@ class Study:
     data_dir: str | None = None
     force: bool = False
     image_size: int | None = None  # side of rendered images (None: the model's, the study's size for its family)
+    position_probes: int | None = 64  # positions the exact position effect probes at most (None: all)
     memory_budget: int | str | None = None  # bytes, "40GB" or "auto" for every forward (None: the model's)
     max_per_pair_bytes: int = 2 * 2**30  # keep per-pair scores (for the nIoU CI) only below this size
     _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
 
     def __post_init__(self):
+        limits = {"n": (self.n, 4), "steps": (self.steps, 1), "resamples": (self.resamples, 10)}
+        for name, (value, least) in limits.items():
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        unknown = [t for t in self.tasks if t not in task_defs.TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(task_defs.TASKS)}")
         if self.memory_budget is not None:
             self.model.memory_budget = parse_budget(self.memory_budget)
+
+    @cached_property
+    def settings(self) -> dict:
+        """What a step's result depends on; stored in every record and compared when a run resumes."""
+        config = self.model.hf_model.config.to_json_string(use_diff=False)
+        data = sorted(p.name + ":" + fingerprint(p.read_bytes()) for p in Path(self.data_dir).rglob("*")
+                      if p.is_file()) if self.data_dir else None
+        return {"model": self.model.name, "model_config": fingerprint(config), "n": self.n, "steps": self.steps,
+                "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
+                "position_probes": self.position_probes,
+                "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
+                "data": fingerprint(data) if data else None}
 
     @property
     def dir(self) -> Path:
@@ -97,11 +121,23 @@ class Study:
         return self._memo[key]
 
 
+def _reusable(study: Study, path: Path, settings: dict | None) -> bool:
+    """Whether a finished step's file can be reused: it exists, --force is off, and it was made with these settings."""
+    if not path.exists() or study.force:
+        return False
+    if settings == study.settings:
+        return True
+    changed = sorted(k for k in study.settings if (settings or {}).get(k) != study.settings[k])
+    tqdm.write(f"{path} was made with other settings ({', '.join(changed)}): recomputing it")
+    return False
+
+
 def _step(study: Study, path: Path, compute):
-    """Read `path` if it exists (and not study.force), else compute, write atomically and return."""
-    if path.exists() and not study.force:
+    """Read `path` if it was made with these settings (and not study.force), else compute, write atomically
+    with the settings, and return."""
+    if _reusable(study, path, read_json(path).get("settings") if path.exists() else None):
         return read_json(path)
-    result = compute()
+    result = {**compute(), "settings": study.settings}
     write_json(path, result)
     return result
 
@@ -122,7 +158,7 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
     cache = study.dir / ".cache" / f"{task}-{modality}-per-pair.safetensors"
     if ("scores", task, modality) in study._memo:  # computed by this run (with force: once, not once per reader)
         return study._memo["scores", task, modality]
-    if path.exists() and not study.force:
+    if _reusable(study, path, Scores.load(path).meta.get("settings") if path.exists() else None):
         s = Scores.load(path)
         if cache.exists():
             kept = load_file(cache)
@@ -133,6 +169,8 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
     per_pair_bytes = 4 * len(discovery) * m.n_layers * (m.n_heads + m.d_mlp) * discovery[0].length
     keep = per_pair_bytes <= study.max_per_pair_bytes
     s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False)
+    s.meta["settings"] = study.settings
+    cache.unlink(missing_ok=True)  # per-pair values of an older run must not outlive it
     if keep:
         with atomic(cache) as tmp:
             save_file({"heads": s.per_pair[0].contiguous(), "neurons": s.per_pair[1].contiguous()}, tmp)
@@ -164,17 +202,32 @@ def load_circuit(study: Study, task: str, modality: str) -> Circuit:
     return Circuit.load(study.path(task, "circuit.safetensors", modality), model=study.model.name)
 
 
+def probe_positions(spans: dict, length: int, limit: int | None) -> list[int] | None:
+    """Positions the exact position effect probes: all (None) when `length` <= limit; else every Q and G
+    position and evenly spaced D positions up to `limit` in all (positions outside the spans are left out)."""
+    if limit is None or length <= limit:
+        return None
+    (d0, d1), (q0, q1), (g0, g1) = spans["D"], spans["Q"], spans["G"]
+    keep = list(range(q0, q1)) + list(range(g0, g1))
+    n_data = max(1, min(d1 - d0, limit - len(keep)))
+    return sorted(set(np.linspace(d0, d1 - 1, n_data).round().astype(int).tolist()) | set(keep))
+
+
 def run_position_effect(study: Study, task: str, modality: str) -> dict:
     """Exact effect of patching every node at a position, per span, with CIs over evaluation pairs."""
     def compute():
         _, evaluation = study.pairs(task, modality)
         spans = evaluation[0].spans
-        effect = position_effect(study.model, evaluation).per_pair.numpy()  # (T, P)
-        per_span = {s: bootstrap(lambda i, a=a, b=b: effect[a:b][:, i].mean(), effect.shape[1],
-                                 resamples=study.resamples).as_dict() for s, (a, b) in spans.items()}
+        probed = probe_positions(spans, evaluation[0].length, study.position_probes)
+        effect = position_effect(study.model, evaluation, positions=probed).per_pair.numpy()  # (T, P), NaN unprobed
+        per_span = {}
+        for s, (a, b) in spans.items():
+            rows = effect[a:b][~np.isnan(effect[a:b, 0])]
+            per_span[s] = bootstrap(lambda i, rows=rows: rows[:, i].mean(), effect.shape[1],
+                                    resamples=study.resamples).as_dict()
         attributed = run_scores(study, task, modality).per_position()
         return {"per_position": effect.mean(1).tolist(), "per_span": per_span, "spans": spans,
-                "attributed_per_position": attributed.tolist()}
+                "probed_positions": None if probed is None else probed, "attributed_per_position": attributed.tolist()}
     return _step(study, study.path(task, "position_effect.json", modality), compute)
 
 

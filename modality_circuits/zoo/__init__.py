@@ -1,6 +1,9 @@
 """Models by name: the embedded toy, the tiny random families of the test zoo, and short names of hub checkpoints."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from ..execution import remote as _remote
 from ..model import VLM, load_pretrained
 
@@ -36,4 +39,19 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
 
         path = toy_path()
     hub_id = SHORT_NAMES.get(path.lower(), path)
+    if hub_id == path and not Path(path).expanduser().exists():
+        _refuse_missing(path)
     return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote)
+
+
+#: A hub id: "owner/name" (letters, digits, "-", "_", ".").
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _refuse_missing(name: str) -> None:
+    """A clear error for a name that is neither a short name nor an existing folder, unless it may be a hub id."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        raise FileNotFoundError(f"model folder {name} does not exist")
+    if not _HUB_ID.fullmatch(name):
+        raise ValueError(f"unknown model {name!r}: give a short name ({', '.join(SHORT_NAMES)}), 'toy', "
+                         "'tiny-<family>', a hub id 'owner/name' or a model folder")

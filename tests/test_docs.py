@@ -1,0 +1,103 @@
+"""The documentation stays inside the repository and matches the code that cites it.
+
+- every relative Markdown link in README.md and docs/*.md names an existing file of the repository
+  (no `../` link: a clone has nothing outside the repository);
+- every "docs/method.md section N" (or "sections N-M", "sections N, M") in the package and the
+  experiments names a section that docs/method.md has.
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHOD = ROOT / "docs" / "method.md"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+# [text](target) and ![alt](target); the target ends at whitespace or ")" (an optional "title" may follow)
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+# "docs/method.md section 3", "docs/method.md sections 4-5", "docs/method.md sections 1, 3, 4, 8"
+CITATION = re.compile(r"docs/method\.md,?\s+sections?\s+(\d+(?:\s*(?:[-–]|,|and)\s*\d+)*)")
+HEADING = re.compile(r"^##\s+(\d+)\.\s", re.MULTILINE)
+
+
+def _code_blocks_removed(text: str) -> str:
+    """Markdown without fenced code blocks and inline code, where brackets are not links (line numbers kept)."""
+    text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group().count("\n"), text, flags=re.MULTILINE | re.DOTALL)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def _leaves(target: str) -> bool:
+    return target.startswith("../") or target.startswith("/")
+
+
+def _links(path: Path) -> list[tuple[int, str]]:
+    """(line, target) of every relative link of a Markdown file (URLs, mail and in-page anchors left out)."""
+    out = []
+    for number, line in enumerate(_code_blocks_removed(path.read_text()).splitlines(), 1):
+        for target in LINK.findall(line):
+            if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("#"):
+                continue
+            out.append((number, target))
+    return out
+
+
+def _sections() -> set[int]:
+    return {int(n) for n in HEADING.findall(METHOD.read_text())}
+
+
+def _cited(numbers: str) -> set[int]:
+    """Section numbers of one citation: "4-5" -> {4, 5}; "1, 3, 4, 8" -> {1, 3, 4, 8}."""
+    out = set()
+    for part in re.split(r"\s*(?:,|and)\s*", numbers):
+        ends = [int(x) for x in re.split(r"\s*[-–]\s*", part)]
+        out.update(range(ends[0], ends[-1] + 1))
+    return out
+
+
+def test_method_document_exists_with_numbered_sections():
+    assert METHOD.exists(), "docs/method.md is missing"
+    assert _sections() >= set(range(1, 13)), f"docs/method.md sections found: {sorted(_sections())}"
+
+
+def test_docs_link_nothing_outside_the_repository():
+    """No `../` link: README.md and docs/*.md must not point outside the clone (e.g. ../shared/METHOD.md)."""
+    outside = [f"{path.relative_to(ROOT)}:{line}: {target}" for path in DOCS for line, target in _links(path)
+               if _leaves(target)]
+    assert not outside, "links leaving the repository:\n" + "\n".join(outside)
+
+
+def test_relative_links_resolve_to_files_in_the_repository():
+    broken = []
+    for path in DOCS:
+        for line, target in _links(path):
+            file = target.split("#", 1)[0]
+            if not file or _leaves(target):  # `../` and absolute links: the test above
+                continue
+            resolved = (path.parent / file).resolve()
+            if not resolved.is_relative_to(ROOT) or not resolved.exists():
+                broken.append(f"{path.relative_to(ROOT)}:{line}: {target}")
+    assert not broken, "links to missing files or outside the repository:\n" + "\n".join(broken)
+
+
+@pytest.mark.parametrize("folder", ["modality_circuits", "experiments"])
+def test_method_citations_name_existing_sections(folder):
+    sections = _sections()
+    cited, missing = 0, []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for numbers in CITATION.findall(line):
+                cited += 1
+                for n in sorted(_cited(numbers) - sections):
+                    missing.append(f"{path.relative_to(ROOT)}:{number}: section {n}")
+    assert not missing, "citations of sections docs/method.md does not have:\n" + "\n".join(missing)
+    if folder == "modality_circuits":
+        assert cited, "the package cites no section of docs/method.md"
+
+
+def test_no_citation_of_the_outside_specification():
+    """The package points to docs/method.md, not to METHOD.md, which a clone does not have."""
+    stale = [f"{path.relative_to(ROOT)}:{number}" for folder in ("modality_circuits", "experiments")
+             for path in sorted((ROOT / folder).rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1) if "METHOD.md" in line]
+    assert not stale, "still citing METHOD.md:\n" + "\n".join(stale)
