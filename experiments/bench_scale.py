@@ -183,7 +183,7 @@ def build(name: str, *, layers: int, vision_layers: int, quick: bool, dtype, dev
             for param in hf.parameters():
                 if param.ndim >= 2 and not param.any():
                     param.normal_(std=param.shape[0] ** -0.5)
-    return wrap(hf, processor, name=f"scale-{name}", image_size=d["image_size"])
+    return wrap(hf, processor, name=f"scale-{name}", image_size=d["image_size"], wording="toy")  # word-level tokenizer
 
 
 def image_pairs(model, n: int, modality: str = "image"):

@@ -5,7 +5,7 @@ Layers, each importing only those below it: study/ -> analyses/, methods/ -> dat
 """
 from .analyses.alignment import alignment
 from .analyses.backpatch import backpatch
-from .analyses.interchange import interchange
+from .analyses.interchange import interchange, interchange_both
 from .analyses.overlap import overlap
 from .circuits.circuit import Circuit, Scores
 from .data.pairs import Pair, split
@@ -18,8 +18,8 @@ from .tasks import build_pairs
 from .zoo import load_model
 
 __all__ = [
-    "ADAPTERS", "VLM", "Circuit", "Pair", "Scores", "alignment", "attribute", "backpatch", "build_pairs",
-    "exact_patching", "faithfulness", "faithfulness_curve", "interchange", "keep_correct", "load_model", "logit_diffs",
-    "overlap", "position_effect", "split",
+    "ADAPTERS", "Circuit", "Pair", "Scores", "VLM", "alignment", "attribute", "backpatch", "build_pairs",
+    "exact_patching", "faithfulness", "faithfulness_curve", "interchange", "interchange_both", "keep_correct",
+    "load_model", "logit_diffs", "overlap", "position_effect", "split",
 ]
 __version__ = "0.1.0"

@@ -1,6 +1,9 @@
-"""The tasks as a user names them: the five built-in tasks, their prompts, and `build_pairs` for a model."""
+"""The tasks as a user names them: the built-in tasks, your own (`Task`, `register`), their prompts, `build_pairs`."""
 from .data.pairs import Pair, build_pairs
-from .data.tasks import MODALITIES, TASKS, Prompt, answer_set, load_image_data, sample_pairs, vocabulary
+from .data.tasks import (
+    MODALITIES, REGISTRY, TASKS, WORDINGS, Prompt, Task, answer_set, get_task, load_image_data, load_task_file, register,
+    sample_pairs, vocabulary,
+)
 
-__all__ = ["MODALITIES", "TASKS", "Pair", "Prompt", "answer_set", "build_pairs", "load_image_data", "sample_pairs",
-           "vocabulary"]
+__all__ = ["MODALITIES", "REGISTRY", "TASKS", "WORDINGS", "Pair", "Prompt", "Task", "answer_set", "build_pairs",
+           "get_task", "load_image_data", "load_task_file", "register", "sample_pairs", "vocabulary"]

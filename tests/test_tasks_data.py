@@ -177,3 +177,50 @@ def test_load_image_data_errors(tmp_path):
         load_image_data(tmp_path, "factual_recall")
     with pytest.raises(FileNotFoundError, match="sentiment.csv"):
         load_image_data(tmp_path, "sentiment")
+
+
+def test_study_wording_is_the_studys_own():
+    """Real models get the study's wording (docs/method.md section 1); the toy keeps the one it was trained on."""
+    from modality_circuits.data.tasks import sample_pairs as sample
+
+    (p, _), = sample("counting", "text", 1, seed=0, wording="study")
+    assert p.data == f"Sequence: {' '.join(p.meta['words'])}."
+    assert p.query == f'How many "{p.meta["obj"]}" are in the sequence? Answer in a single number.'
+    (v, _), = sample("counting", "image", 1, seed=0, wording="study")
+    assert v.query.endswith('are in the image? Answer in a single number.') and v.data is None
+    (a, _), = sample("arithmetic", "text", 1, seed=0, wording="study")
+    assert a.data == f"Question: {a.meta['a']}{a.meta['op']}{a.meta['b']}."
+    (c, _), = sample("color_ordering", "text", 1, seed=0, wording="study")
+    assert c.data.startswith("In a scene with four objects arranged horizontally, there is a ")
+    assert c.query.endswith("Answer in a single word.")
+    (f, _), = sample("factual_recall", "text", 1, seed=0, wording="study")
+    assert f.data == f"Consider {f.meta['item']}."
+    (s, _), = sample("sentiment", "text", 1, seed=0, wording="study")
+    assert s.data.startswith('"""') and s.query == "Is this scene happy, sad, or neutral? Answer in a single word."
+    from modality_circuits.data.tasks import PLURALS
+
+    (t, _), = sample("counting", "text", 1, seed=0)  # the default: the toy's
+    assert t.query == f"How many {PLURALS[t.meta['obj']]} are there?"
+    with pytest.raises(ValueError, match="wording"):
+        sample("counting", "text", 1, wording="poetic")
+
+
+def test_a_registered_task_goes_everywhere_a_builtin_does(tmp_path):
+    """The README's shape-naming example runs through `reproduce --task-file` on the toy, end to end."""
+    import json
+    from pathlib import Path
+
+    from modality_circuits.study.cli import main
+    from modality_circuits.tasks import REGISTRY, Task, get_task, register
+
+    root = Path(__file__).resolve().parents[1]
+    main(["reproduce", "--model", "toy", "--task-file", str(root / "examples" / "shape_naming.py"), "--tasks",
+          "shape_naming", "--n", "8", "--resamples", "20", "--all-prompts", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "toy" / "summary.json").read_text())
+    assert set(summary) == {"shape_naming"} and "shape naming" in (tmp_path / "toy" / "report.md").read_text()
+    assert get_task("shape_naming").answers() == ["ball", "box", "car", "star", "tree"]
+    with pytest.raises(ValueError, match="built-in"):
+        register(Task("counting", *[None] * 4))
+    with pytest.raises(ValueError, match="known tasks: counting"):
+        get_task("shapes")
+    REGISTRY.pop("shape_naming")

@@ -81,6 +81,12 @@ class Interchange:
         """`score` recomputed on the pairs `idx` (one bootstrap draw)."""
         return _score(self.lds, idx)
 
+    def __repr__(self) -> str:
+        mean_random = sum(self.f_random) / len(self.f_random)
+        return (f"Interchange(span {self.span}: score {self.ci}{'' if self.interpretable else ' (not interpretable)'}; "
+                f"F original {self.f_original:.3f}, swapped {self.f_swapped:.3f}, random {mean_random:.3f} "
+                f"({len(self.f_random)} draws); margin {self.margin:.3f})")
+
 
 def margin(f_original: float, f_random: list[float]) -> float:
     """F(original) − mean F(random draws): the denominator of the interchange score."""
@@ -120,3 +126,31 @@ def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span
     f = _faith(lds, torch.arange(len(pairs)))
     ci = bootstrap(lambda idx: _score(lds, idx), len(pairs), resamples=resamples, seed=seed)
     return Interchange(span, f[0], f[1], f[2:], ci.value, [_norm(f[1], f[0], r) for r in f[2:]], ci, lds)
+
+
+@dataclass
+class CrossInterchange:
+    """Both directions of one span swap and the study's score: their mean, bootstrapped over both prompt sets."""
+
+    span: str
+    visual: Interchange  # the visual circuit with the textual span, on visual prompts
+    text: Interchange  # the textual circuit with the visual span, on textual prompts
+    score: CI
+
+    @property
+    def interpretable(self) -> bool:
+        return self.visual.interpretable and self.text.interpretable
+
+    def __repr__(self) -> str:
+        return (f"CrossInterchange({self.span}: score {self.score}, visual {self.visual.score:.3f}, "
+                f"text {self.text.score:.3f}{'' if self.interpretable else ', not interpretable'})")
+
+
+def interchange_both(model, text: Circuit, image: Circuit, text_pairs: list[Pair], image_pairs: list[Pair], span: str,
+                     *, n_random: int = 5, seed: int = 0, resamples: int = 1000) -> CrossInterchange:
+    """The study's interchange of `span`: both directions, their mean score with a bootstrap over both prompt sets."""
+    visual = interchange(model, image, text, image_pairs, span, n_random=n_random, seed=seed, resamples=10)
+    textual = interchange(model, text, image, text_pairs, span, n_random=n_random, seed=seed, resamples=10)
+    score = bootstrap(lambda i, j: (visual.resampled(i) + textual.resampled(j)) / 2,
+                      (len(image_pairs), len(text_pairs)), resamples=resamples)
+    return CrossInterchange(span, visual, textual, score)

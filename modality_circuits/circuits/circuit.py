@@ -56,6 +56,10 @@ class Scores:
         """(T,) summed signed score of every node at each position (the attributed position effect)."""
         return self.heads.sum((0, 1)) + self.neurons.sum((0, 1))
 
+    def __repr__(self) -> str:
+        return (f"Scores({self.model}, {self.n_pairs} pairs, heads {tuple(self.heads.shape)}, neurons "
+                f"{tuple(self.neurons.shape)}, {_span_text(self.spans)})")
+
     def save(self, path: str) -> None:
         tensors = {"heads": self.heads, "neurons": self.neurons}
         if self.square_sums is not None:
@@ -155,6 +159,54 @@ class Circuit:
         m = self.span_mask(span)
         return Circuit(self.heads & m, self.neurons & m, self.spans, self.model, dict(self.meta, span=span))
 
+    def span_of(self, position: int) -> str | None:
+        """The span ("D", "Q" or "G") holding `position`; None for the template around them."""
+        return next((s for s, (a, b) in self.spans.items() if a <= position < b), None)
+
+    def nodes(self, pair=None, scores: Scores | None = None) -> list[dict]:
+        """One record per node: kind ("head"/"neuron"), layer, unit, position, span (D/Q/G or None).
+
+        With `pair` (a data.pairs.Pair of this layout) also its token (`Pair.tokens`) and patch ((row, col)
+        of an image-patch token, else None); with `scores` also its score, and the records sorted by |score|,
+        largest first (else by kind, layer, unit, position).
+        """
+        T = self.heads.shape[-1]
+        if pair is not None and pair.length != T:
+            raise ValueError(f"pair has {pair.length} tokens, the circuit {T} positions")
+        if scores is not None and (scores.heads.shape, scores.neurons.shape) != (self.heads.shape, self.neurons.shape):
+            raise ValueError(f"scores of layout {tuple(scores.heads.shape)} do not fit the circuit's {tuple(self.heads.shape)}")
+        records = []
+        for kind, mask in (("head", self.heads), ("neuron", self.neurons)):
+            for layer, unit, pos in mask.nonzero().tolist():
+                r = {"kind": kind, "layer": layer, "unit": unit, "position": pos, "span": self.span_of(pos)}
+                if pair is not None:
+                    r.update(token=pair.tokens[pos], patch=pair.grid[2].get(pos))
+                if scores is not None:
+                    r["score"] = float((scores.heads if kind == "head" else scores.neurons)[layer, unit, pos])
+                records.append(r)
+        if scores is not None:
+            records.sort(key=lambda r: -abs(r["score"]))
+        return records
+
+    def summary(self) -> dict[str, dict[str, list[int]]]:
+        """Nodes per span and layer: {span: {"heads": [count per layer], "neurons": [...]}} for D, Q, G and
+        "other" (the template around them, when it holds nodes)."""
+        spans = [self.span_of(t) or "other" for t in range(self.heads.shape[-1])]
+        out = {}
+        for span in (*self.spans, "other"):
+            at = torch.tensor([s == span for s in spans])
+            counts = {"heads": self.heads[..., at].sum((1, 2)).tolist(), "neurons": self.neurons[..., at].sum((1, 2)).tolist()}
+            if span != "other" or any(counts["heads"] + counts["neurons"]):
+                out[span] = counts
+        return out
+
+    def __repr__(self) -> str:
+        fraction = self.meta.get("fraction")
+        at = f" (top {fraction:.1%})" if fraction is not None else ""
+        L, _, T = self.heads.shape
+        return (f"Circuit({self.model}, {self.n_heads}/{self.heads.numel()} heads + {self.n_neurons}/"
+                f"{self.neurons.numel()} neurons{at}, {L} layers x {T} positions, {_span_text(self.spans)})")
+
     def save(self, path: str) -> None:
         header = {"kind": "circuit", "spans": self.spans, "model": self.model, "meta": self.meta}
         _save(path, {"heads": self.heads.to(torch.uint8), "neurons": self.neurons.to(torch.uint8)}, header)
@@ -166,6 +218,11 @@ class Circuit:
         if model is not None and h["model"] != model:
             raise ValueError(f"{path} holds a circuit for {h['model']!r}, not {model!r}")
         return cls(tensors["heads"].bool(), tensors["neurons"].bool(), _spans(h), h["model"], h["meta"])
+
+
+def _span_text(spans: dict) -> str:
+    """"D 3:19 Q 19:25 G 25:27"."""
+    return " ".join(f"{s} {a}:{b}" for s, (a, b) in spans.items())
 
 
 def _spans(header: dict) -> dict[str, tuple[int, int]]:

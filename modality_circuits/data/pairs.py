@@ -7,12 +7,13 @@ image-token ids), never from hard-coded indices.
 from __future__ import annotations
 
 import json
+import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .tasks import FIRST_TOKEN_TASKS, MODALITIES, TASKS, Prompt, sample_pairs
+from .tasks import MODALITIES, Prompt, Task, get_task, sample_pairs
 
 #: The three spans of a prompt: data (words or image tokens), query, generation prompt (template tail).
 SPANS = ("D", "Q", "G")
@@ -28,6 +29,8 @@ class Pair:
 
     inputs / cf_inputs: processor outputs (batch of 1) for p and p'.
     spans: {"D"|"Q"|"G": (start, end)} token positions, end exclusive, shared by p and p'.
+    tokens: (T,) p's tokens, image tokens named by their patch (`token_labels`).
+    grid: (rows, cols, {position: (row, col)}) of p's image patches (`patch_grid`); (0, 0, {}) for text.
     """
 
     prompt: Prompt
@@ -37,10 +40,18 @@ class Pair:
     answer_id: int
     cf_answer_id: int
     spans: dict[str, tuple[int, int]]
+    tokens: list[str] = field(default_factory=list)
+    grid: tuple[int, int, dict[int, tuple[int, int]]] = field(default_factory=lambda: (0, 0, {}))
 
     @property
     def length(self) -> int:
         return self.inputs["input_ids"].shape[1]
+
+    def __repr__(self) -> str:
+        spans = " ".join(f"{s} {a}:{b}" for s, (a, b) in self.spans.items())
+        grid = f", {self.grid[0]}x{self.grid[1]} patches" if self.grid[0] else ""
+        return (f"Pair({self.prompt.task}/{self.prompt.modality}, {self.length} tokens, {spans}{grid}, "
+                f"answer {self.prompt.answer!r} vs {self.cf.answer!r})")
 
 
 def chat_text(model, prompt: Prompt) -> str:
@@ -91,6 +102,44 @@ def find_spans(model, prompt: Prompt, text: str, input_ids: torch.Tensor) -> dic
     return {s: spans[s] for s in SPANS}
 
 
+def patch_grid(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int]]]:
+    """(rows, cols, {position: (row, col)}) of the image-patch tokens of p's D span, row-major.
+
+    How the tokens tile the image is the family's `Adapter.patch_grid`; row-break and end markers
+    get no patch. A text prompt has no grid: (0, 0, {}).
+    """
+    if pair.prompt.modality != "image":
+        return 0, 0, {}
+    start, end = pair.spans["D"]
+    ids = pair.inputs["input_ids"][0, start:end].tolist()
+    patches = [start + i for i, t in enumerate(ids) if t == model.image_token_ids[0]]
+    n, layout = len(patches), model.adapter.patch_grid
+    if layout == "rows":  # a marker closes every row: a row break, or the end marker after the last one
+        rows = len(ids) - n
+    elif layout == "thw":  # (h / merge) x (w / merge) tokens, so rows = sqrt(n h / w)
+        _, h, w = pair.inputs["image_grid_thw"][0].tolist()
+        rows = round(math.sqrt(n * h / w))
+    else:
+        rows = math.isqrt(n)
+    cols = n // max(rows, 1)
+    if rows * cols != n:
+        raise LayoutError(f"{n} image tokens do not tile a {layout!r} patch grid of {rows} rows")
+    return rows, cols, {pos: divmod(i, cols) for i, pos in enumerate(patches)}
+
+
+def token_labels(model, pair: Pair) -> list[str]:
+    """(T,) p's tokens as the tokenizer decodes them (newlines as \\n); image patches as "<img r2c3>" (row 2,
+    column 3), the markers closing image rows as "<img break>" and the last one as "<img end>"."""
+    labels = [model.tokenizer.decode([i]).replace("\n", "\\n") for i in pair.inputs["input_ids"][0].tolist()]
+    if pair.prompt.modality == "image":
+        start, end = pair.spans["D"]
+        where = pair.grid[2]
+        for pos in range(start, end):
+            labels[pos] = ("<img r{}c{}>".format(*where[pos]) if pos in where
+                           else "<img end>" if pos == end - 1 else "<img break>")
+    return labels
+
+
 def check_known(model, text: str) -> None:
     """Refuse text with words the tokenizer does not know (a word-level tokenizer reads them as its unknown token)."""
     tok = model.tokenizer
@@ -111,7 +160,7 @@ def answer_token(model, text: str, prompt: Prompt) -> int:
     new = full[len(base):]
     if full[: len(base)] != base or not new:
         raise ValueError(f"answer {prompt.answer!r} merges with the prompt's last token")
-    if len(new) > 1 and prompt.task not in FIRST_TOKEN_TASKS:
+    if len(new) > 1 and not get_task(prompt.task).first_token:
         raise ValueError(f"answer {prompt.answer!r} is {len(new)} tokens; the metric needs single-token answers")
     check_known(model, text + prompt.answer)
     return new[0]
@@ -136,7 +185,10 @@ def make_pair(model, prompt: Prompt, cf: Prompt) -> Pair:
         raise LayoutError(f"span layouts differ: {spans[0]} vs {spans[1]}")
     if ids[0] == ids[1]:
         raise LayoutError(f"answers {prompt.answer!r} and {cf.answer!r} share their first token")
-    return Pair(prompt, cf, enc[0], enc[1], ids[0], ids[1], spans[0])
+    pair = Pair(prompt, cf, enc[0], enc[1], ids[0], ids[1], spans[0])
+    pair.grid = patch_grid(model, pair)
+    pair.tokens = token_labels(model, pair)
+    return pair
 
 
 def check_layout(pairs: list[Pair]) -> None:
@@ -149,8 +201,10 @@ def check_layout(pairs: list[Pair]) -> None:
             raise LayoutError(f"pair {i} has length {p.length} and spans {p.spans}; pair 0 has {ref.length}, {ref.spans}")
 
 
-def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None) -> list[Pair]:
-    """n aligned pairs of one task and modality for `model`, all with the same token layout and distinct prompts.
+def build_pairs(task: "str | Task", modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None,
+                wording: str | None = None) -> list[Pair]:
+    """n aligned pairs of one task (a name or a `Task`) and modality for `model`, all with the same token layout and
+    distinct prompts. wording: "study" or "toy" (default: the model's, `VLM.wording`).
 
     Candidates whose counterfactual cannot be aligned, or whose prompt repeats an earlier pair's, are
     skipped; of the rest, the most common layout (length and spans) is kept. A warning counts what was
@@ -158,12 +212,12 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    task = get_task(task)
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
     size = image_size or model.image_size
-    candidates = sample_pairs(task, modality, 5 * n, seed=seed, image_size=size, data_dir=data_dir)
+    candidates = sample_pairs(task, modality, 5 * n, seed=seed, image_size=size, data_dir=data_dir,
+                              wording=wording or model.wording)
     layouts, rejected, seen = {}, [], set()
     for p, cf in candidates:
         if prompt_key(p) in seen:  # a repeated prompt adds no information
@@ -182,11 +236,11 @@ def build_pairs(task: str, modality: str, model, *, n: int = 32, seed: int = 0, 
     skipped = len(rejected) + sum(len(g) for g in layouts.values()) - len(pairs)
     if skipped:
         example = rejected[0] if rejected else "a different token layout"
-        warnings.warn(f"{task}/{modality}: skipped {skipped} candidate pairs that do not align, e.g. {example}")
+        warnings.warn(f"{task.name}/{modality}: skipped {skipped} candidate pairs that do not align, e.g. {example}")
     if not pairs:
-        raise LayoutError(f"{task}/{modality}: no candidate pair aligns for {model.name}")
+        raise LayoutError(f"{task.name}/{modality}: no candidate pair aligns for {model.name}")
     if len(pairs) < n:
-        warnings.warn(f"{task}/{modality}: only {len(pairs)} distinct pairs of one token layout for {model.name} "
+        warnings.warn(f"{task.name}/{modality}: only {len(pairs)} distinct pairs of one token layout for {model.name} "
                       f"(asked for {n}); using those")
     return pairs
 

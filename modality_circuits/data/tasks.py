@@ -11,6 +11,7 @@ import random
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,11 +19,9 @@ from PIL import Image, ImageOps
 
 from . import render
 
+#: The five built-in tasks (the study's); `REGISTRY` holds them and any the user registers.
 TASKS = ("counting", "arithmetic", "color_ordering", "factual_recall", "sentiment")
 MODALITIES = ("text", "image")
-# Tasks whose answers may span several tokens: the metric reads the answer's first token, which the
-# generator makes differ between p and p' (arithmetic results are numbers, one token per digit).
-FIRST_TOKEN_TASKS = frozenset({"arithmetic"})
 
 # counting
 N_WORDS, MAX_COUNT = 7, 6
@@ -77,6 +76,9 @@ EVENTS = {
     "station": ("neutral", "car", "blue"), "library": ("neutral", "box", "brown"),
 }
 CSV_COLUMNS = ("item", "question", "answer", "image")
+#: Wordings: "study" is the study's own (instruction-tuned models need its closing instruction to answer in one
+#: token; docs/method.md section 1); "toy" is the simpler wording the embedded model and the tiny test models know.
+WORDINGS = ("study", "toy")
 
 
 @dataclass(frozen=True)
@@ -166,40 +168,65 @@ def _pair_sentiment(rng, rows):
     return _scene_meta(person, event), _scene_meta(person, rng.choice(other))
 
 
-_PAIRS = {"counting": _pair_counting, "arithmetic": _pair_arithmetic,
-          "color_ordering": _pair_color_ordering, "factual_recall": _pair_rows,
-          "sentiment": _pair_sentiment}
-
-
-def _rows(task: str, data_dir) -> list[dict]:
-    """Items of the row-based tasks (built-in or from the CSV), keeping only those with a counterfactual."""
-    if task not in ("factual_recall", "sentiment"):
-        return []
-    if data_dir is not None:
-        rows = load_image_data(data_dir, task)
-    elif task == "factual_recall":
-        rows = [{"item": name, "question": FACT_QUERIES[cat], "answer": ans, "image": None,
-                 "index": i} for i, (name, cat, ans) in enumerate(ENTITIES)]
-    else:
-        return []
-    rows = [r for r in rows if any(o["question"] == r["question"] and o["answer"] != r["answer"]
-                                   for o in rows)]
+def _with_counterfactual(task: str, rows: list[dict]) -> list[dict]:
+    """The rows that have a counterfactual (same question, other answer)."""
+    rows = [r for r in rows if any(o["question"] == r["question"] and o["answer"] != r["answer"] for o in rows)]
     if not rows:
         raise ValueError(f"{task}: no item has a counterfactual (same question, other answer)")
     return rows
 
 
+def _rows_factual_recall(data_dir) -> list[dict]:
+    if data_dir is not None:
+        return _with_counterfactual("factual_recall", load_image_data(data_dir, "factual_recall"))
+    return _with_counterfactual("factual_recall", [
+        {"item": name, "question": FACT_QUERIES[cat], "answer": ans, "image": None, "index": i}
+        for i, (name, cat, ans) in enumerate(ENTITIES)])
+
+
+def _rows_sentiment(data_dir) -> list[dict]:
+    """CSV items when given; else none (scenes are drawn by `_pair_sentiment`)."""
+    return _with_counterfactual("sentiment", load_image_data(data_dir, "sentiment")) if data_dir is not None else []
+
+
 # ---------------------------------------------------------------- rendering
-def _text(task: str, m: dict) -> tuple[str, str, str]:
-    """(data, query, answer) of a meta."""
-    if task == "counting":
+def _text_counting(m: dict, wording: str, modality: str) -> tuple[str, str, str]:
+    if wording == "toy":
         return " ".join(m["words"]), COUNT_QUERY.format(PLURALS[m["obj"]]), str(m["count"])
-    if task == "arithmetic":
+    where = "sequence" if modality == "text" else "image"
+    return (f"Sequence: {' '.join(m['words'])}.", f'How many "{m["obj"]}" are in the {where}? Answer in a single number.',
+            str(m["count"]))
+
+
+def _text_arithmetic(m: dict, wording: str, modality: str) -> tuple[str, str, str]:
+    if wording == "toy":
         return f"{m['a']} {m['op']} {m['b']}", ARITH_QUERY, str(m["result"])
-    if task == "color_ordering":
+    return (f"Question: {m['a']}{m['op']}{m['b']}.",
+            "What is the result of the given arithmetic calculation? Answer in a single number.", str(m["result"]))
+
+
+def _text_color_ordering(m: dict, wording: str, modality: str) -> tuple[str, str, str]:
+    answer = m["colours"][m["index"]]
+    if wording == "toy":
         data = " ".join(f"{c} {o}" for c, o in zip(m["colours"], m["objects"]))
-        return data, COLOUR_QUERY.format(ORDINALS[m["k"]], m["side"]), m["colours"][m["index"]]
-    return m["item"], m["question"], m["answer"]
+        return data, COLOUR_QUERY.format(ORDINALS[m["k"]], m["side"]), answer
+    c = m["colours"]
+    data = (f"In a scene with four objects arranged horizontally, there is a {c[0]} object, a {c[1]} object, "
+            f"a {c[2]} object and a {c[3]} object.")
+    return data, f"What is the color of the {ORDINALS[m['k']]} object from the {m['side']}? Answer in a single word.", answer
+
+
+def _text_row(m: dict, wording: str, modality: str) -> tuple[str, str, str]:
+    """Factual recall and CSV items: the item, its question, its answer."""
+    if wording == "toy":
+        return m["item"], m["question"], m["answer"]
+    return f"Consider {m['item']}.", m["question"], m["answer"]
+
+
+def _text_sentiment(m: dict, wording: str, modality: str) -> tuple[str, str, str]:
+    if wording == "toy":
+        return m["item"], m["question"], m["answer"]
+    return f'"""{m["item"]}"""', "Is this scene happy, sad, or neutral? Answer in a single word.", m["answer"]
 
 
 def _entity_icon(index: int) -> list[tuple[int, str, str]]:
@@ -217,52 +244,109 @@ def _load_image(path: str, size: int) -> Image.Image:
         raise ValueError(f"image {path} cannot be read ({err}): replace it with a PNG or JPEG file") from None
 
 
-def _image(task: str, m: dict, size: int) -> Image.Image:
-    if task == "counting":
-        return render.object_grid(m["words"], size)
-    if task == "arithmetic":
-        return render.char_grid(f"{m['a']}{m['op']}{m['b']}", size)
-    if task == "color_ordering":
-        return render.object_grid(m["objects"], size, m["colours"], start=COLOUR_ROW * render.GRID)
+def _image_row(m: dict, size: int) -> Image.Image:
+    """A CSV item's image, else the built-in entity's icon."""
+    return _load_image(m["image"], size) if m["image"] is not None else render.icon(_entity_icon(m["index"]), size)
+
+
+def _image_sentiment(m: dict, size: int) -> Image.Image:
     if m["image"] is not None:
         return _load_image(m["image"], size)
-    if task == "factual_recall":
-        return render.icon(_entity_icon(m["index"]), size)
     _, shape, colour = EVENTS[m["event"]]
     return render.scene(m["person"], shape, colour, size)
 
 
-def _prompt(task: str, modality: str, meta: dict, size: int) -> Prompt:
-    data, query, answer = _text(task, meta)
+# ---------------------------------------------------------------- tasks as data
+@dataclass(frozen=True)
+class Task:
+    """A task as data: everything `build_pairs`, the study, back-patching and the report need.
+
+    pair(rng, rows) -> (meta, counterfactual meta): modality-free facts of p and p', different answers;
+    text(meta, wording, modality) -> (data words, query, answer) (the visual prompt uses its query);
+    image(meta, size) -> the visual data part (a PIL image of size x size);
+    answers() -> every answer the task can have (back-patching scores over them);
+    rows(data_dir) -> the items of a row-based task (a CSV folder, see `load_image_data`), or None;
+    first_token: answers may span several tokens, the metric reads the first (the generator makes it differ).
+    """
+
+    name: str
+    pair: Callable[[random.Random, list], tuple[dict, dict]]
+    text: Callable[[dict, str, str], tuple[str, str, str]]
+    image: Callable[[dict, int], Image.Image]
+    answers: Callable[[], list[str]]
+    rows: Callable[[str | Path | None], list[dict]] | None = None
+    first_token: bool = False
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r})"
+
+
+#: Every task by name: the five built-ins, and what `register` (or `--task-file`) adds.
+REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Make `task` usable by name everywhere a built-in task is (build_pairs, the study, the CLI, the report)."""
+    if not task.name.isidentifier():
+        raise ValueError(f"task name {task.name!r} must be a Python identifier (letters, digits, underscores)")
+    if task.name in TASKS and task.name in REGISTRY:
+        raise ValueError(f"{task.name!r} is a built-in task; give yours another name")
+    REGISTRY[task.name] = task
+    return task
+
+
+def get_task(task: "str | Task") -> Task:
+    """The registered task of that name (or `task` itself); a clear error listing the known names."""
+    if isinstance(task, Task):
+        return task
+    if task not in REGISTRY:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(REGISTRY)} "
+                         "(register your own with modality_circuits.tasks.register or --task-file)")
+    return REGISTRY[task]
+
+
+def load_task_file(path: str | Path) -> list[str]:
+    """Run a Python file that registers tasks (`register(Task(...))`); returns the names it added."""
+    import runpy
+
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise FileNotFoundError(f"task file {path} not found (a .py file that calls modality_circuits.tasks.register)")
+    before = set(REGISTRY)
+    runpy.run_path(str(path), run_name=f"task_file_{path.stem}")
+    added = [n for n in REGISTRY if n not in before]
+    if not added:
+        raise ValueError(f"{path} registered no task: call modality_circuits.tasks.register(Task(...)) in it")
+    return added
+
+
+def _prompt(task: Task, modality: str, meta: dict, size: int, wording: str) -> Prompt:
+    data, query, answer = task.text(meta, wording, modality)
     if modality == "text":
-        return Prompt(task, modality, data, None, query, answer, meta)
-    return Prompt(task, modality, None, _image(task, meta, size), query, answer, meta)
+        return Prompt(task.name, modality, data, None, query, answer, meta)
+    return Prompt(task.name, modality, None, task.image(meta, size), query, answer, meta)
 
 
-# ---------------------------------------------------------------- public API
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-
-
-def sample_pairs(task: str, modality: str, n: int, *, seed: int = 0, image_size: int = 64,
-                 data_dir: str | Path | None = None) -> list[tuple[Prompt, Prompt]]:
+def sample_pairs(task: "str | Task", modality: str, n: int, *, seed: int = 0, image_size: int = 64,
+                 data_dir: str | Path | None = None, wording: str = "toy") -> list[tuple[Prompt, Prompt]]:
     """n (prompt, counterfactual) pairs of one task and modality with different answers and the
     same query and slot structure. Deterministic given seed; the same seed gives the same items
-    in both modalities. data_dir (CSV, see load_image_data) is used by factual_recall and
-    sentiment only, for both modalities."""
-    _check_task(task)
+    in both modalities. data_dir (CSV, see load_image_data) is read by row-based tasks (factual
+    recall, sentiment), for both modalities. wording: "toy" or "study" (WORDINGS)."""
+    task = get_task(task)
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown wording {wording!r}; expected one of {WORDINGS}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
     rng = random.Random(seed)
-    rows = _rows(task, data_dir)
+    rows = task.rows(data_dir) if task.rows is not None else []
     pairs = []
     for _ in range(n):
-        meta, cf = _PAIRS[task](rng, rows)
-        pairs.append((_prompt(task, modality, meta, image_size),
-                      _prompt(task, modality, cf, image_size)))
+        meta, cf = task.pair(rng, rows)
+        pairs.append((_prompt(task, modality, meta, image_size, wording),
+                      _prompt(task, modality, cf, image_size, wording)))
     return pairs
 
 
@@ -273,14 +357,9 @@ def _arith_results() -> tuple[str, ...]:
     return tuple(str(r) for r in sorted(results))
 
 
-def answer_set(task: str) -> list[str]:
-    """All possible answers of a task's built-in generator (arithmetic: every full result)."""
-    _check_task(task)
-    return {"counting": [str(c) for c in range(1, MAX_COUNT + 1)],
-            "arithmetic": list(_arith_results()),
-            "color_ordering": list(COLOURS),
-            "factual_recall": sorted({ans for _, _, ans in ENTITIES}),
-            "sentiment": list(SENTIMENTS)}[task]
+def answer_set(task: "str | Task") -> list[str]:
+    """All possible answers of a task (arithmetic: every full result)."""
+    return list(get_task(task).answers())
 
 
 def vocabulary() -> list[str]:
@@ -303,7 +382,6 @@ def load_image_data(data_dir: str | Path, task: str) -> list[dict]:
     """Rows of data_dir/<task>.csv (UTF-8, a byte-order mark allowed; columns item,question,answer,image;
     image path relative to the CSV) as dicts with the image path resolved. Repeated rows are dropped
     with a warning; an empty file or cell is an error."""
-    _check_task(task)
     path = Path(data_dir) / f"{task}.csv"
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -334,3 +412,19 @@ def load_image_data(data_dir: str | Path, task: str) -> list[dict]:
             raise FileNotFoundError(f"image {image} listed in {path} not found")
         r["image"] = str(image)
     return rows
+
+
+for _task in (
+    Task("counting", _pair_counting, _text_counting, lambda m, size: render.object_grid(m["words"], size),
+         lambda: [str(c) for c in range(1, MAX_COUNT + 1)]),
+    Task("arithmetic", _pair_arithmetic, _text_arithmetic,
+         lambda m, size: render.char_grid(f"{m['a']}{m['op']}{m['b']}", size), _arith_results, first_token=True),
+    Task("color_ordering", _pair_color_ordering, _text_color_ordering,
+         lambda m, size: render.object_grid(m["objects"], size, m["colours"], start=COLOUR_ROW * render.GRID),
+         lambda: list(COLOURS)),
+    Task("factual_recall", _pair_rows, _text_row, _image_row, lambda: sorted({ans for _, _, ans in ENTITIES}),
+         rows=_rows_factual_recall),
+    Task("sentiment", _pair_sentiment, _text_sentiment, _image_sentiment, lambda: list(SENTIMENTS),
+         rows=_rows_sentiment),
+):
+    REGISTRY[_task.name] = _task

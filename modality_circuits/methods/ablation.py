@@ -166,6 +166,11 @@ class Faithfulness:
     ld_empty: torch.Tensor  # (P,) every node patched
     aggregation: str = "ratio_of_means"
 
+    def __repr__(self) -> str:
+        means = ", ".join(f"{k} {float(v.mean()):.3f}" for k, v in
+                          (("circuit", self.ld_circuit), ("full", self.ld_full), ("empty", self.ld_empty)))
+        return f"Faithfulness(F = {self.value:.3f} over {len(self.ld_circuit)} pairs ({self.aggregation}); mean LD {means})"
+
 
 def faithfulness(model, circuit: Circuit, pairs: list[Pair], *, aggregation: str = "ratio_of_means") -> Faithfulness:
     """Faithfulness of `circuit` under counterfactual ablation of every node outside it."""
@@ -192,6 +197,12 @@ class Curve:
     minimal_fraction: float | None  # smallest fraction with F >= threshold (None if never reached)
     cpr: float  # area under F over fraction in [0, 1]
     cmd: float  # area under |1 − F|
+
+    def __repr__(self) -> str:
+        found = f"{self.minimal_fraction:.1%}" if self.minimal_fraction is not None else "not reached"
+        return (f"Curve({len(self.fractions)} fractions {self.fractions[0]:.1%}..{self.fractions[-1]:.0%} on "
+                f"{self.ld_circuits.shape[1]} pairs; smallest with F >= {self.threshold}: {found}; max F "
+                f"{max(self.values):.3f}; CPR {self.cpr:.3f}, CMD {self.cmd:.3f})")
 
 
 def faithfulness_curve(model, scores, pairs: list[Pair], fractions=None, *, threshold: float = 0.8,

@@ -30,6 +30,10 @@ class Adapter:
     pil_image_processor: str | None = None  # transformers' PIL image processor class
     image_expansion: str | None = None  # "grid": placeholder x (patch grid / merge^2); "rows": rows closed by breaks
     mm_token_type_ids: bool = False  # the forward needs mm_token_type_ids (1 at image tokens) for its rotary positions
+    # How the image tokens tile the image, row-major (data/pairs.py `patch_grid`): "square" (n tokens in a
+    # sqrt(n) x sqrt(n) grid), "thw" (the grid of the processor's image_grid_thw, shrunk by the merge size), or
+    # "rows" (rows closed by extra_image_tokens: a row break, and an end marker after the last row).
+    patch_grid: str = "square"
     # Processor outputs read only by the vision tower: a forward whose decoder input is given
     # (merged embeddings computed once per prompt) leaves them out; the rest (e.g. Qwen's
     # image_grid_thw for rotary positions, Gemma-3's token_type_ids for its attention mask) stay.
@@ -50,10 +54,10 @@ STUDY_IMAGE_SIZE = 252
 GEMMA3_IMAGE_SIZE = 896
 
 _QWEN = dict(image_placeholder="<|image_pad|>", pil_image_processor="Qwen2VLImageProcessorPil", image_expansion="grid",
-             mm_token_type_ids=True, image_size=STUDY_IMAGE_SIZE)
+             mm_token_type_ids=True, image_size=STUDY_IMAGE_SIZE, patch_grid="thw")
 # Pixtral-style towers: rows of [IMG] closed by [IMG_BREAK], the last by [IMG_END]; all three are data (D) tokens.
 _MISTRAL = dict(image_placeholder="[IMG]", extra_image_tokens=("[IMG_BREAK]", "[IMG_END]"),
-                pil_image_processor="PixtralImageProcessorPil", image_expansion="rows",
+                pil_image_processor="PixtralImageProcessorPil", image_expansion="rows", patch_grid="rows",
                 vision_inputs=("pixel_values", "image_sizes"), image_size=STUDY_IMAGE_SIZE)
 
 ADAPTERS: dict[str, Adapter] = {

@@ -52,6 +52,7 @@ class VLM:
     retry_backoff: float = 2.0
     chunks_per_request: int = 8
     memory_budget: int | str = "auto"
+    wording: str = "study"  # prompt wording of the built-in tasks: the study's, or "toy" (docs/method.md section 1)
 
     def __post_init__(self):
         self.remote = _remote.normalize(self.remote)
@@ -68,6 +69,12 @@ class VLM:
         self.image_token_ids = tuple(ids)
         if self.image_size is None:
             self.image_size = default_image_size(self.adapter, config)
+
+    def __repr__(self) -> str:
+        where = "meta (weights on the server)" if self.hosted else str(self.device)
+        return (f"VLM({self.name!r}, family {self.adapter.family}, {self.n_layers} layers x {self.n_heads} heads of "
+                f"{self.head_dim}, d_mlp {self.d_mlp}, {str(self.dtype).removeprefix('torch.')} on {where}, "
+                f"remote={self.remote!r})")
 
     @property
     def tokenizer(self):
@@ -197,16 +204,18 @@ def hosted_wrapper(hub_id: str, processor):
     return TransformersModel(hub_id, task=REMOTE_TASK, processor=processor)
 
 
-def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=False, image_size=None) -> VLM:
+def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=False, image_size=None,
+         wording: str = "study") -> VLM:
     """Put an already built transformers VLM and its processor behind nnsight and its adapter."""
     adapter = ADAPTERS[family_of(hf_model.config)]
     hf_model.eval()
     hf_model.requires_grad_(False)
     return VLM(name, hf_model, local_wrapper(hf_model), processor, adapter, hub_id=hub_id, remote=remote,
-               image_size=image_size)
+               image_size=image_size, wording=wording)
 
 
-def load_pretrained(hub_id: str, *, name: str, device=None, dtype=None, device_map=None, remote=False) -> VLM:
+def load_pretrained(hub_id: str, *, name: str, device=None, dtype=None, device_map=None, remote=False,
+                    wording: str = "study") -> VLM:
     """Load a checkpoint (hub id or folder) of a supported family; `remote` is already checked.
 
     With a hosted `remote` only the config and processor are loaded (the weights stay on the server).
@@ -220,7 +229,7 @@ def load_pretrained(hub_id: str, *, name: str, device=None, dtype=None, device_m
     if _remote.is_hosted(remote):
         processor = load_processor(hub_id, adapter)
         nn = hosted_wrapper(hub_id, processor)
-        return VLM(name, nn._module, nn, processor, adapter, hub_id=hub_id, remote=remote)
+        return VLM(name, nn._module, nn, processor, adapter, hub_id=hub_id, remote=remote, wording=wording)
     model_cls = getattr(transformers, adapter.model_class)
     kwargs = {"dtype": dtype or "auto"}
     if device_map is not None:
@@ -229,4 +238,4 @@ def load_pretrained(hub_id: str, *, name: str, device=None, dtype=None, device_m
     if device is not None and device_map is None:
         hf_model.to(device)
     processor = load_processor(hub_id, adapter)
-    return wrap(hf_model, processor, name=name, hub_id=hub_id, remote=remote)
+    return wrap(hf_model, processor, name=name, hub_id=hub_id, remote=remote, wording=wording)

@@ -33,13 +33,16 @@ def cmd_evaluate(args) -> None:
 def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     p.add_argument("--model", default="toy", help="'toy' (embedded default), 'tiny-<family>', a short name, hub id or path")
     if tasks_arg:
-        p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
+        p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
+                       help="built-in tasks (" + ", ".join(tasks.TASKS) + ") or ones a --task-file registers")
     p.add_argument("--n", type=int, default=48, help="correctly answered pairs per task and modality")
     p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps k")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt generator and the bootstrap")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     p.add_argument("--out", default="results", help="results folder; files go to <out>/<model>/")
     p.add_argument("--data-dir", default=None, help="folder with <task>.csv and images for factual recall / sentiment")
+    p.add_argument("--task-file", action="append", default=[],
+                   help="a Python file registering your own task (modality_circuits.tasks.register(Task(...)))")
     p.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
                    help="run traces on NDIF (optionally at HOST; 'local' = nnsight's serialisation dry run)")
     p.add_argument("--all-prompts", action="store_true", help="keep wrongly answered prompts (random test models)")
@@ -57,22 +60,26 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
 def _study(args):
     from ..zoo import load_model
 
-    model = load_model(args.model, remote=args.remote)
+    for path in args.task_file:
+        tasks.load_task_file(path)
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
+    steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples)  # before loading the model
+    model = load_model(args.model, remote=args.remote)
     return steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
-                 resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force,
+                       resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force,
                        image_size=args.image_size, memory_budget=args.memory_budget,
                        position_probes=args.position_probes or None)
 
 
-def experiment(doc: str, names: tuple[str, ...], draw, argv=None) -> None:
-    """Entry point of an experiments/ script: run `names` of the study's steps (resumable), then draw(folder, tasks)."""
+def experiment(doc: str, names: tuple[str, ...], draw, argv=None, *, study: bool = False) -> None:
+    """Entry point of an experiments/ script: run `names` of the study's steps (resumable), then draw(folder, tasks)
+    (study=True: draw(study, tasks), for figures that need the model)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _study_args(p)
     args = p.parse_args(argv)
     s = _study(args)
     done = steps.run(s, names)
-    print(draw(s.dir, done))
+    print(draw(s, done) if study else draw(s.dir, done))
 
 
 def cmd_reproduce(args) -> None:
@@ -84,6 +91,7 @@ def cmd_reproduce(args) -> None:
     print(f"reproducing the study on {s.model.name} for {', '.join(s.tasks)} -> {s.dir}")
     done = steps.run(s)
     figures.gallery(s.model, s.dir, s.tasks, seed=s.seed)
+    figures.circuit_maps(s.model, s.dir, done, data_dir=s.data_dir)
     for draw in (figures.position_effect_bars, figures.faithfulness_curves, figures.overlap_heatmap,
                  figures.interchange_bars, figures.alignment_lines, figures.backpatch_bars):
         draw(s.dir, done)
@@ -112,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text + " (the same files and settings as `reproduce`)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _study_args(p, tasks_arg=False)
-        p.add_argument("--task", required=True, choices=tasks.TASKS)
+        p.add_argument("--task", required=True, help="a built-in task or one a --task-file registers")
         p.add_argument("--modality", nargs="+", default=list(tasks.MODALITIES), choices=tasks.MODALITIES)
         p.set_defaults(func=func)
     helps = {
@@ -124,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _study_args(p, tasks_arg=False)
-        p.add_argument("--task", required=True, choices=tasks.TASKS)
+        p.add_argument("--task", required=True, help="a built-in task or one a --task-file registers")
         p.set_defaults(func=cmd_analysis)
     p = sub.add_parser("reproduce", help="the whole study: circuits, analyses, figures, summary.json and report.md",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

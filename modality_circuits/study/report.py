@@ -8,7 +8,7 @@ import numpy as np
 from ..analyses.interchange import MIN_MARGIN
 from ..data.pairs import SPANS
 from ..execution.store import atomic, nan_for_null, read_json, write_json
-from .labels import TASK_NAMES
+from .labels import task_name
 from .steps import interchange_margin, interchange_readable
 
 # Reference results (docs/method.md section 12), for comparison in the report.
@@ -67,12 +67,12 @@ def _pct(f) -> str:
 def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=()) -> Path:
     """report.md: results section with our numbers, the reference numbers, and where they agree."""
     s = summarize(folder, tasks)
-    names = [TASK_NAMES[t] for t in tasks]
+    names = [task_name(t) for t in tasks]
     lines = [f"# Results on {model_name}", "",
              "Every number below is produced by `modality-circuits reproduce` (this folder's JSON files); "
              f"brackets are 95 % bootstrap confidence intervals over prompts ({resamples} resamples). "
              "Reference numbers are those of the study (paper; docs/method.md section 12), measured on Qwen2-VL-7B, Pixtral-12B and Gemma-3-12B.",
-             *(["", "Left out: " + "; ".join(f"{TASK_NAMES[t]} ({read_json(folder / t / 'skipped.json')['reason']})"
+             *(["", "Left out: " + "; ".join(f"{task_name(t)} ({read_json(folder / t / 'skipped.json')['reason']})"
                                              for t in skipped) + "."] if skipped else []),
              "", "## Accuracy: the text–image gap", "",
              "| task | text | image | gap (points) |", "|---|---|---|---|"]
@@ -82,7 +82,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
         gaps[t] = 100 * (a["text"]["value"] - a["image"]["value"])
         lines.append(f"| {n} | {_ci(a['text'])} | {_ci(a['image'])} | {gaps[t]:+.1f} |")
     positive = sum(g > 0 for g in gaps.values())
-    reversed_ = [TASK_NAMES[t] for t in tasks if gaps[t] < 0]
+    reversed_ = [task_name(t) for t in tasks if gaps[t] < 0]
     lines += ["", f"The study found textual prompts answered better than visual ones on every task; here text is "
               f"ahead on {positive} of {len(tasks)} tasks"
               + (f", and the gap is reversed on {', '.join(reversed_)}." if reversed_ else "."), ""]
@@ -139,7 +139,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
                   f"{m}: " + " ".join(f"{v:+.1f}" for v in g.values())
                   for m, g in REFERENCE["backpatch_gain_points"].items()) + " (counting, arithmetic, colour, factual, "
               "sentiment) — about a third of the text–image gap; textual controls gain much less.", ""]
-    closed = [f"{TASK_NAMES[t]} {100 * s[t]['backpatch_gain']['image']['value'] / gaps[t]:.0%}"
+    closed = [f"{task_name(t)} {100 * s[t]['backpatch_gain']['image']['value'] / gaps[t]:.0%}"
               for t in tasks if gaps[t] > 1]
     lines += [("Share of the text–image gap closed here: " + ", ".join(closed) + ".") if closed else
               "No task has a positive text–image gap of more than one point, so no share of a gap is reported.",
@@ -159,6 +159,6 @@ def backpatch_table(folder: Path, tasks) -> str:
             r = d[m]
             c = r["config"]
             g = r["gain"]
-            rows.append(f"| {TASK_NAMES[t]} | {m} | ({c['src']}, {c['dst']}, {c['window']}) | {100 * r['base']['value']:.1f} | "
+            rows.append(f"| {task_name(t)} | {m} | ({c['src']}, {c['dst']}, {c['window']}) | {100 * r['base']['value']:.1f} | "
                         f"{100 * r['patched']['value']:.1f} | {100 * g['value']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] |")
     return "\n".join(rows) + "\n"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..analyses.alignment import alignment
 from ..analyses.backpatch import backpatch
-from ..analyses.interchange import interchange, margin, readable
+from ..analyses.interchange import interchange_both, margin, readable
 from ..analyses.overlap import overlap
 from ..circuits.circuit import Circuit, Scores
 from ..circuits.metrics import faithfulness_value
@@ -40,6 +40,17 @@ from ..methods.predict import keep_correct, pairs_correct
 
 class TooFewPairs(RuntimeError):
     """The model answers too few pairs of a task correctly to find a circuit."""
+
+
+def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8) -> None:
+    """Refuse settings no study can run with, before any model is loaded."""
+    for name, (value, least) in {"n": (n, 4), "steps": (steps, 1), "resamples": (resamples, 10)}.items():
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    for task in tasks:
+        task_defs.get_task(task)  # an unknown name: a clear error listing the known ones
 
 
 @dataclass
@@ -64,15 +75,7 @@ class Study:
     _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
 
     def __post_init__(self):
-        limits = {"n": (self.n, 4), "steps": (self.steps, 1), "resamples": (self.resamples, 10)}
-        for name, (value, least) in limits.items():
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
-        unknown = [t for t in self.tasks if t not in task_defs.TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(task_defs.TASKS)}")
+        check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold)
         if self.memory_budget is not None:
             self.model.memory_budget = parse_budget(self.memory_budget)
 
@@ -86,6 +89,7 @@ class Study:
                 "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
                 "position_probes": self.position_probes,
                 "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
+                "wording": self.model.wording,
                 "data": fingerprint(data) if data else None}
 
     @property
@@ -293,12 +297,10 @@ def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
         ev_text, ev_image = study.pairs(task, "text")[1], study.pairs(task, "image")[1]
         result = {}
         for s in SPANS:
-            vis = interchange(study.model, image, text, ev_image, s, n_random=n_random, seed=study.seed, resamples=10)
-            txt = interchange(study.model, text, image, ev_text, s, n_random=n_random, seed=study.seed, resamples=10)
-            both = bootstrap(lambda i, j: (vis.resampled(i) + txt.resampled(j)) / 2,
-                             (len(ev_image), len(ev_text)), resamples=study.resamples)
-            result[s] = {"score": both.as_dict(),
-                         **{f"{name}_{k}": v for name, r in (("visual", vis), ("text", txt)) for k, v in
+            both = interchange_both(study.model, text, image, ev_text, ev_image, s, n_random=n_random, seed=study.seed,
+                                    resamples=study.resamples)
+            result[s] = {"score": both.score.as_dict(),
+                         **{f"{name}_{k}": v for name, r in (("visual", both.visual), ("text", both.text)) for k, v in
                             (("score", r.score), ("f_original", r.f_original), ("f_swapped", r.f_swapped),
                              ("f_random", r.f_random), ("score_draws", r.score_draws))}}
         return result

@@ -41,7 +41,9 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     hub_id = SHORT_NAMES.get(path.lower(), path)
     if hub_id == path and not Path(path).expanduser().exists():
         _refuse_missing(path)
-    return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote)
+    wording = "toy" if name_or_path == "toy" else "study"  # the embedded model knows the wording it was trained on
+    return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote,
+                           wording=wording)
 
 
 #: A hub id: "owner/name" (letters, digits, "-", "_", ".").

@@ -169,4 +169,4 @@ def tiny_model(family: str, *, seed: int = 0) -> VLM:
     for param in model.parameters():  # some inits zero a matrix (Gemma-3's projector): no signal would pass
         if param.ndim >= 2 and not param.any():
             torch.nn.init.normal_(param, std=param.shape[0] ** -0.5)
-    return wrap(model.float(), processor, name=f"tiny-{family}", image_size=IMAGE_SIZE)
+    return wrap(model.float(), processor, name=f"tiny-{family}", image_size=IMAGE_SIZE, wording="toy")
