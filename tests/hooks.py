@@ -74,8 +74,10 @@ def ablate(model, pair, circuit) -> float:
     return float(logit_diff(model, pair.inputs, pair, hooks))
 
 
-def ig_scores(model, pair, steps):
-    """Step-at-a-time IG on the merged decoder input: heads (L,H,T), neurons (L,I,T) for one pair."""
+def ig_scores(model, pair, steps, absolute=False):
+    """Step-at-a-time IG on the merged decoder input: heads (L,H,T), neurons (L,I,T) for one pair.
+
+    absolute: |Δa · mean ∇| per element before summing a head's elements (the reference's head score)."""
     layer0 = model.layers(model.hf_model)[0]
     merged = {}
 
@@ -110,9 +112,11 @@ def ig_scores(model, pair, steps):
             grads[i][1] = grads[i][1] + held[2 * i + 1].grad / steps
     heads, neurons = [], []
     for i in range(len(mods)):
-        sh = ((a_cf[i][0] - a_p[i][0]) * grads[i][0])[0]
+        sh, sn = ((a_cf[i][0] - a_p[i][0]) * grads[i][0])[0], ((a_cf[i][1] - a_p[i][1]) * grads[i][1])[0]
+        if absolute:
+            sh, sn = sh.abs(), sn.abs()
         heads.append(sh.view(sh.shape[0], model.n_heads, -1).sum(-1).T)
-        neurons.append(((a_cf[i][1] - a_p[i][1]) * grads[i][1])[0].T)
+        neurons.append(sn.T)
     return torch.stack(heads), torch.stack(neurons)
 
 

@@ -28,7 +28,8 @@ def test_reproduce_writes_summary_report_and_figures(study_dir):
     assert {"low", "high", "value"} <= set(summary["counting"]["backpatch_gain"]["image"])
     report = (study_dir / "report.md").read_text()
     assert "## Back-patching" in report and "nIoU" in report
-    for name in ("gallery", "position_effect", "faithfulness", "overlap", "interchange", "alignment", "backpatch"):
+    for name in ("gallery", "position_effect", "faithfulness", "overlap", "interchange", "alignment", "backpatch",
+                 "circuit_map"):
         assert (study_dir / f"{name}.png").stat().st_size > 1000
         assert (study_dir / f"{name}.pdf").stat().st_size > 1000
 

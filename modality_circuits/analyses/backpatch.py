@@ -147,10 +147,20 @@ class Backpatch:
     n_test: int
 
 
+SELECTIONS = ("split", "reported")
+
+
 def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, selection_fraction: float = 0.5,
-              resamples: int = 1000, seed: int = 0) -> Backpatch:
-    """Choose (src, dst, window) on a selection split, report the accuracy gain on the disjoint test split."""
+              resamples: int = 1000, seed: int = 0, select_on: str = "split") -> Backpatch:
+    """Choose (src, dst, window) on a selection split, report the accuracy gain on the disjoint test split.
+
+    select_on="reported": choose on the very prompts whose accuracy is reported, as the reference code
+    did (selection bias: docs/method.md section 11); both "splits" are then all distinct prompts."""
+    if select_on not in SELECTIONS:
+        raise ValueError(f"select_on must be one of {SELECTIONS}, got {select_on!r}")
     selection, test = split(pairs, selection_fraction)
+    if select_on == "reported":
+        selection = test = selection + test
     configs = configs or default_configs(model.n_layers)
     answers = answer_ids(model, pairs)
     # only the answer-set logits travel: argmax over them is what `correct` reads

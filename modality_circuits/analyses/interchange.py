@@ -41,16 +41,33 @@ def map_span(source: Circuit, target: Circuit, span: str) -> Circuit:
     return Circuit(heads, neurons, target.spans, target.model, {"mapped_from": source.meta, "span": span})
 
 
-def random_like(sub: Circuit, span: str, generator: torch.Generator) -> Circuit:
-    """A random sub-circuit with as many head and neuron nodes as `sub`, inside `span`."""
+DRAWS = ("uniform", "reference")
+
+
+def random_like(sub: Circuit, span: str, generator: torch.Generator, draw: str = "uniform") -> Circuit:
+    """A random sub-circuit with as many head and neuron nodes as `sub`, inside `span`.
+
+    draw="uniform": that many distinct nodes, uniformly among the span's. draw="reference": the reference
+    code's draw, emulated: layer, unit and position each from randint-style ranges whose upper bound is
+    included (one past the last), with replacement; draws outside the model or span and repeats are lost,
+    so the sub-circuit is smaller (docs/method.md section 11)."""
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
     start, end = sub.spans[span]
     out = []
     for mask in (sub.heads, sub.neurons):
         region = mask[..., start:end]
-        pick = torch.zeros(region.numel(), dtype=torch.bool)
-        pick[torch.randperm(region.numel(), generator=generator)[: int(region.sum())]] = True
+        count = int(region.sum())
         full = torch.zeros_like(mask)
-        full[..., start:end] = pick.view_as(region)
+        if draw == "uniform":
+            pick = torch.zeros(region.numel(), dtype=torch.bool)
+            pick[torch.randperm(region.numel(), generator=generator)[:count]] = True
+            full[..., start:end] = pick.view_as(region)
+        else:
+            (layers, units, length), size = region.shape, (count,)
+            li, ui, ti = (torch.randint(0, n + 1, size, generator=generator) for n in (layers, units, length))
+            inside = (li < layers) & (ui < units) & (ti < length)
+            full[li[inside], ui[inside], start + ti[inside]] = True
         out.append(full)
     return Circuit(*out, sub.spans, sub.model)
 
@@ -67,6 +84,7 @@ class Interchange:
     score_draws: list[float]  # the score against each random draw (its spread)
     ci: CI  # bootstrap over prompts of `score`
     lds: torch.Tensor  # (4 + n_random, P): full, empty, original, swapped, random draws
+    aggregation: str = "ratio_of_means"  # of F, as `circuits.metrics.faithfulness_value`
 
     @property
     def margin(self) -> float:
@@ -79,7 +97,7 @@ class Interchange:
 
     def resampled(self, idx) -> float:
         """`score` recomputed on the pairs `idx` (one bootstrap draw)."""
-        return _score(self.lds, idx)
+        return _score(self.lds, idx, self.aggregation)
 
     def __repr__(self) -> str:
         mean_random = sum(self.f_random) / len(self.f_random)
@@ -98,34 +116,35 @@ def readable(score: float, margin: float) -> bool:
     return math.isfinite(score) and margin >= MIN_MARGIN
 
 
-def _faith(lds: torch.Tensor, idx) -> list[float]:
+def _faith(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> list[float]:
     """F of rows 2.. of lds (rows 0, 1: full model and empty circuit) on the pairs idx."""
-    return [faithfulness_value(ld[idx], lds[0][idx], lds[1][idx]) for ld in lds[2:]]
+    return [faithfulness_value(ld[idx], lds[0][idx], lds[1][idx], aggregation) for ld in lds[2:]]
 
 
 def _norm(f_swapped: float, f_original: float, f_random: float) -> float:
     return (f_swapped - f_random) / (f_original - f_random) if f_original != f_random else float("nan")
 
 
-def _score(lds: torch.Tensor, idx) -> float:
-    f = _faith(lds, idx)
+def _score(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> float:
+    f = _faith(lds, idx, aggregation)
     return _norm(f[1], f[0], sum(f[2:]) / len(f[2:]))
 
 
 def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span: str, *, n_random: int = 5,
-                seed: int = 0, resamples: int = 1000) -> Interchange:
+                seed: int = 0, resamples: int = 1000, draw: str = "uniform",
+                aggregation: str = "ratio_of_means") -> Interchange:
     """Swap `span` of `target` (evaluated on `pairs`, the target's modality) for `source`'s mapped sub-circuit."""
     if span not in SPANS:
         raise ValueError(f"span must be one of {', '.join(SPANS)}, got {span!r}")
     rest = target - target.restrict(span)
     mapped = map_span(source, target, span)
     gen = torch.Generator().manual_seed(seed)
-    randoms = [rest | random_like(mapped, span, gen) for _ in range(n_random)]
+    randoms = [rest | random_like(mapped, span, gen, draw) for _ in range(n_random)]
     circuits = [Circuit.full(target, True), Circuit.full(target, False), target, rest | mapped, *randoms]
     lds = ablation_lds(model, circuits, pairs)
-    f = _faith(lds, torch.arange(len(pairs)))
-    ci = bootstrap(lambda idx: _score(lds, idx), len(pairs), resamples=resamples, seed=seed)
-    return Interchange(span, f[0], f[1], f[2:], ci.value, [_norm(f[1], f[0], r) for r in f[2:]], ci, lds)
+    f = _faith(lds, torch.arange(len(pairs)), aggregation)
+    ci = bootstrap(lambda idx: _score(lds, idx, aggregation), len(pairs), resamples=resamples, seed=seed)
+    return Interchange(span, f[0], f[1], f[2:], ci.value, [_norm(f[1], f[0], r) for r in f[2:]], ci, lds, aggregation)
 
 
 @dataclass
@@ -147,10 +166,12 @@ class CrossInterchange:
 
 
 def interchange_both(model, text: Circuit, image: Circuit, text_pairs: list[Pair], image_pairs: list[Pair], span: str,
-                     *, n_random: int = 5, seed: int = 0, resamples: int = 1000) -> CrossInterchange:
+                     *, n_random: int = 5, seed: int = 0, resamples: int = 1000, draw: str = "uniform",
+                     aggregation: str = "ratio_of_means") -> CrossInterchange:
     """The study's interchange of `span`: both directions, their mean score with a bootstrap over both prompt sets."""
-    visual = interchange(model, image, text, image_pairs, span, n_random=n_random, seed=seed, resamples=10)
-    textual = interchange(model, text, image, text_pairs, span, n_random=n_random, seed=seed, resamples=10)
+    kw = dict(n_random=n_random, seed=seed, resamples=10, draw=draw, aggregation=aggregation)
+    visual = interchange(model, image, text, image_pairs, span, **kw)
+    textual = interchange(model, text, image, text_pairs, span, **kw)
     score = bootstrap(lambda i, j: (visual.resampled(i) + textual.resampled(j)) / 2,
                       (len(image_pairs), len(text_pairs)), resamples=resamples)
     return CrossInterchange(span, visual, textual, score)

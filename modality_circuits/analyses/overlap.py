@@ -42,13 +42,15 @@ class SpanOverlap:
         return float(np.mean(finite)) if finite else float("nan")
 
 
-def overlap(text: Circuit, visual: Circuit) -> dict[str, SpanOverlap]:
-    """IoU and nIoU of two circuits (normally one textual, one visual) per span D, Q, G."""
+def overlap(text: Circuit, visual: Circuit, *, niou_formula: str = "normalised") -> dict[str, SpanOverlap]:
+    """IoU and nIoU of two circuits (normally one textual, one visual) per span D, Q, G.
+
+    niou_formula: "normalised" (ours) or "reference" (IoU − 2b, see `circuits.metrics.niou`)."""
     if text.heads.shape[:2] != visual.heads.shape[:2] or text.neurons.shape[:2] != visual.neurons.shape[:2]:
         raise ValueError("circuits come from models of different sizes")
     out = {}
     for span in SPANS:
         lengths = [c.spans[span][1] - c.spans[span][0] for c in (text, visual)]
         (th, tn), (vh, vn) = (span_masks(c, span, min(lengths)) for c in (text, visual))
-        out[span] = SpanOverlap(iou(th, vh), iou(tn, vn), niou(th, vh), niou(tn, vn))
+        out[span] = SpanOverlap(iou(th, vh), iou(tn, vn), niou(th, vh, niou_formula), niou(tn, vn, niou_formula))
     return out

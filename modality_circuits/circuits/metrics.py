@@ -41,10 +41,21 @@ def expected_iou(n: int, size_a: int, size_b: int) -> float:
     return float((pmf * x / (size_a + size_b - x)).sum())
 
 
-def niou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max(0, (IoU − b) / (1 − b)) with b the expected IoU of random sets of the same sizes."""
+NIOU_FORMULAS = ("normalised", "reference")
+
+
+def niou(a: torch.Tensor, b: torch.Tensor, formula: str = "normalised") -> float:
+    """max(0, (IoU − b) / (1 − b)) with b the expected IoU of random sets of the same sizes.
+
+    formula="reference": IoU − 2b, what the reference notebook's expression evaluated to (an operator
+    precedence slip, docs/method.md section 11), offered only to compare with its numbers.
+    """
+    if formula not in NIOU_FORMULAS:
+        raise ValueError(f"formula must be one of {NIOU_FORMULAS}, got {formula!r}")
     base = expected_iou(a.numel(), int(a.sum()), int(b.sum()))
     value = iou(a, b)
     if np.isnan(value) or np.isnan(base):
         return float("nan")
+    if formula == "reference":
+        return value - 2 * base
     return 1.0 if base >= 1.0 else max(0.0, (value - base) / (1.0 - base))

@@ -116,13 +116,14 @@ def patch_grid(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int]]]
     n, layout = len(patches), model.adapter.patch_grid
     if layout == "rows":  # a marker closes every row: a row break, or the end marker after the last one
         rows = len(ids) - n
+        cols = n // max(rows, 1)
     elif layout == "thw":  # (h / merge) x (w / merge) tokens, so rows = sqrt(n h / w)
         _, h, w = pair.inputs["image_grid_thw"][0].tolist()
         rows = round(math.sqrt(n * h / w))
+        cols = n // max(rows, 1)
     else:
-        rows = math.isqrt(n)
-    cols = n // max(rows, 1)
-    if rows * cols != n:
+        rows = cols = math.isqrt(n)
+    if rows * cols != n or n == 0:
         raise LayoutError(f"{n} image tokens do not tile a {layout!r} patch grid of {rows} rows")
     return rows, cols, {pos: divmod(i, cols) for i, pos in enumerate(patches)}
 
@@ -166,7 +167,10 @@ def answer_token(model, text: str, prompt: Prompt) -> int:
     return new[0]
 
 
-def make_pair(model, prompt: Prompt, cf: Prompt) -> Pair:
+POSITIONS = ("model", "1d")
+
+
+def make_pair(model, prompt: Prompt, cf: Prompt, *, positions: str = "model") -> Pair:
     """Encode p and p' and check they align: same length, same spans, same image size, different answers."""
     if (prompt.task, prompt.modality) != (cf.task, cf.modality):
         raise LayoutError(f"pair mixes {prompt.task}/{prompt.modality} with {cf.task}/{cf.modality}")
@@ -175,6 +179,9 @@ def make_pair(model, prompt: Prompt, cf: Prompt) -> Pair:
     texts = [chat_text(model, p) for p in (prompt, cf)]
     ids = [answer_token(model, t, p) for t, p in zip(texts, (prompt, cf))]  # first: refuses unknown words
     enc = [encode(model, [t], [p.image] if p.image is not None else None) for t, p in zip(texts, (prompt, cf))]
+    if positions == "1d":  # the reference's Qwen2-VL port: plain 1-D rotary positions, image tokens included
+        for e in enc:
+            e["position_ids"] = torch.arange(e["input_ids"].shape[1])[None]
     if enc[0]["input_ids"].shape != enc[1]["input_ids"].shape:
         raise LayoutError(
             f"counterfactual has {enc[1]['input_ids'].shape[1]} tokens, prompt {enc[0]['input_ids'].shape[1]}: "
@@ -202,9 +209,10 @@ def check_layout(pairs: list[Pair]) -> None:
 
 
 def build_pairs(task: "str | Task", modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None,
-                wording: str | None = None) -> list[Pair]:
+                wording: str | None = None, positions: str = "model") -> list[Pair]:
     """n aligned pairs of one task (a name or a `Task`) and modality for `model`, all with the same token layout and
-    distinct prompts. wording: "study" or "toy" (default: the model's, `VLM.wording`).
+    distinct prompts. wording: "study" or "toy" (default: the model's, `VLM.wording`). positions: "model" (the
+    model's own, M-RoPE included) or "1d" (plain 1-D positions, as the reference code's Qwen2-VL port had them).
 
     Candidates whose counterfactual cannot be aligned, or whose prompt repeats an earlier pair's, are
     skipped; of the rest, the most common layout (length and spans) is kept. A warning counts what was
@@ -213,6 +221,8 @@ def build_pairs(task: "str | Task", modality: str, model, *, n: int = 32, seed: 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     task = get_task(task)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
     size = image_size or model.image_size
@@ -223,7 +233,7 @@ def build_pairs(task: "str | Task", modality: str, model, *, n: int = 32, seed: 
         if prompt_key(p) in seen:  # a repeated prompt adds no information
             continue
         try:
-            pair = make_pair(model, p, cf)
+            pair = make_pair(model, p, cf, positions=positions)
         except LayoutError as err:
             rejected.append(str(err))
             continue

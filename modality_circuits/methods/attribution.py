@@ -24,7 +24,7 @@ def _ig_rows(pairs: list[Pair], steps: int) -> dict:
 
 
 @server_body
-def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple):
+def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolute: bool, hold):
     """One request: a forward+backward over P pairs × (k+1) rows for each chunk (both, rows, answers (P, 2)).
 
     both: processor outputs of the chunk's p' then p (2P rows); a first pass computes their decoder
@@ -35,6 +35,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple):
     server, to `totals` (four running sums or Nones); returns the new sums and each chunk's per-pair
     scores: all of them (per_pair=True, (P, L, units, T)), those at the flat indices of the Scores
     layout per_pair=(head index, neuron index) ((P, n_kept) each), or none (per_pair=False).
+    absolute: score |Δa · mean ∇| per element, summed over a head's elements (the reference's head score);
+    hold: None, or a (T,) bool mask of positions kept at e in every row (the reference's "tokens" interpolation).
     """
     L, H, k = model.n_layers, model.n_heads, steps
     root, layers, opts, dtype = model.nn, model.layers(), model.FORWARD, model.dtype
@@ -52,7 +54,10 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple):
             with root.trace(**rows, **opts):
                 e_cf, e = e0[:P].unsqueeze(1), e0[P:].unsqueeze(1)
                 a = alpha.to(e.device)
-                x = (e_cf + a * (e - e_cf)).to(dtype).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
+                x = e_cf + a * (e - e_cf)
+                if hold is not None:  # these positions are p's at every step, as the reference's code had them
+                    x = torch.where(hold.to(e.device).view(1, 1, -1, 1), e, x)
+                x = x.to(dtype).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
                 layers[0].input = x
                 heads, neurons = [], []
                 for i in range(L):  # nnsight serves values in execution order
@@ -69,6 +74,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple):
                             act = acts[i].view(P, k + 1, *acts[i].shape[1:])
                             g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].float().mean(1)
                             s = ((act[:, 0] - act[:, -1]).float() * g).detach()  # (P, T, width), float32
+                            if absolute:
+                                s = s.abs()
                             if j == 0:
                                 s = s.view(*s.shape[:2], H, -1).sum(-1)  # (P, T, heads)
                             sums[j][i], squares[j][i] = s.sum(0), (s * s).sum(0)
@@ -89,8 +96,13 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple):
     return result
 
 
+HEAD_SCORES = ("signed_sum", "abs_elementwise")
+INTERPOLATIONS = ("merged", "tokens")
+
+
 def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None = None, per_pair: bool = False,
-              progress: bool = True, checkpoint=None) -> Scores:
+              progress: bool = True, checkpoint=None, head_score: str = "signed_sum",
+              interpolate: str = "merged") -> Scores:
     """Integrated-gradient scores of every head and neuron at every position, averaged over pairs.
 
     Returns Scores with heads (layers, heads, positions) and neurons (layers, d_mlp, positions).
@@ -104,17 +116,25 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
     Remote: `model.chunks_per_request` chunks per request, only the running sums come back.
     checkpoint: a file that keeps the sums after every request; a run with the same model, pairs
     and settings resumes from it (a file of another run is replaced).
+    head_score: "signed_sum" (ours: Σ over a head's elements of Δa · mean ∇, ranked by |mean over pairs|) or
+    "abs_elementwise" (the reference code's: |Δa · mean ∇| per element, summed; neurons |·| too).
+    interpolate: "merged" (ours: the decoder input after image features are merged, image positions
+    included) or "tokens" (the reference code's: image positions stay p's at every step). docs/method.md 11.
     """
     check_layout(pairs)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if head_score not in HEAD_SCORES or interpolate not in INTERPOLATIONS:
+        raise ValueError(f"head_score must be one of {HEAD_SCORES} and interpolate one of {INTERPOLATIONS}; "
+                         f"got {head_score!r}, {interpolate!r}")
+    hold = model.image_mask(pairs[0].inputs["input_ids"][0]).cpu() if interpolate == "tokens" else None
     per_chunk = max(1, budget.rows(model, pairs[0].length, backward=True, max_rows=max_rows) // (steps + 1))
     chunks = requests.chunked(pairs, per_chunk)
     state = {"done": 0, "heads": None, "neurons": None, "heads_sq": None, "neurons_sq": None, "kept": []}
     store = None
     if checkpoint is not None:
         store = Checkpoint(checkpoint, fingerprint(
-            "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps,
+            "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps, head_score, interpolate,
             per_pair if isinstance(per_pair, tuple) else bool(per_pair), per_chunk,
             [(p.inputs, p.cf_inputs, p.answer_id, p.cf_answer_id) for p in pairs]))
         state = store.load() or state
@@ -123,7 +143,7 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
         work = [(model.prepare(batch([p.cf_inputs for p in chunk] + [p.inputs for p in chunk])),
                  model.prepare(model.decoder_inputs(_ig_rows(chunk, steps))), answers(chunk)) for chunk in group]
         totals = (state["heads"], state["neurons"], state["heads_sq"], state["neurons_sq"])
-        h, n, hq, nq, kept = model.call(_ig_session, work, steps, per_pair, totals)
+        h, n, hq, nq, kept = model.call(_ig_session, work, steps, per_pair, totals, head_score == "abs_elementwise", hold)
         for sums in (h, n):  # checked before a checkpoint keeps them
             finite(sums, "attribute", model)
         state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "heads_sq": hq, "neurons_sq": nq,
@@ -135,8 +155,9 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
     def layout(t):  # (L, T, units) -> (L, units, T)
         return t.permute(0, 2, 1).contiguous().cpu()
 
+    meta = {"steps": steps, "head_score": head_score, "interpolate": interpolate}
     scores = Scores(layout(state["heads"] / n), layout(state["neurons"] / n), dict(pairs[0].spans), model.name, n,
-                    {"steps": steps}, square_sums=(layout(state["heads_sq"]), layout(state["neurons_sq"])))
+                    meta, square_sums=(layout(state["heads_sq"]), layout(state["neurons_sq"])))
     if per_pair is True or isinstance(per_pair, tuple):
         scores.per_pair = (torch.cat([h for h, _ in state["kept"]]), torch.cat([n for _, n in state["kept"]]))
         scores.kept = per_pair if isinstance(per_pair, tuple) else None

@@ -52,6 +52,9 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     p.add_argument("--memory-budget", default="auto", type=budget.parse,
                    help="memory every forward may use: bytes, e.g. 40GB, or 'auto' (80%% of the free GPU memory, "
                         "50%% of the available RAM on CPU)")
+    p.add_argument("--reference", action="store_true",
+                   help="reproduce the study's code: its head score, interpolation, 1-D positions, mean of ratios, "
+                        "nIoU formula, random draw and back-patching selection (docs/method.md section 11)")
     p.add_argument("--position-probes", type=int, default=64,
                    help="positions the exact position effect probes at most: every Q and G position and evenly spaced "
                         "D positions (0: all)")
@@ -68,7 +71,7 @@ def _study(args):
     return steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
                        resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force,
                        image_size=args.image_size, memory_budget=args.memory_budget,
-                       position_probes=args.position_probes or None)
+                       position_probes=args.position_probes or None, reference=args.reference)
 
 
 def experiment(doc: str, names: tuple[str, ...], draw, argv=None, *, study: bool = False) -> None:

@@ -199,10 +199,11 @@ def _patch_mass(mass: np.ndarray, grid) -> np.ndarray:
 
 
 def _example_pair(model, circuit: Circuit, task: str, modality: str, settings: dict, data_dir=None):
-    """The first pair built with the study's seed and image size that has the circuit's token layout."""
-    for n in (1, settings["n"] * (1 if settings["all_prompts"] else 3)):  # the study built up to 3n candidates
-        pairs = build_pairs(task, modality, model, n=n, seed=settings["seed"], image_size=settings["image_size"],
-                            data_dir=data_dir)
+    """The first pair built with the study's settings (seed, image size; defaults where a record has none) that has
+    the circuit's token layout: the first candidate, or else the first of the study's 3n candidates that fits."""
+    for n in (1, 3 * settings.get("n", 48)):
+        pairs = build_pairs(task, modality, model, n=n, seed=settings.get("seed", 0),
+                            image_size=settings.get("image_size"), data_dir=data_dir)
         fit = [p for p in pairs if p.length == circuit.heads.shape[-1] and p.spans == circuit.spans]
         if fit:
             return fit[0]
@@ -236,7 +237,7 @@ def circuit_maps(model, folder: Path, tasks, *, data_dir=None) -> Path:
     for task in tasks:
         for modality in ("text", "image"):
             circuit = Circuit.load(folder / task / modality / "circuit.safetensors", model=model.name)
-            settings = read_json(folder / task / modality / "curve.json")["settings"]
+            settings = read_json(folder / task / modality / "curve.json").get("settings", {})
             cells[task, modality] = circuit, _node_mass(circuit), _example_pair(model, circuit, task, modality,
                                                                                 settings, data_dir)
     T = {m: max(cells[t, m][1].shape[1] for t in tasks) for m in ("text", "image")}
@@ -255,7 +256,7 @@ def circuit_maps(model, folder: Path, tasks, *, data_dir=None) -> Path:
         shade = ax.imshow(_patch_mass(mass.sum(0), pair.grid), cmap="Reds", vmin=0, alpha=0.6, interpolation="nearest",
                           extent=(0, image.width, image.height, 0))
         fig.colorbar(shade, ax=ax, label="nodes at the patch", fraction=0.05, pad=0.02)
-        ax.set_title("visual circuit per image patch", fontsize=9)
+        ax.set_title("visual circuit per image patch (example image)", fontsize=9)
         _frame(ax)
-    fig.suptitle(f"Where the circuits sit: nodes per layer and prompt token ({model.name})")
+    fig.suptitle(f"Where the circuits sit: nodes per layer and position, labelled with one example prompt ({model.name})")
     return _save(fig, folder, "circuit_map")

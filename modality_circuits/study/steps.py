@@ -10,6 +10,7 @@ Layout: <out>/<model>/<task>/<modality>/{accuracy,curve,position_effect}.json, s
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +43,25 @@ class TooFewPairs(RuntimeError):
     """The model answers too few pairs of a task correctly to find a circuit."""
 
 
+@dataclass(frozen=True)
+class Method:
+    """The method's choices where the study's reference code differs from ours (docs/method.md section 11).
+
+    Each field's first value is ours (the default); `REFERENCE` holds the reference code's."""
+
+    head_score: str = "signed_sum"  # | "abs_elementwise"  (attribute)
+    interpolate: str = "merged"  # | "tokens"  (attribute)
+    positions: str = "model"  # | "1d"  (build_pairs: the reference's Qwen2-VL port)
+    aggregation: str = "ratio_of_means"  # | "mean_of_ratios"  (faithfulness)
+    niou: str = "normalised"  # | "reference": IoU − 2b  (overlap)
+    random_draw: str = "uniform"  # | "reference": randint with the upper bound included  (interchange)
+    backpatch_selection: str = "split"  # | "reported": chosen on the reported prompts  (backpatch)
+
+
+OURS = Method()
+REFERENCE = Method("abs_elementwise", "tokens", "1d", "mean_of_ratios", "reference", "reference", "reported")
+
+
 def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8) -> None:
     """Refuse settings no study can run with, before any model is loaded."""
     for name, (value, least) in {"n": (n, 4), "steps": (steps, 1), "resamples": (resamples, 10)}.items():
@@ -70,12 +90,16 @@ class Study:
     force: bool = False
     image_size: int | None = None  # side of rendered images (None: the model's, the study's size for its family)
     position_probes: int | None = 64  # positions the exact position effect probes at most (None: all)
+    method: Method = OURS  # or REFERENCE, or single reference choices: Method(head_score="abs_elementwise")
+    reference: bool = False  # True: method = REFERENCE, the study's code reproduced
     memory_budget: int | str | None = None  # bytes, "40GB" or "auto" for every forward (None: the model's)
     max_per_pair_bytes: int = 2 * 2**30  # keep per-pair scores (for the nIoU CI) only below this size
     _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
 
     def __post_init__(self):
         check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold)
+        if self.reference:
+            self.method = REFERENCE
         if self.memory_budget is not None:
             self.model.memory_budget = parse_budget(self.memory_budget)
 
@@ -89,7 +113,7 @@ class Study:
                 "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
                 "position_probes": self.position_probes,
                 "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
-                "wording": self.model.wording,
+                "wording": self.model.wording, "method": dataclasses.asdict(self.method),
                 "data": fingerprint(data) if data else None}
 
     @property
@@ -105,6 +129,7 @@ class Study:
         if key not in self._memo:
             n = self.n if self.all_prompts else 3 * self.n
             pairs = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir,
+                                positions=self.method.positions,
                                 image_size=self.image_size)
             (start, end), size = pairs[0].spans["D"], self.image_size or self.model.image_size
             shown = f"{end - start} image tokens ({size} px images)" if modality == "image" else f"{end - start} tokens"
@@ -172,7 +197,8 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
     m = study.model
     per_pair_bytes = 4 * len(discovery) * m.n_layers * (m.n_heads + m.d_mlp) * discovery[0].length
     keep = per_pair_bytes <= study.max_per_pair_bytes
-    s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False)
+    s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False, head_score=study.method.head_score,
+                  interpolate=study.method.interpolate)
     s.meta["settings"] = study.settings
     cache.unlink(missing_ok=True)  # per-pair values of an older run must not outlive it
     if keep:
@@ -188,8 +214,9 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
     def compute():
         s = run_scores(study, task, modality)
         _, evaluation = study.pairs(task, modality)
-        c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold)
-        cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i]), len(evaluation),
+        agg = study.method.aggregation
+        c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg)
+        cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
                          resamples=study.resamples).as_dict() for ld in c.ld_circuits]
         chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.argmax(c.values))]
         Circuit.from_scores(s, fraction=chosen).save(study.path(task, "circuit.safetensors", modality))
@@ -239,7 +266,7 @@ def run_overlap(study: Study, task: str) -> dict:
     """nIoU of the textual and visual circuits per span; CI by resampling discovery pairs of both modalities."""
     def compute():
         text, image = (load_circuit(study, task, m) for m in ("text", "image"))
-        point = overlap(text, image)
+        point = overlap(text, image, niou_formula=study.method.niou)
         st, si = run_scores(study, task, "text"), run_scores(study, task, "image")
         ft, fi = (read_json(study.path(task, "curve.json", m))["circuit_fraction"] for m in ("text", "image"))
         sizes = (st.n_pairs, si.n_pairs)
@@ -256,7 +283,7 @@ def run_overlap(study: Study, task: str) -> dict:
             key = (it.tobytes(), ii.tobytes())
             if key not in cache:
                 cache[key] = overlap(Circuit.from_scores(st.resample(it), fraction=ft),
-                                          Circuit.from_scores(si.resample(ii), fraction=fi))
+                                     Circuit.from_scores(si.resample(ii), fraction=fi), niou_formula=study.method.niou)
             return cache[key]
 
         result = {}
@@ -279,7 +306,8 @@ def _candidate_scores(study: Study, task: str, modality: str, scores: Scores, fr
     discovery, _ = study.pairs(task, modality)
     for slack in (0.5, 0.25, 0.125):
         kept = candidates(scores, fraction, idx, slack)
-        again = attribute(study.model, discovery, steps=study.steps, per_pair=kept, progress=False)
+        again = attribute(study.model, discovery, steps=study.steps, per_pair=kept, progress=False,
+                          head_score=study.method.head_score, interpolate=study.method.interpolate)
         scores.per_pair, scores.kept = again.per_pair, kept
         failed = certify(scores, fraction, idx)
         tqdm.write(f"{task}/{modality}: per-pair scores kept for {len(kept[0])} heads and {len(kept[1])} neurons "
@@ -298,6 +326,7 @@ def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
         result = {}
         for s in SPANS:
             both = interchange_both(study.model, text, image, ev_text, ev_image, s, n_random=n_random, seed=study.seed,
+                                    draw=study.method.random_draw, aggregation=study.method.aggregation,
                                     resamples=study.resamples)
             result[s] = {"score": both.score.as_dict(),
                          **{f"{name}_{k}": v for name, r in (("visual", both.visual), ("text", both.text)) for k, v in
@@ -321,7 +350,8 @@ def run_backpatch(study: Study, task: str) -> dict:
     def compute():
         result = {}
         for modality in ("image", "text"):
-            r = backpatch(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed)
+            r = backpatch(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed,
+                          select_on=study.method.backpatch_selection)
             result[modality] = {"config": {"src": r.config[0], "dst": r.config[1], "window": r.config[2]},
                                 "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain": r.gain.as_dict(),
                                 "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection}

@@ -1,0 +1,108 @@
+"""A researcher's view of a circuit: prompt tokens with image patches named, node records, summaries, short reprs."""
+import dataclasses
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+import modality_circuits as mc
+from conftest import get_tiny
+from modality_circuits.data.pairs import LayoutError, build_pairs, patch_grid
+
+#: The tiny families' patch grids: 64 px images in 16 px patches, merged 2x2 where the family merges.
+GRIDS = {"llava": (4, 4), "pixtral": (4, 4), "mistral3": (2, 2), "qwen2_vl": (2, 2), "qwen2_5_vl": (2, 2),
+         "gemma3": (2, 2)}
+
+
+def test_pair_tokens_name_every_image_patch_row_major(tiny):
+    pair = build_pairs("counting", "image", tiny, n=1)[0]
+    rows, cols, where = pair.grid
+    assert (rows, cols) == GRIDS[tiny.adapter.family]
+    assert len(pair.tokens) == pair.length
+    start, end = pair.spans["D"]
+    assert sorted(where.values()) == [(r, c) for r in range(rows) for c in range(cols)]
+    patches = [pair.tokens[p] for p in sorted(where)]
+    assert patches == [f"<img r{r}c{c}>" for r in range(rows) for c in range(cols)]
+    markers = [pair.tokens[p] for p in range(start, end) if p not in where]
+    if tiny.adapter.patch_grid == "rows":  # rows closed by a break, the last by the end marker
+        assert markers == ["<img break>"] * (rows - 1) + ["<img end>"]
+        assert pair.tokens[start + cols] == "<img break>"
+    else:
+        assert markers == []
+    q0, q1 = pair.spans["Q"]
+    assert " ".join(pair.tokens[q0:q1]).replace(" ", "") == pair.prompt.query.replace(" ", "")
+
+
+def test_text_pair_tokens_are_the_tokenizers(llava):
+    pair = build_pairs("counting", "text", llava, n=1)[0]
+    assert pair.grid == (0, 0, {})
+    assert pair.tokens == [llava.tokenizer.decode([i]) for i in pair.inputs["input_ids"][0].tolist()]
+
+
+def test_patch_grid_from_image_grid_thw_and_refusals():
+    qwen = get_tiny("qwen2_vl")
+    pair = build_pairs("counting", "image", qwen, n=1)[0]
+    wide = dataclasses.replace(pair, inputs={**pair.inputs, "image_grid_thw": torch.tensor([[1, 2, 8]])})
+    assert patch_grid(qwen, wide)[:2] == (1, 4)  # 2x8 patches merged 2x2: one row of 4 tokens
+    llava = get_tiny("llava")
+    pair = build_pairs("counting", "image", llava, n=1)[0]
+    ids = pair.inputs["input_ids"].clone()
+    ids[0, pair.spans["D"][1] - 1] = 0  # 15 image tokens tile no square
+    with pytest.raises(LayoutError, match="15 image tokens"):
+        patch_grid(llava, dataclasses.replace(pair, inputs={**pair.inputs, "input_ids": ids},
+                                              spans={**pair.spans, "D": (pair.spans["D"][0], pair.spans["D"][1] - 1)}))
+
+
+def _small_circuit(pair):
+    """One head at the first image patch, one neuron at the last position, their scores, and a distractor score."""
+    T = pair.length
+    heads, neurons = torch.zeros(2, 4, T, dtype=torch.bool), torch.zeros(2, 6, T, dtype=torch.bool)
+    d0 = pair.spans["D"][0]
+    heads[0, 1, d0 + 5] = neurons[1, 3, T - 1] = True
+    scores = mc.Scores(torch.zeros(2, 4, T), torch.zeros(2, 6, T), pair.spans, "m", 1)
+    scores.heads[0, 1, d0 + 5], scores.neurons[1, 3, T - 1], scores.neurons[0, 0, 0] = 0.5, -2.0, 9.0
+    return mc.Circuit(heads, neurons, pair.spans, "m"), scores
+
+
+def test_circuit_nodes_and_summary(llava):
+    pair = build_pairs("counting", "image", llava, n=1)[0]
+    circuit, scores = _small_circuit(pair)
+    assert circuit.nodes() == [
+        {"kind": "head", "layer": 0, "unit": 1, "position": pair.spans["D"][0] + 5, "span": "D"},
+        {"kind": "neuron", "layer": 1, "unit": 3, "position": pair.length - 1, "span": "G"}]
+    ranked = circuit.nodes(pair, scores)
+    assert [r["score"] for r in ranked] == [-2.0, 0.5]  # by |score|, only the circuit's nodes
+    assert ranked[0]["token"] == pair.tokens[-1] and ranked[0]["patch"] is None
+    assert ranked[1]["token"] == "<img r1c1>" and ranked[1]["patch"] == (1, 1)  # 6th patch of a 4x4 grid
+    assert circuit.summary() == {"D": {"heads": [1, 0], "neurons": [0, 0]}, "Q": {"heads": [0, 0], "neurons": [0, 0]},
+                                 "G": {"heads": [0, 0], "neurons": [0, 1]}}
+    circuit.heads[0, 0, 0] = True  # a node in the template before D
+    assert circuit.summary()["other"] == {"heads": [1, 0], "neurons": [0, 0]}
+    assert circuit.nodes(pair)[0]["span"] is None
+    with pytest.raises(ValueError, match="tokens"):
+        circuit.nodes(build_pairs("counting", "text", llava, n=1)[0])
+
+
+def test_reprs_are_short(llava):
+    pairs = build_pairs("counting", "image", llava, n=2)
+    scores = mc.attribute(llava, pairs, steps=1, progress=False)
+    circuit = mc.Circuit.from_scores(scores, fraction=0.1)
+    curve = mc.faithfulness_curve(llava, scores, pairs, fractions=[0.1, 0.5])
+    shown = {"VLM": llava, "Pair": pairs[0], "Scores": scores, "Circuit": circuit, "Curve": curve,
+             "Faithfulness": mc.faithfulness(llava, circuit, pairs),
+             "Interchange": mc.interchange(llava, circuit, circuit, pairs, "Q", n_random=2, resamples=10)}
+    for name, obj in shown.items():
+        text = repr(obj)
+        assert text.startswith(f"{name}(") and len(text.splitlines()) <= 5 and "tensor(" not in text, text
+    assert all(s in repr(llava) for s in ("tiny-llava", "llava", "2 layers", "float32", "cpu", "remote=False"))
+    assert dataclasses.is_dataclass(llava) and dataclasses.is_dataclass(circuit)
+
+
+def test_zero_bars_are_drawn():
+    from modality_circuits.study.figures import _bars
+    fig, ax = plt.subplots()
+    _bars(ax, ["a", "b"], {"x": [{"value": 0.0, "low": 0.0, "high": 0.0}, {"value": 1.0, "low": 0.5, "high": 1.5}]},
+          {"x": "red"}, "")
+    ticks = [c for c in ax.collections if len(c.get_segments()) == 1 and c.get_segments()[0][0][1] == 0]
+    assert ticks and ticks[0].get_segments()[0][0][0] == pytest.approx(-0.32)  # a tick across the zero bar
+    plt.close(fig)
