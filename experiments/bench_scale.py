@@ -40,6 +40,8 @@ import warnings
 import torch
 
 STEPS = ("attribute", "attribute_floor", "ablation", "ablation_floor", "logits_full", "logits_keep1", "logits_last")
+#: What the memory projection reads.
+MEASURED = ("attribute", "attribute_floor", "ablation", "ablation_floor")
 FLOOR = {"attribute": "attribute_floor", "ablation": "ablation_floor", "logits_full": "logits_last",
          "logits_keep1": "logits_last"}
 GIB = 2**30
@@ -470,8 +472,9 @@ def run_steps(args, name: str) -> dict:
         print(f"  {name} {step}: " + (r.get("error") or f"{min(seconds(r, args.device == 'cuda')):.2f} s"), flush=True)
         return r
 
+    chosen = [s for s in STEPS if s not in args.skip]
     with ThreadPoolExecutor(args.jobs) as pool:
-        return dict(zip(STEPS, pool.map(one, STEPS)))
+        return dict(zip(chosen, pool.map(one, chosen)))
 
 
 def seconds(r: dict, cuda: bool) -> list[float]:
@@ -482,14 +485,14 @@ def seconds(r: dict, cuda: bool) -> list[float]:
 def print_table(name: str, results: dict, cuda: bool) -> None:
     """One model's steps: time (min, spread), peak memory and growth during the step, ratios to the floor."""
     unit, mem = ("wall s", "CUDA peak") if cuda else ("CPU s", "peak RSS")
-    ok = [results[s] for s in STEPS if "error" not in results[s]]
+    ok = [results[s] for s in STEPS if s in results and "error" not in results[s]]
     if ok:
         r = ok[0]
         print(f"\n{name}: T = {r['T']} tokens ({r['image_tokens']} image tokens), {r['params'] / 1e6:.0f} M parameters"
               f" built; rows: IG {results['attribute'].get('rows', '?')}, ablation {results['ablation'].get('rows', '?')}")
     print(f"  {'step':16s} {unit:>8s} {'spread':>7s} {mem + ' GiB':>13s} {'+step GiB':>10s} {'x floor s':>10s}"
           f" {'x floor +mem':>13s} {'check':>10s}")
-    for step in STEPS:
+    for step in [s for s in STEPS if s in results]:
         r = results[step]
         if "error" in r:
             print(f"  {step:16s} FAILED {r['error']}")
@@ -616,7 +619,7 @@ def project(name: str, results: dict, args) -> dict:
     out = dict(weights_gb=weights / 1e9, T_image=full["T_image"], T_text=full["T_text"])
     rows = max(1, int(0.8 * (80e9 - weights) // full["budget_fwd"]))  # what "auto" gives a forward on an 80 GB card
     out["hours"] = {k: f / GPU["flops"] / 3600 for k, f in study_work(full, rows).items()}
-    if all("error" not in results[s] for s in STEPS):
+    if all(s in results and "error" not in results[s] for s in MEASURED):
         out.update(_memory(full, results, args.layers))
         for kind in ("ig", "fwd"):  # peak of a chunk the budget chooses, with the measured per-row bytes
             out[f"peak_gb_{kind}"] = out["weights_gb"] + out[f"budget_{kind}_rows"] * out[f"gb_per_{kind}_row_package"]
@@ -688,6 +691,8 @@ def parse(argv=None):
     p.add_argument("--jobs", type=int, help="child processes at once (default 2 with --quick, else 1: measured"
                    " runs should not share the CPU)")
     p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--skip", nargs="*", default=[], choices=STEPS,
+                   help="steps not to run, e.g. logits_keep1 (the slow int logits_to_keep path the package avoids)")
     p.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.jobs = args.jobs or (2 if args.quick else 1)

@@ -153,3 +153,10 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path, signal_name):
     subprocess.run([*args, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
     whole, resumed = (json.loads((tmp_path / d / "tiny-llava" / "summary.json").read_text()) for d in ("whole", "killed"))
     assert resumed == whole
+
+
+def test_an_unusable_out_folder_is_refused_before_any_work(tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        main(["reproduce", "--model", "tiny-llava", "--out", str(a_file / "sub")])

@@ -168,13 +168,15 @@ class Circuit:
 
         With `pair` (a data.pairs.Pair of this layout) also its token (`Pair.tokens`) and patch ((row, col)
         of an image-patch token, else None); with `scores` also its score, and the records sorted by |score|,
-        largest first (else by kind, layer, unit, position).
+        largest first (else by kind, layer, unit, position). One dict per node: for a circuit of millions of
+        neurons, restrict it to a span or take a `count` first.
         """
         T = self.heads.shape[-1]
         if pair is not None and pair.length != T:
             raise ValueError(f"pair has {pair.length} tokens, the circuit {T} positions")
         if scores is not None and (scores.heads.shape, scores.neurons.shape) != (self.heads.shape, self.neurons.shape):
-            raise ValueError(f"scores of layout {tuple(scores.heads.shape)} do not fit the circuit's {tuple(self.heads.shape)}")
+            raise ValueError(f"scores of layout {tuple(scores.heads.shape)} do not fit the circuit's "
+                             f"{tuple(self.heads.shape)}")
         records = []
         for kind, mask in (("head", self.heads), ("neuron", self.neurons)):
             for layer, unit, pos in mask.nonzero().tolist():
@@ -195,7 +197,8 @@ class Circuit:
         out = {}
         for span in (*self.spans, "other"):
             at = torch.tensor([s == span for s in spans])
-            counts = {"heads": self.heads[..., at].sum((1, 2)).tolist(), "neurons": self.neurons[..., at].sum((1, 2)).tolist()}
+            counts = {kind: mask[..., at].sum((1, 2)).tolist() for kind, mask in (("heads", self.heads),
+                                                                                   ("neurons", self.neurons))}
             if span != "other" or any(counts["heads"] + counts["neurons"]):
                 out[span] = counts
         return out

@@ -9,7 +9,7 @@ The per-row model (b bytes per element of the model's dtype; d hidden size, I ML
 L layers, T tokens, V vocabulary):
   forward:  T·(6d + 7I)·b + 2·H·T²·b + 4V          one layer's live activations, the site inputs an
                                                    intervention holds, attention scores, fp32 last logits
-  backward: L·T·(14d + 10I)·b + L·H·T²·b + forward  what autograd keeps for every layer, and the site
+  backward: L·T·(18d + 12I)·b + L·H·T²·b + forward  what autograd keeps for every layer, and the site
                                                    inputs and their gradients the attribution reads
 experiments/bench_scale.py compares it with measured peaks (Qwen2-VL-7B width: see the README).
 """
@@ -65,7 +65,7 @@ def row_bytes(model, length: int, *, backward: bool = False) -> int:
     forward = t * (6 * d + 7 * i) * b + 2 * h * t * t * b + 4 * tc.vocab_size
     if not backward:
         return forward
-    return layers * (t * (14 * d + 10 * i) * b + h * t * t * b) + forward
+    return layers * (t * (18 * d + 12 * i) * b + h * t * t * b) + forward
 
 
 def rows(model, length: int, *, backward: bool = False, max_rows: int | None = None, extra: int = 0) -> int:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 import time
 
 from ..data import tasks
@@ -60,6 +62,15 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
                         "D positions (0: all)")
 
 
+def _check_writable(out: Path) -> None:
+    """--out must be a folder this process can write (created if missing): checked before any work."""
+    folder = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {folder} is not writable")
+
+
 def _study(args):
     from ..zoo import load_model
 
@@ -67,6 +78,7 @@ def _study(args):
         tasks.load_task_file(path)
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
     steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples)  # before loading the model
+    _check_writable(Path(args.out))
     model = load_model(args.model, remote=args.remote)
     return steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
                        resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force,

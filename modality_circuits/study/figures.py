@@ -240,9 +240,10 @@ def circuit_maps(model, folder: Path, tasks, *, data_dir=None) -> Path:
             settings = read_json(folder / task / modality / "curve.json").get("settings", {})
             cells[task, modality] = circuit, _node_mass(circuit), _example_pair(model, circuit, task, modality,
                                                                                 settings, data_dir)
-    T = {m: max(cells[t, m][1].shape[1] for t in tasks) for m in ("text", "image")}
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(min(22, 0.12 * (T["text"] + T["image"]) + 5), 3.2 * len(tasks)),
-                             squeeze=False, gridspec_kw={"width_ratios": [T["text"], T["image"], 0.25 * sum(T.values())]})
+    T = [max(cells[t, m][1].shape[1] for t in tasks) for m in ("text", "image")]  # positions of each map
+    width = min(22, 0.12 * sum(T) + 5)  # inches: about 0.12 per token label, and the image
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(width, 3.2 * len(tasks)), squeeze=False,
+                             gridspec_kw={"width_ratios": [*T, 0.25 * sum(T)]})
     for ax_row, task in zip(axes, tasks):
         vmax = max(1, *(cells[task, m][1].max() for m in ("text", "image")))
         for ax, modality in zip(ax_row, ("text", "image")):
@@ -253,10 +254,10 @@ def circuit_maps(model, folder: Path, tasks, *, data_dir=None) -> Path:
         _, mass, pair = cells[task, "image"]
         image, ax = pair.prompt.image, ax_row[2]
         ax.imshow(image)
-        shade = ax.imshow(_patch_mass(mass.sum(0), pair.grid), cmap="Reds", vmin=0, alpha=0.6, interpolation="nearest",
-                          extent=(0, image.width, image.height, 0))
+        shade = ax.imshow(_patch_mass(mass.sum(0), pair.grid), cmap="Reds", vmin=0, alpha=0.6,
+                          interpolation="nearest", extent=(0, image.width, image.height, 0))
         fig.colorbar(shade, ax=ax, label="nodes at the patch", fraction=0.05, pad=0.02)
-        ax.set_title("visual circuit per image patch (example image)", fontsize=9)
+        ax.set_title("visual circuit per image patch\n(on an example image)", fontsize=9)
         _frame(ax)
-    fig.suptitle(f"Where the circuits sit: nodes per layer and position, labelled with one example prompt ({model.name})")
+    fig.suptitle(f"Where the circuits sit: nodes per layer and position, labelled with an example prompt ({model.name})")
     return _save(fig, folder, "circuit_map")

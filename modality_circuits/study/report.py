@@ -9,7 +9,7 @@ from ..analyses.interchange import MIN_MARGIN
 from ..data.pairs import SPANS
 from ..execution.store import atomic, nan_for_null, read_json, write_json
 from .labels import task_name
-from .steps import interchange_margin, interchange_readable
+from .steps import OURS, interchange_margin, interchange_readable
 
 # Reference results (docs/method.md section 12), for comparison in the report.
 REFERENCE = {
@@ -68,10 +68,16 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     """report.md: results section with our numbers, the reference numbers, and where they agree."""
     s = summarize(folder, tasks)
     names = [task_name(t) for t in tasks]
+    settings = read_json(folder / tasks[0] / "text" / "curve.json").get("settings", {})
+    method = settings.get("method", {})
+    changed = [f"{k} = {v}" for k, v in method.items() if v != getattr(OURS, k)]
     lines = [f"# Results on {model_name}", "",
              "Every number below is produced by `modality-circuits reproduce` (this folder's JSON files); "
              f"brackets are 95 % bootstrap confidence intervals over prompts ({resamples} resamples). "
              "Reference numbers are those of the study (paper; docs/method.md section 12), measured on Qwen2-VL-7B, Pixtral-12B and Gemma-3-12B.",
+             "", f"Prompt wording: {settings.get('wording', 'study')} (docs/method.md section 1). Method: "
+             + ("ours (docs/method.md)." if not changed else "the reference code's choices " + ", ".join(changed)
+                + " (docs/method.md section 11)."),
              *(["", "Left out: " + "; ".join(f"{task_name(t)} ({read_json(folder / t / 'skipped.json')['reason']})"
                                              for t in skipped) + "."] if skipped else []),
              "", "## Accuracy: the text–image gap", "",
