@@ -693,6 +693,7 @@ def parse(argv=None):
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS,
                    help="steps not to run, e.g. logits_keep1 (the slow int logits_to_keep path the package avoids)")
+    p.add_argument("--project-from", metavar="JSON", help="print the projection from a --json file of measurements")
     p.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.jobs = args.jobs or (2 if args.quick else 1)
@@ -703,6 +704,12 @@ def main():
     args = parse()
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.project_from:  # the projection again, from measurements saved by --json (e.g. after a model change)
+        with open(args.project_from) as f:
+            report = json.load(f)
+        saved = argparse.Namespace(**{**vars(args), **report["args"], "project_from": None})
+        print_projection({name: project(name, m["steps"], saved) for name, m in report["models"].items()}, saved)
         return
     print(f"bench_scale: {args.layers} decoder layer(s), {args.vision_layers} vision layer(s), {args.pairs} counting/image"
           f" pairs, k={args.steps}, {args.repeats} repeat(s), {args.threads} thread(s), {args.dtype} on {args.device},"

@@ -2,8 +2,8 @@
 # GPU check (about 5-8 minutes on one H100/H200): the real Qwen2-VL-7B architecture at FULL depth (28 decoder
 # layers, 32 vision layers, random bf16 weights built on the GPU) measured by experiments/bench_scale.py against
 # its plain-PyTorch floor (CUDA peak memory, wall time after torch.cuda.synchronize), then the test suite.
-# 2 pairs (12 IG rows): the package's logits_to_keep=1 path copies lm_head's weight per row (about 1.1 GB each,
-# forward and backward), which 4 pairs would push past an 80 GB card; a FAILED step is itself a finding.
+# 4 pairs (24 IG rows); the int logits_to_keep=1 path the package avoids (it copies lm_head's weight per row) is
+# skipped. A FAILED step is itself a finding. Not covered: device_map="auto" (the bench builds on one device).
 #
 #     bash experiments/gpu_check.sh          # from anywhere; figures also go to $OUT (or /tmp) as JSON
 set -uo pipefail
@@ -25,7 +25,7 @@ PY
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "== bench_scale: qwen2_vl, full depth, cuda (limit 300 s) =="
   timeout 300 python experiments/bench_scale.py --device cuda --layers 28 --vision-layers 32 --models qwen2_vl \
-    --pairs 2 --repeats 2 --json "$out/bench_scale_cuda_qwen2_vl.json"
+    --pairs 4 --repeats 2 --skip logits_keep1 --json "$out/bench_scale_cuda_qwen2_vl.json"
   rc=$?; echo "bench_scale exit status: $rc"; [ "$rc" -eq 0 ] || status=1
 else
   echo "== bench_scale skipped: this torch has no CUDA (install a CUDA build of torch into .venv and rerun) =="

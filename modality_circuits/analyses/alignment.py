@@ -60,7 +60,7 @@ class Alignment:
 
 
 def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resamples: int = 1000,
-              max_rows: int | None = None) -> Alignment:
+              max_rows: int | None = None, progress: bool = True) -> Alignment:
     """Per layer, how text-like the image tokens are; prompts are matched by their content."""
     for name, pairs, modality in (("image_pairs", image_pairs, "image"), ("text_pairs", text_pairs, "text")):
         found = sorted({p.prompt.modality for p in pairs})
@@ -79,7 +79,8 @@ def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resampl
     size = budget.rows(model, max(images[0].length, texts[0].length), max_rows=max_rows, extra=cache)
     work = [(model.prepare(batch([i.inputs for i, _ in part])), model.prepare(batch([t.inputs for _, t in part])))
             for part in requests.chunked(list(zip(images, texts)), size)]
-    per_prompt = torch.cat(requests.run(model, _alignment_session, work, (i0, i1), (t0, t1)))  # (P, L)
+    per_prompt = torch.cat(requests.run(model, _alignment_session, work, (i0, i1), (t0, t1), desc="alignment",
+                                        progress=progress))  # (P, L)
     cis = [bootstrap(lambda i, l=l: float(per_prompt[i, l].mean()), len(per_prompt), resamples=resamples)
            for l in range(per_prompt.shape[1])]
     return Alignment(per_prompt.mean(0), per_prompt, cis)

@@ -81,7 +81,7 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
 
 
 def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int | None = None,
-                     ids=None) -> torch.Tensor:
+                     ids=None, progress: bool = False) -> torch.Tensor:
     """(C, P, V) last-position logits (float32) of every pair under every back-patching config.
 
     ids: token ids to keep (e.g. the task's answer set): (C, P, len(ids)), so that remote runs send
@@ -115,7 +115,8 @@ def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_row
                 chunks.append((len(chunk), writes, dst))
         inputs = model.prepare(batch([p.inputs for p in part]))
         out.append(torch.cat(requests.run(model, _backpatch_session, chunks, inputs, part[0].spans["D"], ids,
-                                          model.adapter.vision_inputs, skip_below), 0))
+                                          model.adapter.vision_inputs, skip_below, desc="back-patching",
+                                          progress=progress), 0))
     logits = torch.cat(out, 1)  # (C, P, V), configs in dst order
     return logits[torch.argsort(torch.tensor(order))]
 
@@ -151,7 +152,7 @@ SELECTIONS = ("split", "reported")
 
 
 def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, selection_fraction: float = 0.5,
-              resamples: int = 1000, seed: int = 0, select_on: str = "split") -> Backpatch:
+              resamples: int = 1000, seed: int = 0, select_on: str = "split", progress: bool = True) -> Backpatch:
     """Choose (src, dst, window) on a selection split, report the accuracy gain on the disjoint test split.
 
     select_on="reported": choose on the very prompts whose accuracy is reported, as the reference code
@@ -166,7 +167,8 @@ def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, 
     # only the answer-set logits travel: argmax over them is what `correct` reads
     base_sel = _correct_among(backpatch_logits(model, selection, [(0, 0, 1)], ids=answers)[0], selection, answers)
     base_sel = base_sel.float().mean()
-    acc = _correct_among(backpatch_logits(model, selection, configs, ids=answers), selection, answers).float().mean(-1)
+    acc = _correct_among(backpatch_logits(model, selection, configs, ids=answers, progress=progress), selection,
+                         answers).float().mean(-1)
     best = int(acc.argmax())  # ties: the first in the grid
     both = backpatch_logits(model, test, [(0, 0, 1), configs[best]], ids=answers)
     ok = _correct_among(both, test, answers).float()  # (2, P)

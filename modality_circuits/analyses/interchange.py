@@ -132,7 +132,7 @@ def _score(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> float
 
 def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span: str, *, n_random: int = 5,
                 seed: int = 0, resamples: int = 1000, draw: str = "uniform",
-                aggregation: str = "ratio_of_means") -> Interchange:
+                aggregation: str = "ratio_of_means", progress: bool = True) -> Interchange:
     """Swap `span` of `target` (evaluated on `pairs`, the target's modality) for `source`'s mapped sub-circuit."""
     if span not in SPANS:
         raise ValueError(f"span must be one of {', '.join(SPANS)}, got {span!r}")
@@ -141,7 +141,7 @@ def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span
     gen = torch.Generator().manual_seed(seed)
     randoms = [rest | random_like(mapped, span, gen, draw) for _ in range(n_random)]
     circuits = [Circuit.full(target, True), Circuit.full(target, False), target, rest | mapped, *randoms]
-    lds = ablation_lds(model, circuits, pairs)
+    lds = ablation_lds(model, circuits, pairs, progress=progress)
     f = _faith(lds, torch.arange(len(pairs)), aggregation)
     ci = bootstrap(lambda idx: _score(lds, idx, aggregation), len(pairs), resamples=resamples, seed=seed)
     return Interchange(span, f[0], f[1], f[2:], ci.value, [_norm(f[1], f[0], r) for r in f[2:]], ci, lds, aggregation)
@@ -167,9 +167,9 @@ class CrossInterchange:
 
 def interchange_both(model, text: Circuit, image: Circuit, text_pairs: list[Pair], image_pairs: list[Pair], span: str,
                      *, n_random: int = 5, seed: int = 0, resamples: int = 1000, draw: str = "uniform",
-                     aggregation: str = "ratio_of_means") -> CrossInterchange:
+                     aggregation: str = "ratio_of_means", progress: bool = True) -> CrossInterchange:
     """The study's interchange of `span`: both directions, their mean score with a bootstrap over both prompt sets."""
-    kw = dict(n_random=n_random, seed=seed, resamples=10, draw=draw, aggregation=aggregation)
+    kw = dict(n_random=n_random, seed=seed, resamples=10, draw=draw, aggregation=aggregation, progress=progress)
     visual = interchange(model, image, text, image_pairs, span, **kw)
     textual = interchange(model, text, image, text_pairs, span, **kw)
     score = bootstrap(lambda i, j: (visual.resampled(i) + textual.resampled(j)) / 2,

@@ -46,7 +46,9 @@ class Scores:
         resampled circuit would have picked them)."""
         if self.per_pair is None:
             raise ValueError("these scores kept no per-pair values: attribute(..., per_pair=True)")
-        h, n = (v[idx].mean(0) for v in self.per_pair)
+        w = torch.bincount(torch.as_tensor(idx), minlength=self.per_pair[0].shape[0]).to(self.per_pair[0].dtype)
+        w = w / len(idx)  # the mean over the draw as one product with the draw's counts (no copy of the rows)
+        h, n = ((w @ v.flatten(1)).view(v.shape[1:]) for v in self.per_pair)
         if self.kept is not None:
             h, n = (torch.zeros(like.numel(), dtype=v.dtype).index_copy_(0, i, v).view_as(like)
                     for v, i, like in zip((h, n), self.kept, (self.heads, self.neurons)))

@@ -154,16 +154,21 @@ def check_known(model, text: str) -> None:
 
 
 def answer_token(model, text: str, prompt: Prompt) -> int:
-    """Id of the answer's first token as generated after `text`; multi-token answers and unknown words are refused."""
+    """Id of the answer's first token as generated after `text`; multi-token answers and unknown words are refused.
+
+    After a generation prompt that ends in a word or punctuation (e.g. "ASSISTANT:") a model writes the
+    answer after a space, so its first token is the space-prefixed variant (" 4", "▁4"); after a newline
+    (e.g. "<|im_start|>assistant\n") it is the bare word."""
     tok = model.tokenizer
     base = tok(text, add_special_tokens=False)["input_ids"]
-    full = tok(text + prompt.answer, add_special_tokens=False)["input_ids"]
+    answer = prompt.answer if not text or text[-1].isspace() else " " + prompt.answer
+    full = tok(text + answer, add_special_tokens=False)["input_ids"]
     new = full[len(base):]
     if full[: len(base)] != base or not new:
         raise ValueError(f"answer {prompt.answer!r} merges with the prompt's last token")
     if len(new) > 1 and not get_task(prompt.task).first_token:
         raise ValueError(f"answer {prompt.answer!r} is {len(new)} tokens; the metric needs single-token answers")
-    check_known(model, text + prompt.answer)
+    check_known(model, text + answer)
     return new[0]
 
 

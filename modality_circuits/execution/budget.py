@@ -7,7 +7,7 @@ method's `max_rows` (default: no cap), and is what every method passes to `reque
 
 The per-row model (b bytes per element of the model's dtype; d hidden size, I MLP width, H heads,
 L layers, T tokens, V vocabulary):
-  forward:  T·(6d + 7I)·b + 2·H·T²·b + 4V          one layer's live activations, the site inputs an
+  forward:  T·(8d + 10I)·b + 2·H·T²·b + 4V         one layer's live activations, the site inputs an
                                                    intervention holds, attention scores, fp32 last logits
   backward: L·T·(18d + 12I)·b + L·H·T²·b + forward  what autograd keeps for every layer, and the site
                                                    inputs and their gradients the attribution reads
@@ -62,7 +62,7 @@ def row_bytes(model, length: int, *, backward: bool = False) -> int:
     tc = model.text_config
     b = torch.finfo(model.dtype).bits // 8
     d, i, h, layers, t = tc.hidden_size, model.d_mlp, model.n_heads, model.n_layers, length
-    forward = t * (6 * d + 7 * i) * b + 2 * h * t * t * b + 4 * tc.vocab_size
+    forward = t * (8 * d + 10 * i) * b + 2 * h * t * t * b + 4 * tc.vocab_size
     if not backward:
         return forward
     return layers * (t * (18 * d + 12 * i) * b + h * t * t * b) + forward

@@ -206,7 +206,7 @@ class Curve:
 
 
 def faithfulness_curve(model, scores, pairs: list[Pair], fractions=None, *, threshold: float = 0.8,
-                       aggregation: str = "ratio_of_means", progress: bool = False) -> Curve:
+                       aggregation: str = "ratio_of_means", progress: bool = True) -> Curve:
     """F of the top-f circuits of `scores` over a grid (default: MIB's grid plus a fine 1..30 % grid)."""
     fractions = sorted(set(fractions or MIB_GRID + FINE_GRID))
     circuits = [Circuit.from_scores(scores, fraction=f) for f in fractions]
@@ -232,7 +232,7 @@ class PositionEffect:
 
 
 def position_effect(model, pairs: list[Pair], scores=None, *, positions=None, max_rows: int | None = None,
-                    progress: bool = False) -> PositionEffect:
+                    progress: bool = True) -> PositionEffect:
     """Exact effect (one ablation per position), or the attributed one (`Scores.per_position`) when `scores` are given.
 
     positions: the positions to probe (default all); the others read NaN in `per_position` and

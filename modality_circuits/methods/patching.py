@@ -69,7 +69,7 @@ def _plan(model, chunk: list, P: int) -> list:
 
 
 def exact_patching(model, pairs: list[Pair], nodes: list[tuple[str, int, int, int]], *, max_rows: int | None = None,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = True) -> torch.Tensor:
     """(N,) mean over pairs of LD(p with a_n := a_n(p')) − LD(p) for nodes ("head"|"neuron", layer, unit, pos)."""
     check_layout(pairs)
     base = logit_diffs(model, pairs)

@@ -11,6 +11,7 @@ Layout: <out>/<model>/<task>/<modality>/{accuracy,curve,position_effect}.json, s
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -147,6 +148,9 @@ class Study:
                 raise TooFewPairs(f"{self.model.name} answers only {len(kept)} {task}/{modality} pairs correctly; "
                                    "too few for a circuit (use all_prompts for random test models)")
             self._memo[key] = split(kept)
+            if len(self._memo[key][1]) < 10:
+                warnings.warn(f"{task}/{modality}: only {len(self._memo[key][1])} evaluation pairs; faithfulness and "
+                              "interchange intervals will be wide (more pairs: --n, or more distinct prompts)")
         return self._memo[key]
 
 
@@ -215,7 +219,7 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
         s = run_scores(study, task, modality)
         _, evaluation = study.pairs(task, modality)
         agg = study.method.aggregation
-        c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg)
+        c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg, progress=False)
         cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
                          resamples=study.resamples).as_dict() for ld in c.ld_circuits]
         chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.argmax(c.values))]
@@ -250,7 +254,7 @@ def run_position_effect(study: Study, task: str, modality: str) -> dict:
         _, evaluation = study.pairs(task, modality)
         spans = evaluation[0].spans
         probed = probe_positions(spans, evaluation[0].length, study.position_probes)
-        effect = position_effect(study.model, evaluation, positions=probed).per_pair.numpy()  # (T, P), NaN unprobed
+        effect = position_effect(study.model, evaluation, positions=probed, progress=False).per_pair.numpy()  # (T, P), NaN unprobed
         per_span = {}
         for s, (a, b) in spans.items():
             rows = effect[a:b][~np.isnan(effect[a:b, 0])]
@@ -292,8 +296,13 @@ def run_overlap(study: Study, task: str) -> dict:
                 ci = CI(point[s].niou, float("nan"), float("nan"))
             else:
                 ci = bootstrap(lambda it, ii, s=s: draw(it, ii)[s].niou, sizes, resamples=study.resamples)
+            units = [u for u in ("heads", "neurons") if np.isfinite(getattr(point[s], f"niou_{u}"))]
             result[s] = {"niou": ci.as_dict(), "niou_heads": point[s].niou_heads, "niou_neurons": point[s].niou_neurons,
-                         "iou_heads": point[s].iou_heads, "iou_neurons": point[s].iou_neurons}
+                         "iou_heads": point[s].iou_heads, "iou_neurons": point[s].iou_neurons, "niou_from": units}
+            if len(units) < 2:  # the span's score falls back to one unit type (or none): say so in the record
+                result[s]["niou_reason"] = (f"no {'head' if 'heads' not in units else 'neuron'} of either circuit is "
+                                            f"in {s}: the score is the {units[0][:-1]} nIoU alone" if units else
+                                            f"neither circuit has a node in {s}: nIoU is undefined")
         if note:
             result["note"] = note
         return result
@@ -327,7 +336,7 @@ def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
         for s in SPANS:
             both = interchange_both(study.model, text, image, ev_text, ev_image, s, n_random=n_random, seed=study.seed,
                                     draw=study.method.random_draw, aggregation=study.method.aggregation,
-                                    resamples=study.resamples)
+                                    resamples=study.resamples, progress=False)
             result[s] = {"score": both.score.as_dict(),
                          **{f"{name}_{k}": v for name, r in (("visual", both.visual), ("text", both.text)) for k, v in
                             (("score", r.score), ("f_original", r.f_original), ("f_swapped", r.f_swapped),
@@ -340,7 +349,7 @@ def run_alignment(study: Study, task: str) -> dict:
     """Per layer, max cosine similarity of image-token residuals to the aligned textual data tokens."""
     def compute():
         image, text = study.candidates(task, "image"), study.candidates(task, "text")
-        a = alignment(study.model, image, text, resamples=study.resamples)
+        a = alignment(study.model, image, text, resamples=study.resamples, progress=False)
         return {"per_layer": a.per_layer.tolist(), "ci": [c.as_dict() for c in a.ci], "n_prompts": len(a.per_prompt)}
     return _step(study, study.path(task, "alignment.json"), compute)
 
@@ -351,7 +360,7 @@ def run_backpatch(study: Study, task: str) -> dict:
         result = {}
         for modality in ("image", "text"):
             r = backpatch(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed,
-                          select_on=study.method.backpatch_selection)
+                          select_on=study.method.backpatch_selection, progress=False)
             result[modality] = {"config": {"src": r.config[0], "dst": r.config[1], "window": r.config[2]},
                                 "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain": r.gain.as_dict(),
                                 "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection}
