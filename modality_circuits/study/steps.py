@@ -63,6 +63,13 @@ OURS = Method()
 REFERENCE = Method("abs_elementwise", "tokens", "1d", "mean_of_ratios", "reference", "reference", "reported")
 
 
+def _portable(config: dict) -> dict:
+    """A model config without what differs between machines for the same model (where it was loaded from,
+    the transformers version that wrote it), nested configs included."""
+    return {k: _portable(v) if isinstance(v, dict) else v for k, v in config.items()
+            if k not in ("_name_or_path", "transformers_version")}
+
+
 def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8) -> None:
     """Refuse settings no study can run with, before any model is loaded."""
     for name, (value, least) in {"n": (n, 4), "steps": (steps, 1), "resamples": (resamples, 10)}.items():
@@ -107,7 +114,7 @@ class Study:
     @cached_property
     def settings(self) -> dict:
         """What a step's result depends on; stored in every record and compared when a run resumes."""
-        config = self.model.hf_model.config.to_json_string(use_diff=False)
+        config = _portable(self.model.hf_model.config.to_dict())
         data = sorted(p.name + ":" + fingerprint(p.read_bytes()) for p in Path(self.data_dir).rglob("*")
                       if p.is_file()) if self.data_dir else None
         return {"model": self.model.name, "model_config": fingerprint(config), "n": self.n, "steps": self.steps,
