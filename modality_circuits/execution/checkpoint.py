@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .store import atomic
 
@@ -35,10 +38,10 @@ def fingerprint(*parts) -> str:
 
 
 class Checkpoint:
-    """A file of partial results (tensors, numbers, lists, dicts), keyed by a fingerprint of the run.
+    """A file of partial results, keyed by a fingerprint of the run: safetensors, never a pickle.
 
-    Written atomically after each request; read with `torch.load(weights_only=True)`, which
-    unpickles no arbitrary object, so a file handed to us cannot run code.
+    The state is a dict of tensors (or None), ints, and lists of tensor tuples (`kept`); it is written
+    atomically after each request, tensors by name and everything else in the JSON metadata.
     """
 
     def __init__(self, path, key: str) -> None:
@@ -49,17 +52,33 @@ class Checkpoint:
         if not self.path.exists():
             return None
         try:
-            data = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is refused the same way
+            with safe_open(str(self.path), "pt") as f:
+                meta = json.loads((f.metadata() or {})["modality_circuits_checkpoint"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as err:  # noqa: BLE001 - any unreadable or foreign file is refused the same way
             raise ValueError(f"{self.path} is not a checkpoint this package wrote ({type(err).__name__}); "
                              "delete it to start over") from None
-        if not isinstance(data, dict) or "key" not in data or "state" not in data:
-            raise ValueError(f"{self.path} is not a checkpoint this package wrote; delete it to start over")
-        if data["key"] != self.key:
+        if meta.get("key") != self.key:
             warnings.warn(f"checkpoint {self.path} belongs to another run; starting over", RuntimeWarning, stacklevel=2)
             return None
-        return data["state"]
+        state = {k: tensors.get(k) for k in meta["tensors"]}
+        state.update(meta["numbers"])
+        state.update({k: [tuple(tensors[f"{k}.{i}.{j}"] for j in range(width)) for i in range(count)]
+                      for k, (count, width) in meta["lists"].items()})
+        return state
 
     def save(self, state: dict) -> None:
+        tensors, meta = {}, {"key": self.key, "tensors": [], "numbers": {}, "lists": {}}
+        for k, v in state.items():
+            if v is None or torch.is_tensor(v):
+                meta["tensors"].append(k)
+                if v is not None:
+                    tensors[k] = v.detach().cpu().contiguous()
+            elif isinstance(v, list):
+                meta["lists"][k] = (len(v), len(v[0]) if v else 0)
+                tensors.update({f"{k}.{i}.{j}": t.detach().cpu().contiguous() for i, row in enumerate(v)
+                                for j, t in enumerate(row)})
+            else:
+                meta["numbers"][k] = v
         with atomic(self.path) as tmp:
-            torch.save({"key": self.key, "state": state}, tmp)
+            save_file(tensors, tmp, metadata={"modality_circuits_checkpoint": json.dumps(meta)})
