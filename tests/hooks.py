@@ -79,15 +79,21 @@ def ig_scores(model, pair, steps, absolute=False):
 
     absolute: |Δa · mean ∇| per element before summing a head's elements (the reference's head score)."""
     layer0 = model.layers(model.hf_model)[0]
+    stack, keys = model.decoder_stack(model.hf_model), model.adapter.injections
     merged = {}
 
     def grab(module, args):
         merged["x"] = args[0].detach().clone()
 
+    def grab_injected(module, args, kwargs):  # DeepStack-style features, handed to the decoder stack as a keyword
+        merged["g"] = [t.detach().clone() for t in kwargs[keys[0]]] if keys and kwargs.get(keys[0]) else None
+
     for name, inp in (("p", pair.inputs), ("cf", pair.cf_inputs)):
+        handle = stack.register_forward_pre_hook(grab_injected, with_kwargs=True)
         with _pre_hooks([(layer0, grab)]), torch.no_grad():
             model.hf_model(**inp)
-        merged[name] = merged.pop("x")
+        handle.remove()
+        merged[name], merged["g_" + name] = merged.pop("x"), merged.pop("g")
     a_p, a_cf = activations(model, pair.inputs), activations(model, pair.cf_inputs)
     mods = _modules(model)
     grads = [[0.0, 0.0] for _ in mods]
@@ -103,10 +109,17 @@ def ig_scores(model, pair, steps, absolute=False):
         def swap(module, args):
             return (x.clone().requires_grad_(True), *args[1:])
 
+        def swap_injected(module, args, kwargs, alpha=j / steps):
+            if merged["g_p"] is not None:
+                kwargs[keys[0]] = [c + alpha * (p - c) for p, c in zip(merged["g_p"], merged["g_cf"])]
+            return args, kwargs
+
+        handle = stack.register_forward_pre_hook(swap_injected, with_kwargs=True)
         hooks = [(layer0, swap)] + [(m, keep) for pair_ in mods for m in pair_]
         with _pre_hooks(hooks):
             logits = model.hf_model(**pair.inputs).logits[0, -1]
             (logits[pair.answer_id] - logits[pair.cf_answer_id]).backward()
+        handle.remove()
         for i in range(len(mods)):
             grads[i][0] = grads[i][0] + held[2 * i].grad / steps
             grads[i][1] = grads[i][1] + held[2 * i + 1].grad / steps

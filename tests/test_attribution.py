@@ -44,28 +44,28 @@ def test_exact_patching_equals_hooks_and_ig_tracks_it(tiny, modality):
     assert r > 0.8  # a wrong sign gives r < 0; a wrong position decorrelates
 
 
-def test_k1_is_first_order_product(llava):
+def test_k1_is_first_order_product(tiny):
     """steps=1: score = (a(p') − a(p)) · ∂LD/∂a at p, computed by hand with hooks."""
-    pair = build_pairs("color_ordering", "image", llava, n=1, seed=4)[0]
-    scores = attribute(llava, [pair], steps=1, progress=False)
-    a_p, a_cf = hooks.activations(llava, pair.inputs), hooks.activations(llava, pair.cf_inputs)
+    pair = build_pairs("color_ordering", "image", tiny, n=1, seed=4)[0]
+    scores = attribute(tiny, [pair], steps=1, progress=False)
+    a_p, a_cf = hooks.activations(tiny, pair.inputs), hooks.activations(tiny, pair.cf_inputs)
     held = []
 
     def keep(module, args):
         args[0].requires_grad_(True).retain_grad()
         held.append(args[0])
 
-    mods = [m for layer in llava.layers(llava.hf_model) for m in (llava.head_site(layer), llava.neuron_site(layer))]
+    mods = [m for layer in tiny.layers(tiny.hf_model) for m in (tiny.head_site(layer), tiny.neuron_site(layer))]
     handles = [m.register_forward_pre_hook(keep) for m in mods]
-    logits = llava.hf_model(**pair.inputs).logits[0, -1]
+    logits = tiny.hf_model(**pair.inputs).logits[0, -1]
     (logits[pair.answer_id] - logits[pair.cf_answer_id]).backward()
     for h in handles:
         h.remove()
-    for i in range(llava.n_layers):
+    for i in range(tiny.n_layers):
         by_hand = ((a_cf[i][1] - a_p[i][1]) * held[2 * i + 1].grad)[0].T
         torch.testing.assert_close(scores.neurons[i], by_hand, atol=1e-6, rtol=1e-4)
         dh = ((a_cf[i][0] - a_p[i][0]) * held[2 * i].grad)[0]
-        torch.testing.assert_close(scores.heads[i], dh.view(dh.shape[0], llava.n_heads, -1).sum(-1).T, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(scores.heads[i], dh.view(dh.shape[0], tiny.n_heads, -1).sum(-1).T, atol=1e-6, rtol=1e-4)
 
 
 def test_scores_stream_over_chunks(llava):

@@ -10,7 +10,7 @@ from conftest import get_tiny
 from modality_circuits.data.pairs import LayoutError, build_pairs, patch_grid
 
 #: The tiny families' patch grids: 64 px images in 16 px patches, merged 2x2 where the family merges.
-GRIDS = {"llava": (4, 4), "pixtral": (4, 4), "mistral3": (2, 2), "qwen2_vl": (2, 2), "qwen2_5_vl": (2, 2),
+GRIDS = {"llava": (4, 4), "pixtral": (4, 4), "mistral3": (2, 2), "qwen2_vl": (2, 2), "qwen2_5_vl": (2, 2), "qwen3_vl": (2, 2),
          "gemma3": (2, 2)}
 
 

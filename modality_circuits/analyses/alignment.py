@@ -21,18 +21,21 @@ from ..execution.remote import server_body
 @server_body
 def _alignment_session(model, chunks: list, image_span: tuple, text_span: tuple) -> list:
     """One request: for each chunk (image inputs, text inputs of the same P prompts), both forward
-    passes and the similarities; only the (P, L) per-prompt means come back."""
+    passes and the similarities; only the (P, L) per-prompt means come back. Layer i's residual is
+    what layer i + 1 reads (visual features injected after layer i included, docs/method.md section 13)."""
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     tuple_out = model.adapter.layer_returns_tuple
+    stack, inject, keys = model.decoder_stack(), model.injects(chunks[0][0]), model.adapter.injections
     with model.session():
         out = []
         for image_inputs, text_inputs in chunks:
             res = []
             for inputs, (start, end) in ((image_inputs, image_span), (text_inputs, text_span)):
                 with root.trace(**inputs, **opts):
+                    n = len(stack.inputs[1][keys[0]]) if inject and inputs is image_inputs else 0
                     hs = []
-                    for layer in layers:
-                        h = layer.output[0] if tuple_out else layer.output
+                    for i, layer in enumerate(layers):  # the stream layer i + 1 reads: injected features included
+                        h = layers[i + 1].input if i < n else layer.output[0] if tuple_out else layer.output
                         hs.append(h[:, start:end].detach().float())
                 res.append(torch.stack(hs, 1))  # (P, L, n, d), stays where the model runs
             img = torch.nn.functional.normalize(res[0], dim=-1)

@@ -39,7 +39,9 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     chunk, src layer): rows j·P..(j+1)·P get, at `layer`'s output and the data positions, the cached
     output of `src`. All configs of a chunk share dst: below it every row computes exactly what the
     cache pass did, so those layers are skipped and give the cached output (for dst in `skip_below`),
-    or the pass starts from e (the vision tower runs once per prompt). Returns each chunk's
+    or the pass starts from e (the vision tower runs once per prompt). With injected visual features
+    (`Adapter.injections`) the cached and written values are the stream the next layer reads, features
+    included. Returns each chunk's
     (n, P, V) last-position logits (float32), or only the columns `ids`.
     """
     start, end = span
@@ -47,12 +49,21 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     tuple_out = model.adapter.layer_returns_tuple
     decoder = {key: value for key, value in inputs.items() if key not in vision}
     P = len(inputs["input_ids"])
+    stack, inject, keys = model.decoder_stack(), model.injects(inputs), model.adapter.injections
     with model.session():
         with root.trace(**inputs, **opts):  # cache pass
+            if inject:  # features added after the first layers (docs/method.md section 13), read before layer 0
+                kwargs = stack.inputs[1]
+                feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
             e = layers[0].input.clone()
+            if inject:  # (n, P, T, d), zero off the image positions
+                g = e.new_zeros(len(feats), *e.shape)
+                g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
             cache, below = [], {}
             for i, layer in enumerate(layers):
                 h = layer.output[0] if tuple_out else layer.output
+                if inject and i < len(g):  # the stream layer i + 1 reads: the model adds g[i] after layer i
+                    h = h + g[i]
                 cache.append(h[:, start:end].clone())
                 if i + 1 in skip_below:
                     below[i + 1] = h.clone()
@@ -66,11 +77,16 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
                         layers[i].skip(same)
                 else:
                     layers[0].input = torch.cat([e] * n)
-                for i in range(dst, len(layers)):
-                    if writes[i]:
+                for i in range(dst if dst in skip_below else 0, len(layers)):
+                    add = inject and i < len(g)  # these rows carry no image: their injected features are added here
+                    if writes[i] or add:
                         h = layers[i].output[0] if tuple_out else layers[i].output
+                        if add:
+                            h = h + torch.cat([g[i]] * n)
                         for j, src in writes[i]:
                             h[j * P:(j + 1) * P, start:end] = cache[src].to(h.dtype)
+                        if add:
+                            layers[i].output = h
                 logits = root.output.logits[:, -1].float()
             if ids is not None:
                 logits = logits[:, ids.to(logits.device)]

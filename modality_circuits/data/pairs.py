@@ -153,21 +153,32 @@ def check_known(model, text: str) -> None:
                          f"{tok.unk_token!r}): use words of its vocabulary in the prompts and answers")
 
 
+def _ends_in_special(tok, ids: list[int]) -> bool:
+    """Whether the encoded prompt ends in a special token (Pixtral's "[/INST]", a Gemma turn marker)."""
+    added = getattr(tok, "added_tokens_decoder", {})
+    return bool(ids) and ids[-1] in added and added[ids[-1]].special
+
+
 def answer_token(model, text: str, prompt: Prompt) -> int:
-    """Id of the answer's first token as generated after `text`; multi-token answers and unknown words are refused.
+    """Id of the answer's first token as generated after `text`; multi-word answers and unknown words are refused.
 
     After a generation prompt that ends in a word or punctuation (e.g. "ASSISTANT:") a model writes the
     answer after a space, so its first token is the space-prefixed variant (" 4", "▁4"); after a newline
-    (e.g. "<|im_start|>assistant\n") it is the bare word."""
+    (e.g. "<|im_start|>assistant\n") or a special token (Pixtral's "[/INST]": mistral-common encodes an
+    assistant reply as the bare word right after it) it is the bare word. A one-word answer that a subword
+    tokenizer splits (Pixtral's Tekken: "purple" -> "pur" "ple", "happy" -> "h" "appy", "12" -> "1" "2") is
+    scored at its first token, r of docs/method.md; an answer of several words needs the task's `first_token`."""
     tok = model.tokenizer
     base = tok(text, add_special_tokens=False)["input_ids"]
-    answer = prompt.answer if not text or text[-1].isspace() else " " + prompt.answer
+    bare = not text or text[-1].isspace() or _ends_in_special(tok, base)
+    answer = prompt.answer if bare else " " + prompt.answer
     full = tok(text + answer, add_special_tokens=False)["input_ids"]
     new = full[len(base):]
     if full[: len(base)] != base or not new:
         raise ValueError(f"answer {prompt.answer!r} merges with the prompt's last token")
-    if len(new) > 1 and not get_task(prompt.task).first_token:
-        raise ValueError(f"answer {prompt.answer!r} is {len(new)} tokens; the metric needs single-token answers")
+    if len(new) > 1 and len(prompt.answer.split()) > 1 and not get_task(prompt.task).first_token:
+        raise ValueError(f"answer {prompt.answer!r} is {len(new)} tokens of several words; the metric needs "
+                         "single-token (or one-word) answers")
     check_known(model, text + answer)
     return new[0]
 

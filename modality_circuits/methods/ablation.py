@@ -74,9 +74,16 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
     sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
     bits = torch.arange(8, dtype=torch.uint8)
     decoder = {key: value for key, value in both.items() if key not in vision}
+    stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
         with root.trace(**both, **opts) as embed:
+            if inject:  # features added after the first layers (docs/method.md section 13), read before layer 0
+                kwargs = stack.inputs[1]
+                feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
             e = layers[0].input.clone()  # (2P, T, d): p' rows, then p rows
+            if inject:  # (n, 2P, T, d), zero off the image positions
+                g = e.new_zeros(len(feats), *e.shape)
+                g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
             embed.stop()
         lds = []
         for n, masks, circ_of_row in chunks:
@@ -94,6 +101,8 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
                             own, cf = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1)
                             k = k.unsqueeze(-1)
                         sites[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)])
+                    if inject and i < len(g):  # each row gets its own prompt's injected features
+                        layers[i].output = layers[i].output + torch.cat([g[i, :P]] + [g[i, P:]] * n)
                 logits = root.output.logits[P:, -1].float()
                 ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
             lds.append((ld[:, 0] - ld[:, 1]).cpu())

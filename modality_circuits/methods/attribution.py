@@ -37,6 +37,9 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     layout per_pair=(head index, neuron index) ((P, n_kept) each), or none (per_pair=False).
     absolute: score |Δa · mean ∇| per element, summed over a head's elements (the reference's head score);
     hold: None, or a (T,) bool mask of positions kept at e in every row (the reference's "tokens" interpolation).
+    Families that add visual features after the first decoder layers (`Adapter.injections`, Qwen3-VL's
+    DeepStack): the first pass also reads them, g' and g, and row j adds g' + α_j (g − g') to those layers'
+    outputs, so every input that differs between p and p' moves along the path.
     """
     L, H, k = model.n_layers, model.n_heads, steps
     root, layers, opts, dtype = model.nn, model.layers(), model.FORWARD, model.dtype
@@ -44,25 +47,39 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     alpha = (torch.arange(k + 1, dtype=torch.float32) / k).view(1, -1, 1, 1)
     heads_sum, neurons_sum, heads_sq, neurons_sq = totals
     keep_all, index = per_pair is True, per_pair if isinstance(per_pair, tuple) else None
+    stack, inject, keys = model.decoder_stack(), model.injects(chunks[0][0]), model.adapter.injections
     with model.session():
         kept = []
         for both, rows, ids in chunks:
             P = len(ids)
             with root.trace(**both, **opts) as embed:
+                if inject:  # (n, 2P, T, d) injected features, zero off the image positions; read before layer 0
+                    kwargs = stack.inputs[1]
+                    feats, where = torch.stack(kwargs[keys[0]]).float(), kwargs[keys[1]]
                 e0 = layers[0].input.float()  # (2P, T, d): e' rows, then e rows
+                if inject:
+                    g0 = e0.new_zeros(len(feats), *e0.shape)
+                    g0[:, where.to(e0.device)] = feats.to(e0.device)
                 embed.stop()
             with root.trace(**rows, **opts):
                 e_cf, e = e0[:P].unsqueeze(1), e0[P:].unsqueeze(1)
                 a = alpha.to(e.device)
                 x = e_cf + a * (e - e_cf)
+                if inject:  # the injected features move along the same path: (n, P·(k+1), T, d)
+                    g_cf, g = g0[:, :P].unsqueeze(2), g0[:, P:].unsqueeze(2)
+                    g_rows = g_cf + a.unsqueeze(0) * (g - g_cf)
                 if hold is not None:  # these positions are p's at every step, as the reference's code had them
                     x = torch.where(hold.to(e.device).view(1, 1, -1, 1), e, x)
+                    if inject:
+                        g_rows = torch.where(hold.to(e.device).view(1, 1, 1, -1, 1), g, g_rows)
                 x = x.to(dtype).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
                 layers[0].input = x
                 heads, neurons = [], []
                 for i in range(L):  # nnsight serves values in execution order
                     heads.append(attn[i].input)
                     neurons.append(mlp[i].input)
+                    if inject and i < len(g_rows):
+                        layers[i].output = layers[i].output + g_rows[i].to(dtype).flatten(0, 1)
                 logits = root.output.logits[:, -1].float().view(P, k + 1, -1)[:, 1:]
                 ld = logits.gather(-1, ids.to(logits.device).view(P, 1, 2).expand(P, k, 2))  # LD inline (server body)
                 metric = (ld[..., 0] - ld[..., 1]).sum()
@@ -82,6 +99,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                             if keep_all or index is not None:
                                 each[j][i] = s
             del e0, e_cf, e, a, x, heads, neurons, logits, ld, metric  # the next chunk must not hold these too
+            if inject:
+                del g0, g_cf, g, g_rows, feats
             if keep_all:  # (L, P, T, units) -> (P, L, units, T)
                 kept.append(tuple(torch.stack(v).permute(1, 0, 3, 2).cpu() for v in each))
             elif index is not None:  # (P, n_kept) at flat indices of the (L, units, T) layout

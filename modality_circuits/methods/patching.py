@@ -27,9 +27,16 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
     decoder = {key: value for key, value in both.items() if key not in vision}
+    stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
         with root.trace(**both, **opts) as embed:
+            if inject:  # features added after the first layers (docs/method.md section 13), read before layer 0
+                kwargs = stack.inputs[1]
+                feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
             e = layers[0].input.clone()  # (2P, T, d): p' rows, then p rows
+            if inject:  # (n, 2P, T, d), zero off the image positions
+                g = e.new_zeros(len(feats), *e.shape)
+                g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
             embed.stop()
         effects = []
         for n, plan in chunks:
@@ -43,6 +50,8 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
                         rows, src, t, u = rows.to(a.device), src.to(a.device), t.to(a.device), u.to(a.device)
                         view[rows, t, u] = view[src, t, u]
                         sites[i][j].input = a
+                    if inject and i < len(g):  # each row gets its own prompt's injected features
+                        layers[i].output = layers[i].output + torch.cat([g[i, :P]] + [g[i, P:]] * n)
                 logits = root.output.logits[P:, -1].float()
                 ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
             effects.append(((ld[:, 0] - ld[:, 1]).cpu().view(n, P) - base).mean(1))

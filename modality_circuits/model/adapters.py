@@ -41,6 +41,11 @@ class Adapter:
     # Side of the square images rendered for this family; None: the vision tower's own image size
     # capped at MAX_IMAGE_SIZE (a tower without one gets FALLBACK_IMAGE_SIZE).
     image_size: int | None = None
+    # Visual features the decoder stack adds to the residual stream after its first layers (Qwen3-VL's
+    # DeepStack): (keyword of the stack's forward holding one (image tokens in the batch, d) tensor per
+    # layer from layer 0, keyword holding the (batch, pos) image mask). Empty: image features enter only
+    # at the decoder input. Algorithms add them back explicitly (docs/method.md section 13).
+    injections: tuple[str, ...] = ()
 
 
 #: Rendered images are at most this many pixels wide: Pixtral's native 1024 px would be 4,096 image tokens.
@@ -63,6 +68,10 @@ _MISTRAL = dict(image_placeholder="[IMG]", extra_image_tokens=("[IMG_BREAK]", "[
 ADAPTERS: dict[str, Adapter] = {
     "qwen2_vl": Adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", **_QWEN),
     "qwen2_5_vl": Adapter("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", **_QWEN),
+    # Qwen3-VL: 16 px patches, 2x2 merge (252 px -> 256 px, 8x8 tokens); DeepStack adds features of three
+    # vision layers after decoder layers 0-2 at the image positions.
+    "qwen3_vl": Adapter("qwen3_vl", "Qwen3VLForConditionalGeneration", **_QWEN,
+                        injections=("deepstack_visual_embeds", "visual_pos_masks")),
     "llava": Adapter("llava", "LlavaForConditionalGeneration"),
     # Pixtral-12B is a LLaVA checkpoint with a Pixtral vision tower.
     "pixtral": Adapter("pixtral", "LlavaForConditionalGeneration", **_MISTRAL),

@@ -69,6 +69,8 @@ class VLM:
         self.image_token_ids = tuple(ids)
         if self.image_size is None:
             self.image_size = default_image_size(self.adapter, config)
+        if self.adapter.injections and self.adapter.layer_returns_tuple:
+            raise ValueError("injected visual features are added to a decoder layer's output tensor, not a tuple")
 
     def __repr__(self) -> str:
         where = "meta (weights on the server)" if self.hosted else str(self.device)
@@ -160,6 +162,14 @@ class VLM:
     def layers(self, root=None) -> list:
         """Decoder layers of `root` (default: the nnsight wrapper; pass `hf_model` for plain torch)."""
         return list(operator.attrgetter(self.adapter.layers)(self.nn if root is None else root))
+
+    def decoder_stack(self, root=None):
+        """The module holding the decoder layers (whose forward receives `Adapter.injections`)."""
+        return operator.attrgetter(self.adapter.layers.rsplit(".", 1)[0])(self.nn if root is None else root)
+
+    def injects(self, inputs: dict) -> bool:
+        """Whether a forward on `inputs` adds visual features after the first decoder layers (`Adapter.injections`)."""
+        return bool(self.adapter.injections) and self.adapter.vision_inputs[0] in inputs
 
     def head_site(self, layer):
         """The module whose INPUT holds the per-head outputs, (batch, pos, heads*head_dim)."""

@@ -98,6 +98,17 @@ def _qwen2_5_vl(tok):
     return T.Qwen2_5_VLForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS["qwen2_5_vl"], merge=2, patch=16)
 
 
+def _qwen3_vl(tok):
+    """DeepStack from both vision layers into decoder layers 0 and 1."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=2, patch_size=16,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    rope = {**_MROPE, "mrope_interleaved": True}
+    text = _text(T.Qwen3VLTextConfig, tok, rope_parameters=rope, num_hidden_layers=3)  # a layer above the injections
+    cfg = T.Qwen3VLConfig(text_config=text.to_dict(), vision_config=vision)
+    ip = _qwen_ids(cfg, tok)
+    return T.Qwen3VLForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS["qwen3_vl"], merge=2, patch=16)
+
+
 def _llava(tok):
     vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=IMAGE_SIZE, patch_size=16, projection_dim=32)
@@ -151,6 +162,7 @@ class Tiny:
 TINY: dict[str, Tiny] = {
     "qwen2_vl": Tiny(QWEN, _qwen2_vl),
     "qwen2_5_vl": Tiny(QWEN, _qwen2_5_vl),
+    "qwen3_vl": Tiny(QWEN, _qwen3_vl),
     "llava": Tiny(LLAVA, _llava),
     "pixtral": Tiny(MISTRAL, _pixtral),
     "mistral3": Tiny(MISTRAL, _mistral3),
