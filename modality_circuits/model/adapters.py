@@ -81,17 +81,29 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+#: Architectures the method cannot serve, and why: it needs image tokens inside the decoder's own sequence.
+UNSERVABLE = {
+    "mllama": "its decoder reads the image through cross-attention layers: the image has no tokens in the decoder "
+              "sequence, so there is no data span D to attribute to, patch or align",
+    "florence2": "it is an encoder-decoder model: the image and the question are encoded together and the answer "
+                 "is decoded separately, so the prompt's D/Q/G positions are not decoder positions",
+}
+
+
 def family_of(config) -> str:
-    """The adapter key for a transformers config; raises for unsupported architectures."""
+    """The adapter key for a transformers config; raises for unsupported architectures, saying why where known."""
     family = config.model_type
     if family == "llava" and getattr(config.vision_config, "model_type", None) == "pixtral":
         family = "pixtral"
-    if family not in ADAPTERS:
-        raise ValueError(
-            f"unsupported architecture {config.model_type!r} ({getattr(config, 'architectures', None)}); "
-            f"supported families: {', '.join(sorted(ADAPTERS))}"
-        )
-    return family
+    if family in ADAPTERS:
+        return family
+    why = UNSERVABLE.get(family)
+    if why is None and getattr(config, "is_encoder_decoder", False):
+        why = "it is an encoder-decoder model, so the prompt's D/Q/G positions are not decoder positions"
+    names = ", ".join(getattr(config, "architectures", None) or ["no architectures listed"])
+    raise ValueError(f"{'cannot study' if why else 'unsupported architecture'} {family!r} ({names})"
+                     f"{': ' + why if why else ''}. The method needs a decoder-only VLM that places image tokens in "
+                     f"its text sequence; supported families: {', '.join(sorted(ADAPTERS))}")
 
 
 def default_image_size(adapter: Adapter, config) -> int:
