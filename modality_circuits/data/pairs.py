@@ -154,7 +154,7 @@ def check_known(model, text: str) -> None:
 
 
 def _ends_in_special(tok, ids: list[int]) -> bool:
-    """Whether the encoded prompt ends in a special token (Pixtral's "[/INST]", a Gemma turn marker)."""
+    """Whether the encoded prompt ends in a special token (an "[/INST]" or a turn marker)."""
     added = getattr(tok, "added_tokens_decoder", {})
     return bool(ids) and ids[-1] in added and added[ids[-1]].special
 
@@ -164,9 +164,9 @@ def answer_token(model, text: str, prompt: Prompt) -> int:
 
     After a generation prompt that ends in a word or punctuation (e.g. "ASSISTANT:") a model writes the
     answer after a space, so its first token is the space-prefixed variant (" 4", "▁4"); after a newline
-    (e.g. "<|im_start|>assistant\n") or a special token (Pixtral's "[/INST]": mistral-common encodes an
-    assistant reply as the bare word right after it) it is the bare word. A one-word answer that a subword
-    tokenizer splits (Pixtral's Tekken: "purple" -> "pur" "ple", "happy" -> "h" "appy", "12" -> "1" "2") is
+    (e.g. "<|im_start|>assistant\n") or a special token (e.g. "[/INST]": the Tekken tokenizer's own chat
+    encoding puts an assistant reply as the bare word right after it) it is the bare word. A one-word answer
+    that a subword tokenizer splits (Tekken: "purple" -> "pur" "ple", "happy" -> "h" "appy", "12" -> "1" "2") is
     scored at its first token, r of docs/method.md; an answer of several words needs the task's `first_token`."""
     tok = model.tokenizer
     base = tok(text, add_special_tokens=False)["input_ids"]

@@ -266,7 +266,8 @@ class Task:
     image(meta, size) -> the visual data part (a PIL image of size x size);
     answers() -> every answer the task can have (back-patching scores over them);
     rows(data_dir) -> the items of a row-based task (a CSV folder, see `load_image_data`), or None;
-    first_token: answers may span several tokens, the metric reads the first (the generator makes it differ).
+    first_token: answers may be several words, the metric reads the first token (the generator makes it differ);
+    a one-word answer a tokenizer splits (Tekken: "purple" -> "pur" "ple") is scored at its first token anyway.
     """
 
     name: str

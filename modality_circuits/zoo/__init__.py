@@ -32,6 +32,10 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
         if _remote.is_hosted(remote):
             raise ValueError(f"{name_or_path} is built in memory, so no server can host it; "
                              "use remote='local' for the serialisation dry run, or save it and serve the folder")
+        if name_or_path == "tiny-pixtral-tekken":  # Pixtral-12B's real tokenizer (needs mistral-common)
+            from .tekken import tekken_pixtral
+
+            return tekken_pixtral().with_remote(remote)
         return tiny_model(name_or_path.removeprefix("tiny-")).with_remote(remote)
     path = name_or_path  # results go to results/<name>/ ("toy" for the embedded model)
     if name_or_path == "toy":

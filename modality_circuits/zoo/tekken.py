@@ -48,24 +48,21 @@ def tekken_path() -> Path:
     return path
 
 
+@lru_cache(maxsize=1)
 def image_settings() -> dict:
     """The tokenizer file's image settings: {'image_patch_size': 16, 'max_image_size': 1024} for Pixtral-12B."""
     with open(tekken_path(), encoding="utf-8") as f:
-        return json.load(f)["image"]
+        return dict(json.load(f)["image"])
 
 
 @lru_cache(maxsize=1)
-def _tokenizer():
+def tekken_tokenizer():
+    """Pixtral-12B's real tokenizer as a transformers fast tokenizer, with mistral-common's chat template.
+
+    Converted once (about 4 s) and shared by every model built here: do not add tokens to it."""
     from transformers.integrations.mistral import convert_tekken_tokenizer
 
-    return convert_tekken_tokenizer(str(tekken_path()))  # ~4 s: cached
-
-
-def tekken_tokenizer():
-    """Pixtral-12B's real tokenizer as a transformers fast tokenizer, with mistral-common's chat template."""
-    import copy
-
-    return copy.deepcopy(_tokenizer())
+    return convert_tekken_tokenizer(str(tekken_path()))
 
 
 def tekken_processor(tokenizer=None) -> MiniProcessor:
