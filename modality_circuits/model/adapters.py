@@ -26,7 +26,9 @@ class Adapter:
     layer_returns_tuple: bool = False  # a decoder layer's output is (hidden, ...) rather than hidden
     image_placeholder: str = "<image>"  # what the chat template writes for an image
     extra_image_tokens: tuple[str, ...] = ()  # tokens the image expands into besides the image token (part of D)
-    # The torchvision-free processor (model/processing.py), used where transformers' needs torchvision:
+    # Where transformers' processor needs torchvision (model/processing.py): its class, built without the video
+    # processor, or else the torchvision-free MiniProcessor with these three fields:
+    processor: str | None = None
     pil_image_processor: str | None = None  # transformers' PIL image processor class
     image_expansion: str | None = None  # "grid": placeholder x (patch grid / merge^2); "rows": rows closed by breaks
     mm_token_type_ids: bool = False  # the forward needs mm_token_type_ids (1 at image tokens) for its rotary positions
@@ -46,6 +48,10 @@ class Adapter:
     # layer from layer 0, keyword holding the (batch, pos) image mask). Empty: image features enter only
     # at the decoder input. Algorithms add them back explicitly (docs/method.md section 13).
     injections: tuple[str, ...] = ()
+    # The decoder's attention over the prompt: "causal"; "image_blocks" (causal, but the tokens of one image
+    # see each other both ways: Gemma-3); "prefix" (prefix-LM: the whole prompt, image and question, attends
+    # both ways, so the data positions see the question: PaliGemma). docs/method.md section 13.
+    attention: str = "causal"
 
 
 #: Rendered images are at most this many pixels wide: Pixtral's native 1024 px would be 4,096 image tokens.
@@ -77,7 +83,7 @@ ADAPTERS: dict[str, Adapter] = {
     "pixtral": Adapter("pixtral", "LlavaForConditionalGeneration", **_MISTRAL),
     "mistral3": Adapter("mistral3", "Mistral3ForConditionalGeneration", **_MISTRAL),
     "gemma3": Adapter("gemma3", "Gemma3ForConditionalGeneration", image_placeholder="<start_of_image>",
-                      image_size=GEMMA3_IMAGE_SIZE),
+                      image_size=GEMMA3_IMAGE_SIZE, attention="image_blocks"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Processors: the checkpoint's own where it can be built, else a small torchvision-free one.
+"""Processors: the checkpoint's own where it can be built, else without its video part, else a small torchvision-free one.
 
 transformers' Qwen2-VL and Pixtral processors need torchvision. `MiniProcessor`
 does what they do for single-image prompts with PIL image processors: run the
@@ -56,13 +56,24 @@ class MiniProcessor:
         return BatchFeature(data)
 
 
+def without_video(cls):
+    """The transformers processor class `cls` without its video processor (every video processor needs torchvision).
+
+    Its image processor and tokenizer are built as usual (`from_pretrained` too); only videos are refused.
+    `ProcessorMixin.get_attributes` (checked against transformers 5.24) lists the parts a processor builds."""
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: ["image_processor", "tokenizer"])})
+
+
 def load_processor(path: str, adapter):
-    """The checkpoint's processor, or a MiniProcessor where transformers cannot build one here."""
+    """The checkpoint's processor, else its class without video (`Adapter.processor`), else a MiniProcessor."""
     import transformers
 
     try:
         return transformers.AutoProcessor.from_pretrained(path)
-    except (ImportError, ValueError, TypeError, OSError) as err:
+    except (ImportError, ValueError, TypeError, OSError, AttributeError) as err:
+        if adapter.processor is not None:
+            print(f"note: building {adapter.processor} without its video processor ({err.__class__.__name__}: {err})")
+            return without_video(getattr(transformers, adapter.processor)).from_pretrained(path)
         if adapter.pil_image_processor is None:
             raise
         config = transformers.AutoConfig.from_pretrained(path)
