@@ -72,3 +72,93 @@ def test_deepstack_alignment_reads_the_stream_after_the_injection():
                 for a, b in zip(img, txt)]
         by_hand.append(torch.stack([s.max(-1).values.mean() for s in sims]))
     torch.testing.assert_close(res.per_prompt, torch.stack(by_hand), atol=1e-5, rtol=1e-4)
+
+
+def test_tiled_family_llava_onevision_refuses_images_of_another_size():
+    """LLaVA-OneVision tiles (anyres): the layout changes with the image size, so only its fixed size is built."""
+    from modality_circuits.data.pairs import LayoutError, encode, make_pair
+    from modality_circuits.data.tasks import sample_pairs
+
+    model = get_tiny("llava_onevision")
+    assert model.adapter.tiles and model.image_size == 64
+    p, cf = sample_pairs("counting", "image", 1, seed=0, image_size=96)[0]
+    fixed, other = (encode(model, ["<image>"], [sample_pairs("counting", "image", 1, image_size=s)[0][0].image])
+                    for s in (64, 96))
+    assert (fixed["input_ids"].shape[1], other["input_ids"].shape[1]) == (36, 88)  # 16 + 4x(4+1) vs 16 + 8x(8+1)
+    with pytest.raises(LayoutError, match=r"\(96, 96\) is not \(64, 64\).*tiles images.*fixed 64x64"):
+        make_pair(model, p, cf)
+    with pytest.raises(LayoutError, match="fixed 64x64"):
+        build_pairs("counting", "image", model, n=1, image_size=96)
+    assert build_pairs("counting", "text", model, n=1, image_size=96)  # text prompts have no image to tile
+
+
+def test_llava_onevision_anyres_newline_is_the_same_in_prompt_and_counterfactual():
+    """The learned newline closing each high-res row sits at an image position of the merged decoder input, equal in
+    p and p': interpolating that input from p' to p (integrated gradients) holds it fixed, as it should."""
+    from modality_circuits.data.pairs import anyres_rows
+
+    model = get_tiny("llava_onevision")
+    pair = build_pairs("counting", "image", model, n=1)[0]
+    newlines = [pos for pos, rc in anyres_rows(model, pair)[2].items() if rc is None]
+    seen = []
+    handle = model.layers(model.hf_model)[0].register_forward_pre_hook(lambda m, args, kw: seen.append(
+        (args[0] if args else kw["hidden_states"]).detach().clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.hf_model(**pair.inputs), model.hf_model(**pair.cf_inputs)
+    finally:
+        handle.remove()
+    newline = model.hf_model.model.image_newline
+    for x in seen:
+        torch.testing.assert_close(x[0, newlines], newline.expand(len(newlines), -1))
+    d0, d1 = pair.spans["D"]
+    assert not torch.equal(seen[0][0, d0:d1], seen[1][0, d0:d1])  # the patches differ
+
+
+def test_paligemma_prompts_are_written_and_attended_as_the_real_checkpoint_reads_them():
+    """PaliGemma: no chat template, so the adapter's prompt format; the processor's own <bos> and "\\n" are written
+    once; text and image prompts carry token_type_ids of zeros, so the whole prompt attends both ways."""
+    from modality_circuits.data.pairs import chat_text
+    from modality_circuits.methods.predict import predictions
+
+    model = get_tiny("paligemma")
+    assert model.adapter.attention == "prefix" and model.tokenizer.chat_template is None
+    for modality in ("image", "text"):
+        pair = build_pairs("counting", modality, model, n=1, seed=0)[0]
+        text = chat_text(model, pair.prompt)
+        assert text.startswith("<image><bos>answer en " if modality == "image" else "<bos>answer en ")
+        assert text.endswith("\n") and text.count("<bos>") == 1 and "labels" not in pair.inputs
+        n_image = model.image_mask(pair.inputs["input_ids"]).sum().item()
+        expanded = text.replace("<image>", "<image>" * n_image)
+        assert pair.inputs["input_ids"][0].tolist() == model.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        assert pair.inputs["token_type_ids"].shape == pair.inputs["input_ids"].shape
+        assert not pair.inputs["token_type_ids"].any()
+        ours = predictions(model, [pair])[0]
+        with torch.no_grad():
+            plain = model.hf_model(**pair.inputs).logits[0, -1]
+            causal = model.hf_model(**{k: v for k, v in pair.inputs.items() if k != "token_type_ids"}).logits[0, -1]
+        torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)
+        assert (plain - causal).abs().max() > 1e-3, modality  # the prefix mask is really in effect
+
+
+def test_paligemma_backpatching_refuses_prefix_attention_unless_allowed(tmp_path):
+    """The data positions see the question: refused before any work, with the reason; the override runs it; the
+    study records the skip instead of failing."""
+    from modality_circuits.analyses.backpatch import backpatch
+    from modality_circuits.execution.store import read_json
+    from modality_circuits.study.steps import Study, run_backpatch
+
+    model = get_tiny("paligemma")
+    why = r"prefix-LM attention: its data positions attend to the question.*allow_prefix_attention=True"
+    with pytest.raises(ValueError, match=why):
+        backpatch_logits(model, [], [(1, 0, 1)])  # no pairs: refused before anything looks at them
+    with pytest.raises(ValueError, match=why):
+        backpatch(model, [])
+    pairs = build_pairs("arithmetic", "image", model, n=4, seed=0)
+    res = backpatch(model, pairs, configs=[(1, 0, 1)], resamples=10, progress=False, allow_prefix_attention=True)
+    assert res.config == (1, 0, 1) and res.n_test == 2
+    study = Study(model, out=str(tmp_path), tasks=("arithmetic",), n=4, resamples=10)
+    assert "prefix-LM attention" in run_backpatch(study, "arithmetic")["skipped"]
+    stored = read_json(study.path("arithmetic", "backpatch.json"))  # the numbers: undefined (null)
+    assert "prefix-LM attention" in stored["skipped"] and stored["image"]["gain"]["value"] is None
+    assert get_tiny("gemma3").adapter.attention == "image_blocks"  # blocks inside D only: back-patching still holds

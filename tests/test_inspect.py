@@ -11,7 +11,8 @@ from modality_circuits.data.pairs import LayoutError, build_pairs, patch_grid
 
 #: The tiny families' patch grids: 64 px images in 16 px patches, merged 2x2 where the family merges.
 GRIDS = {"llava": (4, 4), "pixtral": (4, 4), "mistral3": (2, 2), "qwen2_vl": (2, 2), "qwen2_5_vl": (2, 2), "qwen3_vl": (2, 2),
-         "gemma3": (2, 2)}
+         "gemma3": (2, 2), "paligemma": (4, 4), "llava_onevision": (4, 4), "internvl": (2, 2), "aya_vision": (2, 2),
+         "glm4v": (2, 2), "idefics3": (2, 2)}
 
 
 def test_pair_tokens_name_every_image_patch_row_major(tiny):
@@ -27,8 +28,18 @@ def test_pair_tokens_name_every_image_patch_row_major(tiny):
     if tiny.adapter.patch_grid == "rows":  # rows closed by a break, the last by the end marker
         assert markers == ["<img break>"] * (rows - 1) + ["<img end>"]
         assert pair.tokens[start + cols] == "<img break>"
-    else:
-        assert markers == []
+    elif tiny.adapter.patch_grid == "base_rows":  # the base grid first, then high-res rows each closed by a newline
+        assert min(where) == start and max(where) == start + rows * cols - 1
+        assert markers == [m for r in range(rows) for m in [f"<img hi r{r}c{c}>" for c in range(cols)] + ["<img break>"]]
+    elif tiny.adapter.patch_grid == "frames":  # 2x2 tiles, each named and framed, then the global view
+        tiles = [f"<img t{k} r{r}c{c}>" for k in range(4) for r in range(rows) for c in range(cols)]
+        assert [m for m in markers if m.startswith("<img")] == tiles
+        assert [m for m in markers if m.startswith("<row")] == ["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>",
+                                                                  "<row_2_col_2>"]
+    else:  # start and end markers around the patches (tile names are start markers too)
+        ends = int(pair.inputs["input_ids"][0, end - 1] != tiny.image_token_ids[0])
+        assert markers == ["<img start>"] * (len(markers) - ends) + ["<img end>"] * ends
+        assert max(where) == end - 1 - ends
     q0, q1 = pair.spans["Q"]
     assert " ".join(pair.tokens[q0:q1]).replace(" ", "") == pair.prompt.query.replace(" ", "")
 

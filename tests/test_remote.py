@@ -64,14 +64,15 @@ def _both(model, fn):
 def _suite(m, image, text, more):
     """Every algorithm on model m (the numbers that must not depend on where the traces run)."""
     T = image[0].length
-    nodes = [("head", 0, 1, 3), ("neuron", 1, 5, T - 1), ("head", 1, 2, T - 1), ("neuron", 0, 7, 2)]
+    nodes = [("head", 0, 1, 3), ("neuron", 1, 5, T - 1), ("head", 1, m.n_heads - 1, T - 1), ("neuron", 0, 7, 2)]
     scores = attribute(m, image, steps=2, max_rows=3, per_pair=True, progress=False)  # 3 chunks, 2 requests
     circuit = Circuit.from_scores(scores, fraction=0.3)
     f = faithfulness(m, circuit, image)
     curve = faithfulness_curve(m, scores, image, fractions=[0.05, 0.1, 0.3, 0.6])
     swap = interchange(m, circuit, circuit, image, "Q", n_random=2, resamples=20)
     align = alignment(m, image, text, resamples=20)
-    res = backpatch(m, image + more, configs=[(1, 0, 1), (1, 1, 1)], resamples=20)
+    mechanics = {"allow_prefix_attention": m.adapter.attention == "prefix"}  # refused by default: test_families.py
+    res = backpatch(m, image + more, configs=[(1, 0, 1), (1, 1, 1)], resamples=20, **mechanics)
     return [
         scores.heads, scores.neurons, *scores.per_pair,
         exact_patching(m, image, nodes, max_rows=6),  # 1 node per trace
@@ -79,7 +80,7 @@ def _suite(m, image, text, more):
         curve.values, curve.cpr, curve.cmd,
         swap.f_swapped, swap.f_random, swap.score,
         align.per_prompt,
-        backpatch_logits(m, image, [(1, 0, 1), (0, 0, 1), (1, 1, 1)], max_rows=3),
+        backpatch_logits(m, image, [(1, 0, 1), (0, 0, 1), (1, 1, 1)], max_rows=3, **mechanics),
         list(res.selection.values()), res.base.value, res.patched.value,
         predictions(m, image, "cf"),
         position_effect(m, image[:2]).per_position,

@@ -51,7 +51,8 @@ def test_a_tight_budget_splits_every_step_and_changes_no_number(tiny, modality):
     for m in (tiny, tight):
         got = (attribute(m, pairs, steps=2, progress=False).heads, ablation_lds(m, circuits, pairs),
                exact_patching(m, pairs, nodes), position_effect(m, pairs).per_position, logit_diffs(m, pairs),
-               backpatch_logits(m, pairs, configs), alignment(m, image, text, resamples=5).per_layer)
+               backpatch_logits(m, pairs, configs, allow_prefix_attention=m.adapter.attention == "prefix"),
+               alignment(m, image, text, resamples=5).per_layer)
         if m is tiny:
             wide = got
     for a, b in zip(wide, got):

@@ -4,6 +4,9 @@ Run a prompt once and cache the decoder-layer outputs at the data positions (the
 of a visual prompt, the data tokens of a textual one). Run it again and make layer dst output,
 at those positions, the cached output of layer src ≥ dst — for w consecutive layer pairs
 (src+i, dst+i). src = dst changes nothing. Scored by accuracy over the task's answer set.
+
+A model with prefix-LM attention (`Adapter.attention` "prefix") is refused (`refusal`) unless
+allow_prefix_attention=True: its data positions see the question.
 """
 from __future__ import annotations
 
@@ -19,6 +22,24 @@ from ..execution import budget, requests
 from ..execution.remote import server_body
 
 Config = tuple[int, int, int]  # (src, dst, window)
+
+
+def refusal(model) -> str | None:
+    """Why back-patching cannot be read on `model` (docs/method.md section 13), or None when it can."""
+    if model.adapter.attention != "prefix":
+        return None
+    return (f"{model.name} has prefix-LM attention: its data positions attend to the question, and the question to "
+            "them, both ways, so the cached late-layer residuals at the data positions already carry task "
+            "information; the method's argument that back-patching leaks no task information (docs/method.md "
+            "section 8) fails, and a gain would no longer show that late layers hold unused data")
+
+
+def _refuse(model, allow_prefix_attention: bool) -> None:
+    """Raise the refusal, before any work, unless the caller explicitly allows prefix attention."""
+    why = refusal(model)
+    if why and not allow_prefix_attention:
+        raise ValueError(f"back-patching refused: {why}. Pass allow_prefix_attention=True to run it anyway "
+                         "(the mechanics are the same; the reading of a gain is not)")
 
 
 def answer_ids(model, pairs: list[Pair]) -> torch.Tensor:
@@ -97,14 +118,16 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
 
 
 def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int | None = None,
-                     ids=None, progress: bool = False) -> torch.Tensor:
+                     ids=None, progress: bool = False, allow_prefix_attention: bool = False) -> torch.Tensor:
     """(C, P, V) last-position logits (float32) of every pair under every back-patching config.
 
     ids: token ids to keep (e.g. the task's answer set): (C, P, len(ids)), so that remote runs send
     back a few logits instead of the vocabulary. Prompts and configs are split by the memory budget;
     configs are grouped by dst so that the layers below it are skipped. Remote: each request is one
-    session whose first pass caches the residuals on the server.
+    session whose first pass caches the residuals on the server. allow_prefix_attention: run on a model
+    with prefix-LM attention, which is refused otherwise (`refusal`).
     """
+    _refuse(model, allow_prefix_attention)
     check_layout(pairs)
     L = model.n_layers
     for src, dst, w in configs:
@@ -168,11 +191,15 @@ SELECTIONS = ("split", "reported")
 
 
 def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, selection_fraction: float = 0.5,
-              resamples: int = 1000, seed: int = 0, select_on: str = "split", progress: bool = True) -> Backpatch:
+              resamples: int = 1000, seed: int = 0, select_on: str = "split", progress: bool = True,
+              allow_prefix_attention: bool = False) -> Backpatch:
     """Choose (src, dst, window) on a selection split, report the accuracy gain on the disjoint test split.
 
     select_on="reported": choose on the very prompts whose accuracy is reported, as the reference code
-    did (selection bias: docs/method.md section 11); both "splits" are then all distinct prompts."""
+    did (selection bias: docs/method.md section 11); both "splits" are then all distinct prompts.
+    allow_prefix_attention: run on a model with prefix-LM attention, where the data positions see the question;
+    refused otherwise, with the reason (`refusal`: the gain then does not mean what section 8 says)."""
+    _refuse(model, allow_prefix_attention)
     if select_on not in SELECTIONS:
         raise ValueError(f"select_on must be one of {SELECTIONS}, got {select_on!r}")
     selection, test = split(pairs, selection_fraction)
@@ -181,12 +208,14 @@ def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, 
     configs = configs or default_configs(model.n_layers)
     answers = answer_ids(model, pairs)
     # only the answer-set logits travel: argmax over them is what `correct` reads
-    base_sel = _correct_among(backpatch_logits(model, selection, [(0, 0, 1)], ids=answers)[0], selection, answers)
+    allow = {"allow_prefix_attention": allow_prefix_attention}
+    base_sel = _correct_among(backpatch_logits(model, selection, [(0, 0, 1)], ids=answers, **allow)[0], selection,
+                              answers)
     base_sel = base_sel.float().mean()
-    acc = _correct_among(backpatch_logits(model, selection, configs, ids=answers, progress=progress), selection,
-                         answers).float().mean(-1)
+    acc = _correct_among(backpatch_logits(model, selection, configs, ids=answers, progress=progress, **allow),
+                         selection, answers).float().mean(-1)
     best = int(acc.argmax())  # ties: the first in the grid
-    both = backpatch_logits(model, test, [(0, 0, 1), configs[best]], ids=answers)
+    both = backpatch_logits(model, test, [(0, 0, 1), configs[best]], ids=answers, **allow)
     ok = _correct_among(both, test, answers).float()  # (2, P)
     n = len(test)
     return Backpatch(

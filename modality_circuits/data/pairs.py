@@ -55,20 +55,55 @@ class Pair:
 
 
 def chat_text(model, prompt: Prompt) -> str:
-    """The prompt in the model's chat template, ending with the generation prompt."""
+    """The prompt in the model's chat template, ending with the generation prompt and the family's `answer_prefix`.
+
+    A checkpoint without a chat template is prompted in its family's `Adapter.prompt_format`."""
+    body = prompt.query if prompt.modality == "image" else f"{prompt.data}\n{prompt.query}"
+    fmt = model.adapter.prompt_format
+    if fmt is not None and not (getattr(model.processor, "chat_template", None) or model.tokenizer.chat_template):
+        image = model.adapter.image_placeholder if prompt.modality == "image" else ""
+        return fmt.format(image=image, text=body) + model.adapter.answer_prefix
     if prompt.modality == "image":
         content = [{"type": "image"}, {"type": "text", "text": prompt.query}]
     else:
         content = [{"type": "text", "text": f"{prompt.data}\n{prompt.query}"}]
     messages = [{"role": "user", "content": content}]
-    return model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + model.adapter.answer_prefix
 
 
 def encode(model, texts: list[str], images: list | None = None) -> dict:
-    """Processor outputs for a batch of chat texts (one image per text, or none)."""
+    """Forward inputs for a batch of chat texts (one image per text, or none): the processor's outputs.
+
+    What the processor writes into an image prompt itself (`Adapter.processor_adds`) is left out of the text it
+    is handed. Training targets (`labels`, which some processors return) are dropped: they are no forward input.
+    With prefix-LM attention (`Adapter.attention` "prefix") a text prompt carries token_type_ids of zeros, as
+    the processor gives an image prompt: the whole prompt is the prefix, attended both ways."""
+    adapter = model.adapter
     if images:
-        return dict(model.processor(text=texts, images=[[im] for im in images], return_tensors="pt", add_special_tokens=False))
-    return dict(model.tokenizer(texts, return_tensors="pt", add_special_tokens=False))
+        texts = [_without_processor_adds(adapter, t) for t in texts]
+        out = dict(model.processor(text=texts, images=[[im] for im in images], return_tensors="pt", add_special_tokens=False))
+    else:
+        out = dict(model.tokenizer(texts, return_tensors="pt", add_special_tokens=False))
+        if adapter.attention == "prefix":
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+    out.pop("labels", None)
+    return out
+
+
+def _without_processor_adds(adapter, text: str) -> str:
+    """`text` without what the processor writes itself: after the last image placeholder, and at the end."""
+    after_image, at_end = adapter.processor_adds
+    if after_image:
+        cut = text.rindex(adapter.image_placeholder) + len(adapter.image_placeholder)
+        if not text.startswith(after_image, cut):
+            raise ValueError(f"the prompt must have {after_image!r} after its last image placeholder: {text!r}")
+        text = text[:cut] + text[cut + len(after_image):]
+    if at_end:
+        if not text.endswith(at_end):
+            raise ValueError(f"the prompt must end in {at_end!r}: {text!r}")
+        text = text[:-len(at_end)]
+    return text
 
 
 def batch(inputs: list[dict]) -> dict:
@@ -93,7 +128,8 @@ def find_spans(model, prompt: Prompt, text: str, input_ids: torch.Tensor) -> dic
     spans = {"Q": (q0 + shift, q1 + shift), "G": (q1 + shift, n + shift)}
     if prompt.modality == "image":
         pos = model.image_mask(input_ids).nonzero().flatten()
-        if len(pos) == 0 or pos[-1] - pos[0] + 1 != len(pos):
+        inside = input_ids[pos[0]:pos[-1] + 1] if len(pos) else input_ids[:0]
+        if len(pos) == 0 or not torch.isin(inside, torch.tensor(model.image_token_ids + model.image_text_ids)).all():
             raise LayoutError(f"image tokens are missing or not contiguous ({len(pos)} found)")
         spans["D"] = (int(pos[0]), int(pos[-1]) + 1)
     else:
@@ -106,7 +142,8 @@ def patch_grid(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int]]]
     """(rows, cols, {position: (row, col)}) of the image-patch tokens of p's D span, row-major.
 
     How the tokens tile the image is the family's `Adapter.patch_grid`; row-break and end markers
-    get no patch. A text prompt has no grid: (0, 0, {}).
+    get no patch. "base_rows" (anyres) gives the base image's grid; its high-res crop tokens and
+    their row-closing newlines get no patch here (`anyres_rows`). A text prompt has no grid: (0, 0, {}).
     """
     if pair.prompt.modality != "image":
         return 0, 0, {}
@@ -114,7 +151,17 @@ def patch_grid(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int]]]
     ids = pair.inputs["input_ids"][0, start:end].tolist()
     patches = [start + i for i, t in enumerate(ids) if t == model.image_token_ids[0]]
     n, layout = len(patches), model.adapter.patch_grid
-    if layout == "rows":  # a marker closes every row: a row break, or the end marker after the last one
+    if layout == "base_rows":  # the base image's tokens come first: the vision tower's square patch grid
+        side = _tower_side(model)
+        if n <= side * side:
+            raise LayoutError(f"{n} image tokens do not hold a {side}x{side} base image and high-res rows")
+        anyres_rows(model, pair)  # refuses a remainder that is no set of rows closed by a newline
+        patches, rows, cols, n = patches[: side * side], side, side, side * side
+    elif layout == "frames":  # equal runs of tokens, the tiles then the global view: the global view's grid
+        patches = _runs(patches)[-1]
+        n = len(patches)
+        rows = cols = math.isqrt(n)
+    elif layout == "rows":  # a marker closes every row: a row break, or the end marker after the last one
         rows = len(ids) - n
         cols = n // max(rows, 1)
     elif layout == "thw":  # (h / merge) x (w / merge) tokens, so rows = sqrt(n h / w)
@@ -128,15 +175,68 @@ def patch_grid(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int]]]
     return rows, cols, {pos: divmod(i, cols) for i, pos in enumerate(patches)}
 
 
+def _runs(positions: list[int]) -> list[list[int]]:
+    """Maximal runs of consecutive positions."""
+    runs = []
+    for pos in positions:
+        if runs and pos == runs[-1][-1] + 1:
+            runs[-1].append(pos)
+        else:
+            runs.append([pos])
+    return runs
+
+
+def _tower_side(model) -> int:
+    """Patches along a side of the vision tower's square input (an anyres base image or crop)."""
+    vc = model.hf_model.config.vision_config
+    return vc.image_size // vc.patch_size
+
+
+def anyres_rows(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int] | None]]:
+    """(rows, cols, {position: (row, col), or None for a row's closing newline}) of the high-res tokens of an
+    anyres ("base_rows") image: after the base image's side^2 tokens, rows of cols patches each closed by a
+    newline. The row count is the one whose grid is closest to the image's aspect ratio (`image_sizes`)."""
+    start, end = pair.spans["D"]
+    side = _tower_side(model)
+    first, m = start + side * side, end - start - side * side
+    h, w = pair.inputs["image_sizes"][0].tolist() if "image_sizes" in pair.inputs else (1, 1)
+    shapes = [(r, m // r - 1) for r in range(1, m + 1) if m % r == 0 and m // r > 1]
+    if not shapes:
+        raise LayoutError(f"{m} high-res image tokens do not form rows closed by a newline")
+    rows, cols = min(shapes, key=lambda rc: abs(math.log(rc[1] * h / (rc[0] * w))))
+    where = {first + i: (divmod(i, cols + 1) if i % (cols + 1) < cols else None) for i in range(m)}
+    return rows, cols, where
+
+
 def token_labels(model, pair: Pair) -> list[str]:
     """(T,) p's tokens as the tokenizer decodes them (newlines as \\n); image patches as "<img r2c3>" (row 2,
-    column 3), the markers closing image rows as "<img break>" and the last one as "<img end>"."""
+    column 3), markers before them as "<img start>", those closing image rows as "<img break>" and the last one
+    as "<img end>". Tiled ("frames") images: the global view's patches as "<img r2c3>", tile k's as
+    "<img tk r2c3>", the tile names and separators as decoded. Anyres
+    ("base_rows") images: the base image's patches as "<img r2c3>", the high-res ones as "<img hi r2c3>",
+    the newline closing each high-res row as "<img break>"."""
     labels = [model.tokenizer.decode([i]).replace("\n", "\\n") for i in pair.inputs["input_ids"][0].tolist()]
     if pair.prompt.modality == "image":
         start, end = pair.spans["D"]
         where = pair.grid[2]
+        if model.adapter.patch_grid == "base_rows":
+            high = anyres_rows(model, pair)[2]
+            for pos in range(start, end):
+                labels[pos] = ("<img r{}c{}>".format(*where[pos]) if pos in where
+                               else "<img hi r{}c{}>".format(*high[pos]) if high[pos] else "<img break>")
+            return labels
+        if model.adapter.patch_grid == "frames":  # tiles' patches as "<img t0 r1c2>"; their markers as decoded
+            image = [pos for pos in range(start, end) if pair.inputs["input_ids"][0, pos] == model.image_token_ids[0]]
+            side = math.isqrt(len(where))
+            for k, run in enumerate(_runs(image)[:-1]):
+                for i, pos in enumerate(run):
+                    labels[pos] = "<img t{} r{}c{}>".format(k, *divmod(i, side))
+            for pos in where:
+                labels[pos] = "<img r{}c{}>".format(*where[pos])
+            return labels
+        first = min(where)
         for pos in range(start, end):
-            labels[pos] = ("<img r{}c{}>".format(*where[pos]) if pos in where
+            labels[pos] = ("<img r{}c{}>".format(*where[pos]) if pos in where else "<img start>" if pos < first
                            else "<img end>" if pos == end - 1 else "<img break>")
     return labels
 
@@ -186,12 +286,24 @@ def answer_token(model, text: str, prompt: Prompt) -> int:
 POSITIONS = ("model", "1d")
 
 
+def check_image_size(model, size: tuple[int, int]) -> None:
+    """Refuse an image of another size than the model's for a family whose processor tiles (`Adapter.tiles`):
+    its token layout depends on the size, so pairs align only at one fixed size."""
+    fixed = (model.image_size, model.image_size)
+    if model.adapter.tiles and tuple(size) != fixed:
+        raise LayoutError(f"image size {tuple(size)} is not {fixed}: {model.adapter.family} tiles images, so its "
+                          f"token layout changes with the size and pairs align only at its fixed "
+                          f"{model.image_size}x{model.image_size} images")
+
+
 def make_pair(model, prompt: Prompt, cf: Prompt, *, positions: str = "model") -> Pair:
     """Encode p and p' and check they align: same length, same spans, same image size, different answers."""
     if (prompt.task, prompt.modality) != (cf.task, cf.modality):
         raise LayoutError(f"pair mixes {prompt.task}/{prompt.modality} with {cf.task}/{cf.modality}")
     if prompt.modality == "image" and prompt.image.size != cf.image.size:
         raise LayoutError(f"image sizes differ: {prompt.image.size} vs {cf.image.size}")
+    if prompt.modality == "image":
+        check_image_size(model, prompt.image.size)
     texts = [chat_text(model, p) for p in (prompt, cf)]
     ids = [answer_token(model, t, p) for t, p in zip(texts, (prompt, cf))]  # first: refuses unknown words
     enc = [encode(model, [t], [p.image] if p.image is not None else None) for t, p in zip(texts, (prompt, cf))]
@@ -242,6 +354,8 @@ def build_pairs(task: "str | Task", modality: str, model, *, n: int = 32, seed: 
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
     size = image_size or model.image_size
+    if modality == "image":
+        check_image_size(model, (size, size))
     candidates = sample_pairs(task, modality, 5 * n, seed=seed, image_size=size, data_dir=data_dir,
                               wording=wording or model.wording)
     layouts, rejected, seen = {}, [], set()

@@ -26,6 +26,8 @@ class Adapter:
     layer_returns_tuple: bool = False  # a decoder layer's output is (hidden, ...) rather than hidden
     image_placeholder: str = "<image>"  # what the chat template writes for an image
     extra_image_tokens: tuple[str, ...] = ()  # tokens the image expands into besides the image token (part of D)
+    image_text: tuple[str, ...] = ()  # plain text the processor writes inside the image block (tile names): part of D
+    answer_prefix: str = ""  # written after the generation prompt so that the next token is the answer (a prefill)
     # Where transformers' processor needs torchvision (model/processing.py): its class, built without the video
     # processor, or else the torchvision-free MiniProcessor with these three fields:
     processor: str | None = None
@@ -34,8 +36,16 @@ class Adapter:
     mm_token_type_ids: bool = False  # the forward needs mm_token_type_ids (1 at image tokens) for its rotary positions
     # How the image tokens tile the image, row-major (data/pairs.py `patch_grid`): "square" (n tokens in a
     # sqrt(n) x sqrt(n) grid), "thw" (the grid of the processor's image_grid_thw, shrunk by the merge size), or
-    # "rows" (rows closed by extra_image_tokens: a row break, and an end marker after the last row).
+    # "rows" (rows closed by extra_image_tokens: a row break, and an end marker after the last row), or
+    # "base_rows" (anyres: a square base image, then the high-res crops as rows each closed by a learned newline
+    # vector at an image-token position; all of them the same image token id: LLaVA-OneVision). For
+    # "base_rows" the grid is the base image's; the high-res tokens are named apart (data/pairs.py `token_labels`).
+    # "frames": equal runs of image tokens, one per tile and the global view last (Idefics3); the grid is the
+    # global view's.
     patch_grid: str = "square"
+    # The processor tiles images (anyres crops): the token layout depends on the image size, so pairs are built
+    # only at the model's one image size (`VLM.image_size`) and images of any other size are refused.
+    tiles: bool = False
     # Processor outputs read only by the vision tower: a forward whose decoder input is given
     # (merged embeddings computed once per prompt) leaves them out; the rest (e.g. Qwen's
     # image_grid_thw for rotary positions, Gemma-3's token_type_ids for its attention mask) stay.
@@ -52,6 +62,13 @@ class Adapter:
     # see each other both ways: Gemma-3); "prefix" (prefix-LM: the whole prompt, image and question, attends
     # both ways, so the data positions see the question: PaliGemma). docs/method.md section 13.
     attention: str = "causal"
+    # How a prompt is written when the checkpoint has no chat template (data/pairs.py `chat_text`): the text the
+    # model reads, "{image}" where the image placeholder goes (nothing for a text prompt), "{text}" the user's text.
+    # None: the chat template. PaliGemma's mix checkpoints are prompted by task prefix ("answer en {question}").
+    prompt_format: str | None = None
+    # What the processor writes itself into an image prompt (data/pairs.py `encode`): (after the last image
+    # placeholder, at the end). `encode` hands it the prompt without them, so that the model reads `chat_text`.
+    processor_adds: tuple[str, str] = ("", "")
 
 
 #: Rendered images are at most this many pixels wide: Pixtral's native 1024 px would be 4,096 image tokens.
@@ -63,6 +80,8 @@ FALLBACK_IMAGE_SIZE = 448
 STUDY_IMAGE_SIZE = 252
 #: Gemma-3's processor resizes every image to 896x896 (256 image tokens): render at that size, not upsample.
 GEMMA3_IMAGE_SIZE = 896
+#: LLaVA-OneVision's SigLIP tile: every square image up to 384 px gives the same 1485 image tokens.
+LLAVA_ONEVISION_IMAGE_SIZE = 384
 
 _QWEN = dict(image_placeholder="<|image_pad|>", pil_image_processor="Qwen2VLImageProcessorPil", image_expansion="grid",
              mm_token_type_ids=True, image_size=STUDY_IMAGE_SIZE, patch_grid="thw")
@@ -70,6 +89,11 @@ _QWEN = dict(image_placeholder="<|image_pad|>", pil_image_processor="Qwen2VLImag
 _MISTRAL = dict(image_placeholder="[IMG]", extra_image_tokens=("[IMG_BREAK]", "[IMG_END]"),
                 pil_image_processor="PixtralImageProcessorPil", image_expansion="rows", patch_grid="rows",
                 vision_inputs=("pixel_values", "image_sizes"), image_size=STUDY_IMAGE_SIZE)
+
+#: Idefics3's tile names, <row_1_col_1> ... <row_6_col_6>.
+IDEFICS3_TILES = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
+#: GLM-4.1V-Thinking reasons before it answers: the prefill closes an empty thought and opens the answer.
+GLM_ANSWER_PREFIX = "<think></think><answer>"
 
 ADAPTERS: dict[str, Adapter] = {
     "qwen2_vl": Adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", **_QWEN),
@@ -79,11 +103,42 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen3_vl": Adapter("qwen3_vl", "Qwen3VLForConditionalGeneration", **_QWEN,
                         injections=("deepstack_visual_embeds", "visual_pos_masks")),
     "llava": Adapter("llava", "LlavaForConditionalGeneration"),
+    # LLaVA-OneVision (anyres, 384 px SigLIP tiles, 27x27 patches): any square image of side <= 384 becomes the base
+    # image (729 tokens) plus one 384 px crop of 27 rows of 27 + a newline = 1485 image tokens; larger sides add crops
+    # (385-768 px: 3699). Images are rendered at the tile size (no upsampling, as for Gemma-3), one fixed layout.
+    "llava_onevision": Adapter("llava_onevision", "LlavaOnevisionForConditionalGeneration",
+                               processor="LlavaOnevisionProcessor", patch_grid="base_rows", tiles=True,
+                               vision_inputs=("pixel_values", "image_sizes", "batch_num_images"),
+                               image_size=LLAVA_ONEVISION_IMAGE_SIZE),
+    # InternVL3 "-hf": an image up to 633 px is one 448 px tile, 256 <IMG_CONTEXT> (pixel shuffle) inside <img>...</img>.
+    "internvl": Adapter("internvl", "InternVLForConditionalGeneration", image_placeholder="<IMG_CONTEXT>",
+                        extra_image_tokens=("<img>", "</img>"), processor="InternVLProcessor", image_size=448),
     # Pixtral-12B is a LLaVA checkpoint with a Pixtral vision tower.
     "pixtral": Adapter("pixtral", "LlavaForConditionalGeneration", **_MISTRAL),
     "mistral3": Adapter("mistral3", "Mistral3ForConditionalGeneration", **_MISTRAL),
     "gemma3": Adapter("gemma3", "Gemma3ForConditionalGeneration", image_placeholder="<start_of_image>",
                       image_size=GEMMA3_IMAGE_SIZE, attention="image_blocks"),
+    # PaliGemma (2): prefix-LM attention (the whole prompt, image and question, attends both ways; the processor's
+    # token_type_ids, all 0, switch it on) and no chat template: <image> x N (SigLIP patches, no merge: 1024 at
+    # 448 px), <bos>, the task-prefixed prompt, "\n". Back-patching refuses it (analyses/backpatch.py).
+    "paligemma": Adapter("paligemma", "PaliGemmaForConditionalGeneration", attention="prefix",
+                         prompt_format="{image}<bos>answer en {text}\n", processor_adds=("<bos>", "\n")),
+    # Idefics3 / SmolVLM2: the processor resizes an image to 4 tiles a side plus a global view (any size gives the
+    # same layout); tiles are named by row/column tokens and their rows end in a newline, all part of D.
+    "idefics3": Adapter("idefics3", "Idefics3ForConditionalGeneration", layers="model.text_model.layers",
+                        extra_image_tokens=("<fake_token_around_image>", "<global-img>", *IDEFICS3_TILES),
+                        image_text=("\n", "\n\n"), processor="Idefics3Processor",
+                        vision_inputs=("pixel_values", "pixel_attention_mask"), image_size=384, patch_grid="frames",
+                        tiles=True),
+    # Aya Vision: an image up to 514 px is one 364 px tile, 13x13 <|IMG_PATCH|> after the plain-text tile name.
+    "aya_vision": Adapter("aya_vision", "AyaVisionForConditionalGeneration", image_placeholder="<image>",
+                          extra_image_tokens=("<|START_OF_IMG|>", "<|END_OF_IMG|>"), image_text=("TILE_GLOBAL",),
+                          processor="AyaVisionProcessor", image_size=364),
+    # GLM-4.1V: Qwen2-VL-style grid (14 px patches, 2x2 merge: 252 px -> 81 tokens) and 3-D rotary positions;
+    # its fused gate_up_proj leaves the down_proj input as the neurons.
+    "glm4v": Adapter("glm4v", "Glm4vForConditionalGeneration", image_placeholder="<|image|>",
+                     extra_image_tokens=("<|begin_of_image|>", "<|end_of_image|>"), processor="Glm4vProcessor",
+                     image_size=STUDY_IMAGE_SIZE, patch_grid="thw", answer_prefix=GLM_ANSWER_PREFIX),
 }
 
 

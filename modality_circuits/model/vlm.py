@@ -48,6 +48,7 @@ class VLM:
     d_mlp: int = field(init=False)
     image_size: int | None = None  # side of the square images rendered for this model
     image_token_ids: tuple[int, ...] = field(init=False)
+    image_text_ids: tuple[int, ...] = field(init=False)  # tokens of `Adapter.image_text`, allowed inside D
     retries: int = 3
     retry_backoff: float = 2.0
     chunks_per_request: int = 8
@@ -67,6 +68,8 @@ class VLM:
         ids = [getattr(config, "image_token_id", None) or config.image_token_index]
         ids += [tok.convert_tokens_to_ids(t) for t in self.adapter.extra_image_tokens]
         self.image_token_ids = tuple(ids)
+        self.image_text_ids = tuple(i for text in self.adapter.image_text
+                                    for i in tok(text, add_special_tokens=False)["input_ids"])
         if self.image_size is None:
             self.image_size = default_image_size(self.adapter, config)
         if self.adapter.injections and self.adapter.layer_returns_tuple:

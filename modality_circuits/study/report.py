@@ -146,7 +146,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
                   for m, g in REFERENCE["backpatch_gain_points"].items()) + " (counting, arithmetic, colour, factual, "
               "sentiment) — about a third of the text–image gap; textual controls gain much less.", ""]
     closed = [f"{task_name(t)} {100 * s[t]['backpatch_gain']['image']['value'] / gaps[t]:.0%}"
-              for t in tasks if gaps[t] > 1]
+              for t in tasks if gaps[t] > 1 and np.isfinite(s[t]['backpatch_gain']['image']['value'])]
     lines += [("Share of the text–image gap closed here: " + ", ".join(closed) + ".") if closed else
               "No task has a positive text–image gap of more than one point, so no share of a gap is reported.",
               "![back-patching](backpatch.png)", ""]
@@ -161,6 +161,9 @@ def backpatch_table(folder: Path, tasks) -> str:
     rows = ["| task | prompts | (src, dst, window) | accuracy before | after | gain (points) |", "|---|---|---|---|---|---|"]
     for t in tasks:
         d = nan_for_null(read_json(folder / t / "backpatch.json"))
+        if d.get("skipped"):  # refused for this model (analyses/backpatch.py `refusal`)
+            rows.append(f"| {task_name(t)} | both | skipped: {d['skipped']} | | | |")
+            continue
         for m in ("image", "text"):
             r = d[m]
             c = r["config"]

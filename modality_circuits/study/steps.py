@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from safetensors.torch import load_file, save_file
 
 from ..analyses.alignment import alignment
-from ..analyses.backpatch import backpatch
+from ..analyses.backpatch import backpatch, refusal
 from ..analyses.interchange import interchange_both, margin, readable
 from ..analyses.overlap import overlap
 from ..circuits.circuit import Circuit, Scores
@@ -362,8 +362,17 @@ def run_alignment(study: Study, task: str) -> dict:
 
 
 def run_backpatch(study: Study, task: str) -> dict:
-    """Back-patching on visual prompts and, as control, on textual prompts; config chosen on a selection split."""
+    """Back-patching on visual prompts and, as control, on textual prompts; config chosen on a selection split.
+
+    A model back-patching refuses (prefix-LM attention) gets a record of why, with every number undefined."""
     def compute():
+        why = refusal(study.model)
+        if why:
+            none = CI(float("nan"), float("nan"), float("nan")).as_dict()
+            row = {"config": None, "base": none, "patched": none, "gain": none, "n_selection": 0, "n_test": 0,
+                   "selection": {}}
+            tqdm.write(f"{task}: back-patching skipped: {why}")
+            return {"skipped": why, "image": row, "text": dict(row)}
         result = {}
         for modality in ("image", "text"):
             r = backpatch(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed,

@@ -13,8 +13,11 @@ SHORT_NAMES = {
     "qwen": "Qwen/Qwen2-VL-7B-Instruct",
     "pixtral-12b": "mistral-community/pixtral-12b",
     "pixtral": "mistral-community/pixtral-12b",
+    "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "gemma-3-12b": "google/gemma-3-12b-it",
     "gemma": "google/gemma-3-12b-it",
+    # PaliGemma 2 "mix" (tuned on a task mixture, prompted by task prefix; gated): 448 px, 1024 image tokens.
+    "paligemma2-3b": "google/paligemma2-3b-mix-448",
 }
 
 

@@ -14,7 +14,8 @@ import torch
 import transformers as T
 
 from ..model import ADAPTERS, VLM, wrap
-from ..model.processing import MiniProcessor
+from ..model.adapters import IDEFICS3_TILES
+from ..model.processing import MiniProcessor, without_video
 from .words import word_tokenizer
 
 IMAGE_SIZE = 64  # tiny models see 64x64 images as 16-pixel patches
@@ -28,6 +29,7 @@ class Template:
     turn: str
     image: str
     named: tuple[tuple[str, str], ...] = ()  # named special tokens (e.g. Gemma-3's boi/eoi/image tokens)
+    words: tuple[str, ...] = ()  # plain words the processor writes (e.g. Aya's tile names)
 
     def jinja(self) -> str:
         """A jinja chat template for one user turn with optional image and text parts."""
@@ -41,7 +43,7 @@ class Template:
 
         extra = self.turn.replace("{body}", " ").split() + ["system", "You", "are", "a", "helpful", "assistant",
                                                              "USER", "ASSISTANT", "user", "model"]
-        words = [*vocabulary(), *extra, *"0123456789", "?", ".", ",", ":", "!", "-", "+", "*", "/"]
+        words = [*vocabulary(), *extra, *self.words, *"0123456789", "?", ".", ",", ":", "!", "-", "+", "*", "/"]
         return word_tokenizer(list(self.specials), words, chat_template=self.jinja(),
                               extra_special_tokens=dict(self.named) or {})
 
@@ -50,11 +52,32 @@ QWEN = Template(("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end
                 "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n"
                 "<|im_start|>assistant\n", "<|vision_start|><|image_pad|><|vision_end|>")
 LLAVA = Template(("<s>", "</s>", "<image>"), "<s>USER: {body} ASSISTANT:", "<image>\n")
+# llava-hf's LLaVA-OneVision template: "<|im_start|>user <image>\n{q}<|im_end|><|im_start|>assistant\n" (no system turn).
+LLAVA_ONEVISION = Template(("<|im_start|>", "<|im_end|>", "<image>", "<video>"),
+                           "<|im_start|>user {body}<|im_end|><|im_start|>assistant\n", "<image>\n")
 MISTRAL = Template(("<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"), "<s>[INST]{body}[/INST]", "[IMG]")
 GEMMA = Template(("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
                   "<image_soft_token>"), "<bos><start_of_turn>user\n{body}<end_of_turn>\n<start_of_turn>model\n",
                  "<start_of_image>", (("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
                                       ("image_token", "<image_soft_token>")))
+# PaliGemma has no chat template (its recipe drops this one): prompts follow the adapter's `prompt_format`, whose
+# task prefix the tokenizer learns as words. "\n" is a token of its own, as in the real Gemma tokenizer.
+PALIGEMMA = Template(("<bos>", "<eos>", "<image>", "\n"), "{body}", "<image>", words=("answer", "en"))
+
+INTERNVL = Template(("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+                    "<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n", "<IMG_CONTEXT>\n",
+                    (("start_image_token", "<img>"), ("end_image_token", "</img>"),
+                     ("context_image_token", "<IMG_CONTEXT>"), ("video_token", "<video>")))
+# Aya's tile name is plain text: the tiny tokenizer knows it as one word.
+AYA = Template(("<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+                "<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"),
+               "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>{body}<|END_OF_TURN_TOKEN|>"
+               "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<image>", words=("TILE_GLOBAL",))
+IDEFICS3 = Template(("<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>",
+                     *IDEFICS3_TILES), "<|im_start|>User:{body}<end_of_utterance>\nAssistant:", "<image>")
+GLM = Template(("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|image|>", "<|end_of_image|>",
+                "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "<think>", "</think>", "<answer>", "</answer>"),
+               "[gMASK]<sop><|user|>\n{body}<|assistant|>\n", "<|begin_of_image|><|image|><|end_of_image|>")
 
 
 def _text(cls, tok, **kw):
@@ -121,6 +144,79 @@ def _llava(tok):
     return T.LlavaForConditionalGeneration(cfg), proc
 
 
+def _llava_onevision(tok):
+    """Anyres at 64 px: 4x4 base patches + one 64 px crop of 4 rows of 4 + a newline = 36 image tokens."""
+    pins = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+            [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=IMAGE_SIZE, patch_size=16, vision_use_head=False)
+    cfg = T.LlavaOnevisionConfig(text_config=_text(T.Qwen2Config, tok), vision_config=vision,
+                                 image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                 video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pins,
+                                 vision_feature_select_strategy="full", vision_feature_layer=-1)
+    ip = T.LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=pins)
+    proc = without_video(T.LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, num_image_tokens=16,
+                                                    vision_feature_select_strategy="full",
+                                                    chat_template=tok.chat_template)
+    return T.LlavaOnevisionForConditionalGeneration(cfg), proc
+
+
+def _internvl(tok):
+    """One 64 px tile of 16 px patches, pixel-shuffled 2x2: 4 <IMG_CONTEXT>."""
+    vision = T.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=IMAGE_SIZE, patch_size=16)
+    cfg = T.InternVLConfig(text_config=_text(T.Qwen2Config, tok), vision_config=vision, image_seq_length=4,
+                           image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
+                           vision_feature_layer=-1)
+    ip = T.GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=True)
+    proc = without_video(T.InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=4,
+                                              chat_template=tok.chat_template)
+    return T.InternVLForConditionalGeneration(cfg), proc
+
+
+def _idefics3(tok):
+    """A 64 px image as 2x2 tiles of 64 px plus the global view, each 16 px patches shuffled 2x2: 5 x 4 <image>."""
+    vision = T.Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=IMAGE_SIZE, patch_size=16)
+    cfg = T.Idefics3Config(text_config=_text(T.LlamaConfig, tok), vision_config=vision, scale_factor=2,
+                           image_token_id=tok.convert_tokens_to_ids("<image>"))
+    ip = T.Idefics3ImageProcessorPil(size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE})
+    proc = T.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    return T.Idefics3ForConditionalGeneration(cfg), proc
+
+
+def _aya_vision(tok):
+    """One 64 px tile, pixel-shuffled 2x2: 4 <|IMG_PATCH|>; Cohere-2 text model (parallel attention and MLP)."""
+    text = _text(T.Cohere2Config, tok, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=IMAGE_SIZE, patch_size=16, vision_use_head=False)
+    cfg = T.AyaVisionConfig(text_config=text, vision_config=vision, downsample_factor=2,
+                            image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
+                            vision_feature_select_strategy="full", vision_feature_layer=-1)
+    ip = T.GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=True)
+    proc = T.AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=16, img_size=IMAGE_SIZE, downsample_factor=2,
+                                chat_template=tok.chat_template)
+    return T.AyaVisionForConditionalGeneration(cfg), proc
+
+
+def _glm4v(tok):
+    """2 heads of 16 (half of each rotary), 3-D rotary positions; 2x2 merged 16 px patches: 4 <|image|>."""
+    ids = tok.convert_tokens_to_ids
+    text = _text(T.Glm4vTextConfig, tok, num_attention_heads=2, num_key_value_heads=1, head_dim=None,
+                 rope_parameters={**_MROPE, "partial_rotary_factor": 0.5})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, image_size=IMAGE_SIZE, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32)
+    cfg = T.Glm4vConfig(text_config=text.to_dict(), vision_config=vision, image_token_id=ids("<|image|>"),
+                        video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
+                        image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
+                        video_end_token_id=ids("<|end_of_video|>"))
+    # GLM's image processor counts the temporal patch (2 frames) against longest_edge
+    ip = T.Glm4vImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                  size={"shortest_edge": IMAGE_SIZE**2, "longest_edge": 2 * IMAGE_SIZE**2})
+    proc = without_video(T.Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    return T.Glm4vForConditionalGeneration(cfg), proc
+
+
 def _pixtral_ip():
     return T.PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": 16, "width": 16})
 
@@ -150,6 +246,20 @@ def _gemma3(tok):
     return T.Gemma3ForConditionalGeneration(cfg), proc
 
 
+def _paligemma(tok):
+    """16 SigLIP patches of 16 px (no merge), Gemma-2 text model; the real processor, no chat template."""
+    tok.chat_template, tok.bos_token, tok.eos_token = None, "<bos>", "<eos>"
+    ip = T.SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    ip.image_seq_length = (IMAGE_SIZE // 16) ** 2  # the hub's preprocessor config carries it (1024 at 448 px)
+    proc = T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds 1152 <locXXXX>/<segXXX> tokens: build first
+    text = _text(T.Gemma2Config, tok, sliding_window=64, query_pre_attn_scalar=8)  # vocabulary: len(tok) after them
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=IMAGE_SIZE, patch_size=16, projection_dim=32)
+    cfg = T.PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=32,
+                            image_token_index=tok.convert_tokens_to_ids("<image>"))
+    return T.PaliGemmaForConditionalGeneration(cfg), proc
+
+
 @dataclass(frozen=True)
 class Tiny:
     """How to build a tiny model of one family: its chat template and (tokenizer) -> (model, processor)."""
@@ -164,9 +274,15 @@ TINY: dict[str, Tiny] = {
     "qwen2_5_vl": Tiny(QWEN, _qwen2_5_vl),
     "qwen3_vl": Tiny(QWEN, _qwen3_vl),
     "llava": Tiny(LLAVA, _llava),
+    "llava_onevision": Tiny(LLAVA_ONEVISION, _llava_onevision),
+    "internvl": Tiny(INTERNVL, _internvl),
     "pixtral": Tiny(MISTRAL, _pixtral),
     "mistral3": Tiny(MISTRAL, _mistral3),
     "gemma3": Tiny(GEMMA, _gemma3),
+    "idefics3": Tiny(IDEFICS3, _idefics3),
+    "paligemma": Tiny(PALIGEMMA, _paligemma),
+    "aya_vision": Tiny(AYA, _aya_vision),
+    "glm4v": Tiny(GLM, _glm4v),
 }
 FAMILIES = tuple(TINY)
 
