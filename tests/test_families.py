@@ -162,3 +162,35 @@ def test_paligemma_backpatching_refuses_prefix_attention_unless_allowed(tmp_path
     stored = read_json(study.path("arithmetic", "backpatch.json"))  # the numbers: undefined (null)
     assert "prefix-LM attention" in stored["skipped"] and stored["image"]["gain"]["value"] is None
     assert get_tiny("gemma3").adapter.attention == "image_blocks"  # blocks inside D only: back-patching still holds
+
+
+def test_smolvlm_is_served_by_the_idefics3_row(tmp_path):
+    """SmolVLM2's model type "smolvlm" is Idefics3's module tree under another class: it loads with its own class."""
+    import modality_circuits as mc
+    from modality_circuits.model.adapters import ADAPTERS
+
+    tiny = get_tiny("idefics3")
+    cfg = T.SmolVLMConfig(text_config=tiny.hf_model.config.text_config.to_dict(),
+                          vision_config=tiny.hf_model.config.vision_config.to_dict(), scale_factor=2,
+                          image_token_id=tiny.hf_model.config.image_token_id)
+    cfg.architectures = ["SmolVLMForConditionalGeneration"]
+    assert family_of(cfg) == "idefics3"
+    T.SmolVLMForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    tiny.processor.save_pretrained(tmp_path)
+    model = mc.load_model(str(tmp_path))
+    assert type(model.hf_model).__name__ == "SmolVLMForConditionalGeneration" and model.adapter is ADAPTERS["idefics3"]
+    pair = build_pairs("counting", "image", model, n=1, wording="toy")[0]  # the tiny tokenizer knows the toy words
+    with model.trace(pair.inputs):
+        heads = model.head_site(model.layers()[1]).input.save()
+    assert heads.shape == (1, pair.length, model.n_heads * model.head_dim)
+
+
+def test_reproduce_completes_on_qwen3_vl(tmp_path):
+    """The issue's check: `modality-circuits reproduce --model tiny-qwen3_vl --all-prompts --tasks counting`."""
+    import json
+
+    from modality_circuits.study.cli import main
+
+    main(["reproduce", "--model", "tiny-qwen3_vl", "--all-prompts", "--tasks", "counting", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "tiny-qwen3_vl" / "summary.json").read_text())
+    assert {"accuracy", "niou", "interchange", "backpatch_gain", "alignment_first_last"} <= set(summary["counting"])

@@ -142,6 +142,10 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+#: Config model types served by another family's row: the same module tree under another class name
+#: (SmolVLM2-2.2B-Instruct is a "smolvlm": Idefics3 with a SmolLM2 decoder). They load with their own class.
+ALIASES = {"smolvlm": "idefics3"}
+
 #: Architectures the method cannot serve, and why: it needs image tokens inside the decoder's own sequence.
 UNSERVABLE = {
     "mllama": "its decoder reads the image through cross-attention layers: the image has no tokens in the decoder "
@@ -153,7 +157,7 @@ UNSERVABLE = {
 
 def family_of(config) -> str:
     """The adapter key for a transformers config; raises for unsupported architectures, saying why where known."""
-    family = config.model_type
+    family = ALIASES.get(config.model_type, config.model_type)
     if family == "llava" and getattr(config.vision_config, "model_type", None) == "pixtral":
         family = "pixtral"
     if family in ADAPTERS:

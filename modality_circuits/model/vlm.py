@@ -16,7 +16,7 @@ import torch
 
 from ..execution import remote as _remote
 from ..execution.budget import parse as parse_budget
-from .adapters import ADAPTERS, Adapter, default_image_size, family_of
+from .adapters import ADAPTERS, ALIASES, Adapter, default_image_size, family_of
 
 #: The pipeline task a hosted VLM is deployed under on NDIF (part of nnsight's model key).
 REMOTE_TASK = "image-text-to-text"
@@ -243,7 +243,7 @@ def load_pretrained(hub_id: str, *, name: str, device=None, dtype=None, device_m
         processor = load_processor(hub_id, adapter)
         nn = hosted_wrapper(hub_id, processor)
         return VLM(name, nn._module, nn, processor, adapter, hub_id=hub_id, remote=remote, wording=wording)
-    model_cls = getattr(transformers, adapter.model_class)
+    model_cls = getattr(transformers, config.architectures[0] if config.model_type in ALIASES else adapter.model_class)
     kwargs = {"dtype": dtype or "auto"}
     if device_map is not None:
         kwargs["device_map"] = device_map

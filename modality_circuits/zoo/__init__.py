@@ -7,13 +7,19 @@ from pathlib import Path
 from ..execution import remote as _remote
 from ..model import VLM, load_pretrained
 
-#: Short names of the study's three models.
+#: Short names of the study's three models and of the common instruction-tuned checkpoint of every other family.
 SHORT_NAMES = {
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
     "qwen": "Qwen/Qwen2-VL-7B-Instruct",
     "pixtral-12b": "mistral-community/pixtral-12b",
     "pixtral": "mistral-community/pixtral-12b",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
+    "internvl3-8b": "OpenGVLab/InternVL3-8B-hf",  # the transformers-format ("-hf") conversion
     "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "smolvlm2-2.2b": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",  # model type "smolvlm", served by the idefics3 row
+    "aya-vision-8b": "CohereLabs/aya-vision-8b",
+    # GLM-4.1V has no instruction-tuned checkpoint without thinking: the Thinking model, answer prefilled.
+    "glm-4.1v-9b": "zai-org/GLM-4.1V-9B-Thinking",
     "gemma-3-12b": "google/gemma-3-12b-it",
     "gemma": "google/gemma-3-12b-it",
     # PaliGemma 2 "mix" (tuned on a task mixture, prompted by task prefix; gated): 448 px, 1024 image tokens.

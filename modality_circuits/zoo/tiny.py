@@ -51,6 +51,7 @@ class Template:
 QWEN = Template(("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|endoftext|>"),
                 "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n"
                 "<|im_start|>assistant\n", "<|vision_start|><|image_pad|><|vision_end|>")
+QWEN3 = Template(QWEN.specials, "<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n", QWEN.image)  # no system turn
 LLAVA = Template(("<s>", "</s>", "<image>"), "<s>USER: {body} ASSISTANT:", "<image>\n")
 # llava-hf's LLaVA-OneVision template: "<|im_start|>user <image>\n{q}<|im_end|><|im_start|>assistant\n" (no system turn).
 LLAVA_ONEVISION = Template(("<|im_start|>", "<|im_end|>", "<image>", "<video>"),
@@ -272,7 +273,7 @@ class Tiny:
 TINY: dict[str, Tiny] = {
     "qwen2_vl": Tiny(QWEN, _qwen2_vl),
     "qwen2_5_vl": Tiny(QWEN, _qwen2_5_vl),
-    "qwen3_vl": Tiny(QWEN, _qwen3_vl),
+    "qwen3_vl": Tiny(QWEN3, _qwen3_vl),
     "llava": Tiny(LLAVA, _llava),
     "llava_onevision": Tiny(LLAVA_ONEVISION, _llava_onevision),
     "internvl": Tiny(INTERNVL, _internvl),
