@@ -194,3 +194,34 @@ def test_reproduce_completes_on_qwen3_vl(tmp_path):
     main(["reproduce", "--model", "tiny-qwen3_vl", "--all-prompts", "--tasks", "counting", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "tiny-qwen3_vl" / "summary.json").read_text())
     assert {"accuracy", "niou", "interchange", "backpatch_gain", "alignment_first_last"} <= set(summary["counting"])
+
+
+def test_idefics3_tiles_plus_global_view_at_its_fixed_size():
+    """Idefics3 splits an image into tiles plus a global view; D holds all of them, the grid is the global view's."""
+    from modality_circuits.data.pairs import LayoutError
+
+    model = get_tiny("idefics3")
+    pair = build_pairs("counting", "image", model, n=1)[0]
+    d0, d1 = pair.spans["D"]
+    ids = model.tokenizer.convert_ids_to_tokens(pair.inputs["input_ids"][0, d0:d1].tolist())
+    assert ids.count("<image>") == 5 * 4 and ids.count("<global-img>") == 1 and ids[0] == ids[-1] == "<fake_token_around_image>"
+    assert [t for t in ids if t.startswith("<row")] == ["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>", "<row_2_col_2>"]
+    rows, cols, where = pair.grid
+    assert (rows, cols) == (2, 2) and min(where) > d0 + ids.index("<global-img>")
+    with pytest.raises(LayoutError, match="fixed 64x64"):
+        build_pairs("counting", "image", model, n=1, image_size=96)
+
+
+def test_glm4v_neurons_are_the_gated_product_of_the_fused_projection():
+    """GLM-4V's fused gate_up_proj: a neuron (the down_proj input) is up * silu(gate) of its halves, by hand."""
+    model = get_tiny("glm4v")
+    pair = build_pairs("counting", "image", model, n=1)[0]
+    mlp = model.layers(model.hf_model)[1].mlp
+    fused = []
+    handle = mlp.gate_up_proj.register_forward_hook(lambda m, args, out: fused.append(out.detach()))
+    with model.trace(pair.inputs):
+        neurons = model.neuron_site(model.layers()[1]).input.save()
+    handle.remove()
+    gate, up = fused[0].chunk(2, dim=-1)
+    assert neurons.shape[-1] == model.d_mlp == gate.shape[-1]
+    torch.testing.assert_close(neurons, up * torch.nn.functional.silu(gate))
