@@ -81,6 +81,11 @@ GLM = Template(("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_ima
                "[gMASK]<sop><|user|>\n{body}<|assistant|>\n", "<|begin_of_image|><|image|><|end_of_image|>")
 
 
+#: A 1-layer vision tower of width 32 seeing 64 px images in 16 px patches.
+_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE,
+              patch_size=16)
+
+
 def _text(cls, tok, **kw):
     """A 2-layer decoder config: width 32, 4 heads of 8 (2 KV heads), 48 neurons."""
     dims = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -90,8 +95,7 @@ def _text(cls, tok, **kw):
 
 
 def _pixtral_vision():
-    return T.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 head_dim=16, patch_size=16, image_size=IMAGE_SIZE)
+    return T.PixtralVisionConfig(**_TOWER, head_dim=16)
 
 
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
@@ -134,8 +138,7 @@ def _qwen3_vl(tok):
 
 
 def _llava(tok):
-    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=IMAGE_SIZE, patch_size=16, projection_dim=32)
+    vision = T.CLIPVisionConfig(**_TOWER, projection_dim=32)
     cfg = T.LlavaConfig(text_config=_text(T.LlamaConfig, tok), vision_config=vision,
                         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                         vision_feature_select_strategy="default")
@@ -149,8 +152,7 @@ def _llava_onevision(tok):
     """Anyres at 64 px: 4x4 base patches + one 64 px crop of 4 rows of 4 + a newline = 36 image tokens."""
     pins = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
             [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
-    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=IMAGE_SIZE, patch_size=16, vision_use_head=False)
+    vision = T.SiglipVisionConfig(**_TOWER, vision_use_head=False)
     cfg = T.LlavaOnevisionConfig(text_config=_text(T.Qwen2Config, tok), vision_config=vision,
                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
                                  video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pins,
@@ -164,8 +166,7 @@ def _llava_onevision(tok):
 
 def _internvl(tok):
     """One 64 px tile of 16 px patches, pixel-shuffled 2x2: 4 <IMG_CONTEXT>."""
-    vision = T.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    image_size=IMAGE_SIZE, patch_size=16)
+    vision = T.InternVLVisionConfig(**_TOWER)
     cfg = T.InternVLConfig(text_config=_text(T.Qwen2Config, tok), vision_config=vision, image_seq_length=4,
                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
                            vision_feature_layer=-1)
@@ -177,8 +178,7 @@ def _internvl(tok):
 
 def _idefics3(tok):
     """A 64 px image as 2x2 tiles of 64 px plus the global view, each 16 px patches shuffled 2x2: 5 x 4 <image>."""
-    vision = T.Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    image_size=IMAGE_SIZE, patch_size=16)
+    vision = T.Idefics3VisionConfig(**_TOWER)
     cfg = T.Idefics3Config(text_config=_text(T.LlamaConfig, tok), vision_config=vision, scale_factor=2,
                            image_token_id=tok.convert_tokens_to_ids("<image>"))
     ip = T.Idefics3ImageProcessorPil(size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE})
@@ -189,8 +189,7 @@ def _idefics3(tok):
 def _aya_vision(tok):
     """One 64 px tile, pixel-shuffled 2x2: 4 <|IMG_PATCH|>; Cohere-2 text model (parallel attention and MLP)."""
     text = _text(T.Cohere2Config, tok, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
-    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=IMAGE_SIZE, patch_size=16, vision_use_head=False)
+    vision = T.SiglipVisionConfig(**_TOWER, vision_use_head=False)
     cfg = T.AyaVisionConfig(text_config=text, vision_config=vision, downsample_factor=2,
                             image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
                             vision_feature_select_strategy="full", vision_feature_layer=-1)
@@ -238,8 +237,7 @@ def _mistral3(tok):
 
 def _gemma3(tok):
     text = _text(T.Gemma3TextConfig, tok, sliding_window=64, query_pre_attn_scalar=8)
-    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=IMAGE_SIZE, patch_size=16)
+    vision = T.SiglipVisionConfig(**_TOWER)
     cfg = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_id=tok.image_token_id,
                          boi_token_id=tok.boi_token_id, eoi_token_id=tok.eoi_token_id)
     ip = T.Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
@@ -254,8 +252,7 @@ def _paligemma(tok):
     ip.image_seq_length = (IMAGE_SIZE // 16) ** 2  # the hub's preprocessor config carries it (1024 at 448 px)
     proc = T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds 1152 <locXXXX>/<segXXX> tokens: build first
     text = _text(T.Gemma2Config, tok, sliding_window=64, query_pre_attn_scalar=8)  # vocabulary: len(tok) after them
-    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                  image_size=IMAGE_SIZE, patch_size=16, projection_dim=32)
+    vision = T.SiglipVisionConfig(**_TOWER, projection_dim=32)
     cfg = T.PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=32,
                             image_token_index=tok.convert_tokens_to_ids("<image>"))
     return T.PaliGemmaForConditionalGeneration(cfg), proc
