@@ -63,10 +63,7 @@ def chat_text(model, prompt: Prompt) -> str:
     if fmt is not None and not (getattr(model.processor, "chat_template", None) or model.tokenizer.chat_template):
         image = model.adapter.image_placeholder if prompt.modality == "image" else ""
         return fmt.format(image=image, text=body) + model.adapter.answer_prefix
-    if prompt.modality == "image":
-        content = [{"type": "image"}, {"type": "text", "text": prompt.query}]
-    else:
-        content = [{"type": "text", "text": f"{prompt.data}\n{prompt.query}"}]
+    content = ([{"type": "image"}] if prompt.modality == "image" else []) + [{"type": "text", "text": body}]
     messages = [{"role": "user", "content": content}]
     text = model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + model.adapter.answer_prefix
