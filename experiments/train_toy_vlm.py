@@ -46,6 +46,7 @@ from modality_circuits.zoo import load_model
 from modality_circuits.data.pairs import answer_token, chat_text, encode
 from modality_circuits.tasks import MODALITIES, TASKS, sample_pairs
 from modality_circuits.circuits.stats import bootstrap
+from modality_circuits.execution.store import write_json
 from modality_circuits.methods.predict import correct as answered
 from modality_circuits.zoo.toy import IMAGE_SIZE, TOY_DIR, build_toy
 
@@ -301,7 +302,7 @@ def write_report(report_dir: Path, info: dict, log: list, val_log: list) -> None
     fig.savefig(report_dir / "training_curves.png", dpi=120)
     plt.close(fig)
 
-    (report_dir / "report.json").write_text(json.dumps({**info, "loss_log": log, "val_log": val_log}, indent=1))
+    write_json(report_dir / "report.json", {**info, "loss_log": log, "val_log": val_log})  # strict: nan -> null
     h = info["heldout"]
     lines = [
         "# Toy VLM training report", "",

@@ -20,6 +20,8 @@ import modality_circuits
 from modality_circuits import Circuit, Scores, load_model
 from modality_circuits.data.tasks import load_image_data
 from modality_circuits.execution import remote
+from modality_circuits.analyses.alignment import alignment
+from modality_circuits.analyses.backpatch import backpatch_logits
 from modality_circuits.execution.store import atomic, nan_for_null, read_json, write_json
 from modality_circuits.methods.ablation import ablation_lds, logit_diffs
 from modality_circuits.tasks import build_pairs
@@ -81,6 +83,11 @@ def test_a_nan_weight_stops_each_step_that_meets_it(nan_model):
                       torch.ones(L, nan_model.d_mlp, T, dtype=torch.bool), pairs[0].spans, nan_model.name)
     with pytest.raises(FloatingPointError, match="^ablation_lds: "):
         ablation_lds(nan_model, [circuit], pairs)
+    with pytest.raises(FloatingPointError, match="^backpatch_logits: "):
+        backpatch_logits(nan_model, pairs, [(1, 0, 1)])
+    image = build_pairs("counting", "image", nan_model, n=2)
+    with pytest.raises(FloatingPointError, match="^alignment: "):
+        alignment(nan_model, image, pairs, resamples=10)
 
 
 def test_float16_overflow_gets_the_dtype_hint():

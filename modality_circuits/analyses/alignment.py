@@ -15,6 +15,7 @@ import torch
 from ..circuits.stats import CI, bootstrap
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
+from ..execution.checks import finite
 from ..execution.remote import server_body
 
 
@@ -82,8 +83,8 @@ def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resampl
     size = budget.rows(model, max(images[0].length, texts[0].length), max_rows=max_rows, extra=cache)
     work = [(model.prepare(batch([i.inputs for i, _ in part])), model.prepare(batch([t.inputs for _, t in part])))
             for part in requests.chunked(list(zip(images, texts)), size)]
-    per_prompt = torch.cat(requests.run(model, _alignment_session, work, (i0, i1), (t0, t1), desc="alignment",
-                                        progress=progress))  # (P, L)
+    per_prompt = finite(torch.cat(requests.run(model, _alignment_session, work, (i0, i1), (t0, t1), desc="alignment",
+                                               progress=progress)), "alignment", model)  # (P, L)
     cis = [bootstrap(lambda i, l=l: float(per_prompt[i, l].mean()), len(per_prompt), resamples=resamples)
            for l in range(per_prompt.shape[1])]
     return Alignment(per_prompt.mean(0), per_prompt, cis)

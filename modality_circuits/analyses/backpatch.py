@@ -19,6 +19,7 @@ from ..circuits.stats import CI, bootstrap
 from ..data import tasks
 from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
 from ..execution import budget, requests
+from ..execution.checks import finite
 from ..execution.remote import server_body
 
 Config = tuple[int, int, int]  # (src, dst, window)
@@ -156,7 +157,7 @@ def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_row
         out.append(torch.cat(requests.run(model, _backpatch_session, chunks, inputs, part[0].spans["D"], ids,
                                           model.adapter.vision_inputs, skip_below, desc="back-patching",
                                           progress=progress), 0))
-    logits = torch.cat(out, 1)  # (C, P, V), configs in dst order
+    logits = finite(torch.cat(out, 1), "backpatch_logits", model)  # (C, P, V), configs in dst order
     return logits[torch.argsort(torch.tensor(order))]
 
 
