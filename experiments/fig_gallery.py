@@ -12,6 +12,9 @@ if __name__ == "__main__":
     p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
     p.add_argument("--out", default="results")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="folder of the tasks' CSV items and images (as for reproduce)")
+    p.add_argument("--image-size", type=int, default=None, help="side of rendered images (default: the model's)")
     args = p.parse_args()
     model = load_model(args.model)
-    print(figures.gallery(model, model_dir(args.out, model.name), args.tasks, seed=args.seed))
+    print(figures.gallery(model, model_dir(args.out, model.name), args.tasks, seed=args.seed, data_dir=args.data_dir,
+                          image_size=args.image_size))

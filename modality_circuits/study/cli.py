@@ -105,7 +105,7 @@ def cmd_reproduce(args) -> None:
     start = time.perf_counter()
     print(f"reproducing the study on {s.model.name} for {', '.join(s.tasks)} -> {s.dir}")
     done = steps.run(s)
-    figures.gallery(s.model, s.dir, s.tasks, seed=s.seed)
+    figures.gallery(s.model, s.dir, s.tasks, seed=s.seed, data_dir=s.data_dir, image_size=s.image_size)
     figures.circuit_maps(s.model, s.dir, done, data_dir=s.data_dir)
     for draw in (figures.position_effect_bars, figures.faithfulness_curves, figures.overlap_heatmap,
                  figures.interchange_bars, figures.alignment_lines, figures.backpatch_bars):

@@ -59,11 +59,13 @@ def _bars(ax, groups: list[str], series: dict[str, list[dict]], colors: dict, yl
     ax.axhline(0, color="black", lw=0.6)
 
 
-def gallery(model, folder: Path, tasks, seed: int = 0) -> Path:
-    """Each task's textual prompt (as the model sees it, chat template included) beside its framed image prompt.
+def gallery(model, folder: Path, tasks, seed: int = 0, *, data_dir=None, image_size: int | None = None) -> Path:
+    """Each task's textual prompt (as the model sees it, chat template included) beside its framed image prompt,
+    from the run's data folder and image size.
 
     The text is set flush against the image and the unused width is cropped, so long prompts leave no gap."""
-    prompts = [[build_pairs(task, m, model, n=1, seed=seed)[0].prompt for m in ("text", "image")] for task in tasks]
+    prompts = [[build_pairs(task, m, model, n=1, seed=seed, data_dir=data_dir, image_size=image_size)[0].prompt
+                for m in ("text", "image")] for task in tasks]
     texts = [f"{task_name(t)}\n\n{chat_text(model, p)}\n→ answer: {p.answer}" for t, (p, _) in zip(tasks, prompts)]
     chars = max(len(line) for t in texts for line in t.splitlines())
     texts = ["\n".join(line.ljust(chars) for line in t.splitlines()) for t in texts]  # monospace: one left edge
