@@ -72,6 +72,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                     x = torch.where(hold.to(e.device).view(1, 1, -1, 1), e, x)
                     if inject:
                         g_rows = torch.where(hold.to(e.device).view(1, 1, 1, -1, 1), g, g_rows)
+                if inject:
+                    g_rows = g_rows.to(dtype).flatten(1, 2)  # (n, P·(k+1), T, d) in the model's dtype
                 x = x.to(dtype).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
                 layers[0].input = x
                 heads, neurons = [], []
@@ -79,7 +81,7 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                     heads.append(attn[i].input)
                     neurons.append(mlp[i].input)
                     if inject and i < len(g_rows):
-                        layers[i].output = layers[i].output + g_rows[i].to(dtype).flatten(0, 1)
+                        layers[i].output = layers[i].output + g_rows[i]
                 logits = root.output.logits[:, -1].float().view(P, k + 1, -1)[:, 1:]
                 ld = logits.gather(-1, ids.to(logits.device).view(P, 1, 2).expand(P, k, 2))  # LD inline (server body)
                 metric = (ld[..., 0] - ld[..., 1]).sum()
