@@ -1,12 +1,14 @@
 """What the study costs at real model width, against a plain-PyTorch floor, projected to full depth.
 
 Builds random-weight models of the study's three VLMs (Qwen/Qwen2-VL-7B-Instruct, mistral-community/pixtral-12b,
-google/gemma-3-12b-it) with their REAL widths (hidden size, heads, KV heads, head_dim, MLP size, vocabulary, vision
+google/gemma-3-12b-it) and of Qwen/Qwen3-VL-8B-Instruct (with DeepStack) with their REAL widths (hidden size, heads, KV heads, head_dim, MLP size, vocabulary, vision
 tower) but only `--layers` decoder layers (default 1) and `--vision-layers` vision layers (default 1), wrapped by
 `modality_circuits.model.wrap` with the word-level tokenizers of the test zoo (their ids are a subset of the real
 vocabulary; embeddings and lm_head keep the real width). Images have the study's sizes: Qwen2-VL 252 px (324
 patches, 81 image tokens after the 2x2 merge), Pixtral 252 px (processed as 16x16 patches of 16 px: 256 [IMG] +
-15 [IMG_BREAK] + 1 [IMG_END] = 272 tokens), Gemma-3 896 px (4096 patches pooled to 256 tokens).
+15 [IMG_BREAK] + 1 [IMG_END] = 272 tokens), Gemma-3 896 px (4096 patches pooled to 256 tokens), Qwen3-VL 256 px
+(16 px patches, 2x2 merge: 64 image tokens; DeepStack from the first vision layers into decoder layers 0...: the
+floor hands the features to the decoder stack as the model does, the package adds them to the layer outputs).
 
 Each step runs in its own subprocess on P counting/image pairs (peak RSS, or CUDA peak, is that step's own):
   attribute        modality_circuits.attribute (k steps), as the package runs it
@@ -62,10 +64,19 @@ GIB = 2**30
 #  gemma3: google/gemma-3-12b-it/config.json as mirrored at huggingface.co/unsloth/gemma-3-12b-it-GGUF/config.json:
 #    hidden 3840, intermediate 15360, 48 layers, 16 heads, 8 KV heads, head_dim 256, vocab 262208, sliding window 1024;
 #    SigLIP vision 1152 wide, 4304 MLP, 27 layers, 16 heads, 14 px patches, 896 px; mm_tokens_per_image 256.
+#  qwen3_vl: Qwen/Qwen3-VL-8B-Instruct/config.json as quoted in public code (a local copy printed next to
+#    AutoProcessor.from_pretrained(".../Qwen3-VL-8B-Instruct"), transformers 4.57.3, and a test's "official checkpoint"
+#    config): hidden 4096, intermediate 12288, 36 layers, 32 heads, 8 KV heads, head_dim 128, vocab 151936,
+#    mrope_section [24, 20, 20] interleaved; vision depth 27, 1152 wide, 4304 MLP, 16 heads, 16 px patches, 2x2
+#    merge, DeepStack from vision layers [8, 16, 24] into decoder layers 0-2. 256 px images: 8x8 = 64 image tokens.
 REAL = {
     "qwen2_vl": dict(hub_id="Qwen/Qwen2-VL-7B-Instruct", vocab=152064, hidden=3584, intermediate=18944, layers=28,
                      heads=28, kv_heads=4, head_dim=128, mrope_section=(16, 24, 24), vision_hidden=1280,
                      vision_intermediate=5120, vision_layers=32, vision_heads=16, patch=14, merge=2, image_size=252),
+    "qwen3_vl": dict(hub_id="Qwen/Qwen3-VL-8B-Instruct", vocab=151936, hidden=4096, intermediate=12288, layers=36,
+                     heads=32, kv_heads=8, head_dim=128, mrope_section=(24, 20, 20), vision_hidden=1152,
+                     vision_intermediate=4304, vision_layers=27, vision_heads=16, patch=16, merge=2, image_size=256,
+                     deepstack=(8, 16, 24)),
     "pixtral": dict(hub_id="mistral-community/pixtral-12b", vocab=131072, hidden=5120, intermediate=14336, layers=40,
                     heads=32, kv_heads=8, head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
                     vision_heads=16, patch=16, image_size=252),
@@ -94,6 +105,8 @@ def dims(name: str, quick: bool) -> dict:
         d["kv_heads"] = max(1, d["kv_heads"] // 4)
         if "mrope_section" in d:
             d["mrope_section"] = tuple(s // 4 for s in d["mrope_section"])
+            while (d["vision_hidden"] // d["vision_heads"]) % 4:  # the vision tower's 2-D rotary needs head_dim % 4 == 0
+                d["vision_heads"] //= 2
         if "image_tokens" in d:  # Gemma-3: 224 px = 16x16 patches, pooled 1:1 to the same 256 image tokens
             d["image_size"] = 16 * d["patch"]
     return d
@@ -124,6 +137,28 @@ def _qwen2_vl(tok, d: dict, layers: int, vision_layers: int):
     ip = T.Qwen2VLImageProcessorPil(patch_size=d["patch"], merge_size=d["merge"], temporal_patch_size=2)
     processor = MiniProcessor(tok, ip, ADAPTERS["qwen2_vl"], merge=d["merge"], patch=d["patch"])
     return T.Qwen2VLForConditionalGeneration, cfg, processor
+
+
+def _qwen3_vl(tok, d: dict, layers: int, vision_layers: int):
+    """DeepStack from the vision layers of `deepstack` that exist at this depth (at least one), into decoder layers 0..."""
+    import transformers as T
+
+    from modality_circuits.model import ADAPTERS
+    from modality_circuits.model.processing import MiniProcessor
+
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": list(d["mrope_section"]), "mrope_interleaved": True}
+    text = T.Qwen3VLTextConfig(**_text_kw(tok, d, layers), head_dim=d["head_dim"], rope_parameters=rope)
+    deepstack = [i for i in d["deepstack"] if i < vision_layers] or [vision_layers - 1]
+    vision = dict(depth=vision_layers, hidden_size=d["vision_hidden"], intermediate_size=d["vision_intermediate"],
+                  num_heads=d["vision_heads"], patch_size=d["patch"], spatial_merge_size=d["merge"],
+                  out_hidden_size=d["hidden"], deepstack_visual_indexes=deepstack[:layers])
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
+                                                        ("vision_start_token_id", "<|vision_start|>"),
+                                                        ("vision_end_token_id", "<|vision_end|>"))}
+    cfg = T.Qwen3VLConfig(text_config=text.to_dict(), vision_config=vision, **ids)
+    ip = T.Qwen2VLImageProcessorPil(patch_size=d["patch"], merge_size=d["merge"], temporal_patch_size=2)
+    processor = MiniProcessor(tok, ip, ADAPTERS["qwen3_vl"], merge=d["merge"], patch=d["patch"])
+    return T.Qwen3VLForConditionalGeneration, cfg, processor
 
 
 def _pixtral(tok, d: dict, layers: int, vision_layers: int):
@@ -161,8 +196,8 @@ def _gemma3(tok, d: dict, layers: int, vision_layers: int):
     return T.Gemma3ForConditionalGeneration, cfg, processor
 
 
-BUILDERS = {"qwen2_vl": _qwen2_vl, "pixtral": _pixtral, "gemma3": _gemma3}
-VISION_BLOCKS = {"qwen2_vl": "model.visual.blocks", "pixtral": "model.vision_tower.transformer.layers",
+BUILDERS = {"qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl, "pixtral": _pixtral, "gemma3": _gemma3}
+VISION_BLOCKS = {"qwen2_vl": "model.visual.blocks", "qwen3_vl": "model.visual.blocks", "pixtral": "model.vision_tower.transformer.layers",
                  "gemma3": "model.vision_tower.encoder.layers"}
 
 
@@ -203,35 +238,57 @@ class _Stop(Exception):
     """Raised by a hook to end a forward once layer 0's input is known."""
 
 
-def embed(model, pairs) -> torch.Tensor:
-    """Decoder inputs (merged embeddings) of every pair's p' then p, (2P, T, d): the vision tower runs once per prompt."""
+def embed(model, pairs):
+    """Decoder inputs (merged embeddings) of every pair's p' then p, (2P, T, d), and the visual features the decoder
+    stack adds after its first layers (Qwen3-VL's DeepStack: (n, 2P, T, d), zero off the image positions; else None).
+    The vision tower runs once per prompt."""
     from modality_circuits.data.pairs import batch
 
     both, got = model.prepare(batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs])), {}
+    keys = model.adapter.injections
+
+    def grab_injected(module, args, kwargs):  # the stack receives them as a keyword, before layer 0 runs
+        if keys and kwargs.get(keys[0]) is not None:
+            got["feats"], got["where"] = kwargs[keys[0]], kwargs[keys[1]]
 
     def grab(module, args):
         got["e"] = args[0].detach()
         raise _Stop
 
-    handle = model.layers(model.hf_model)[0].register_forward_pre_hook(grab)
+    handles = [model.decoder_stack(model.hf_model).register_forward_pre_hook(grab_injected, with_kwargs=True),
+               model.layers(model.hf_model)[0].register_forward_pre_hook(grab)]
     try:
         with torch.no_grad():
             model.hf_model(**both, use_cache=False)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return got["e"]
+        for handle in handles:
+            handle.remove()
+    e, g = got["e"], None
+    if "feats" in got:
+        g = e.new_zeros(len(got["feats"]), *e.shape)
+        g[:, got["where"]] = torch.stack(got["feats"]).to(e.dtype)
+    return e, g
 
 
-def decoder_logits(model, rows: dict, x: torch.Tensor, keep) -> torch.Tensor:
-    """Logits of a forward of `rows` (vision inputs dropped) whose layer-0 input is x; `keep` is logits_to_keep."""
+def decoder_logits(model, rows: dict, x: torch.Tensor, keep, g=None) -> torch.Tensor:
+    """Logits of a forward of `rows` (vision inputs dropped) whose layer-0 input is x; `keep` is logits_to_keep;
+    g: (n, rows, T, d) features handed to the decoder stack as the model itself does (Qwen3-VL's DeepStack)."""
     hf = model.hf_model
-    handle = model.layers(hf)[0].register_forward_pre_hook(lambda module, args: (x, *args[1:]))
+    handles = [model.layers(hf)[0].register_forward_pre_hook(lambda module, args: (x, *args[1:]))]
+    if g is not None:
+        mask = model.image_mask(rows["input_ids"])
+        keys = model.adapter.injections
+
+        def hand(module, args, kwargs):
+            return args, {**kwargs, keys[0]: [f[mask] for f in g], keys[1]: mask}
+        handles.append(model.decoder_stack(hf).register_forward_pre_hook(hand, with_kwargs=True))
     try:
         return hf(**model.decoder_inputs(rows), use_cache=False, logits_to_keep=keep).logits
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def last(model, pairs) -> torch.Tensor:
@@ -251,13 +308,17 @@ def _ig_rows(model, pairs, k: int) -> dict:
     return model.prepare(batch([x for p in pairs for x in [p.cf_inputs] + [p.inputs] * k]))
 
 
-def _interpolated(model, pairs, k: int) -> torch.Tensor:
-    """Layer-0 inputs x_j = e' + j/k (e - e') of the IG rows, computed in float32 and cast back, (P (k+1), T, d)."""
-    e0 = embed(model, pairs)
+def _interpolated(model, pairs, k: int):
+    """Layer-0 inputs x_j = e' + j/k (e - e') of the IG rows, computed in float32 and cast back, (P (k+1), T, d),
+    and the injected features moved along the same path ((n, P (k+1), T, d), or None)."""
+    e0, g0 = embed(model, pairs)
     P = len(pairs)
-    e_cf, e = e0[:P].float().unsqueeze(1), e0[P:].float().unsqueeze(1)
-    alpha = (torch.arange(k + 1, dtype=torch.float32, device=e.device) / k).view(1, -1, 1, 1)
-    return (e_cf + alpha * (e - e_cf)).to(e0.dtype).flatten(0, 1)
+    alpha = (torch.arange(k + 1, dtype=torch.float32, device=e0.device) / k).view(-1, 1, 1)
+
+    def path(t):  # (2P, ...) -> (P (k+1), ...)
+        cf, p = t[:P].float().unsqueeze(1), t[P:].float().unsqueeze(1)
+        return (cf + alpha * (p - cf)).to(t.dtype).flatten(0, 1)
+    return path(e0), None if g0 is None else torch.stack([path(g) for g in g0])
 
 
 def _answers(pairs) -> torch.Tensor:
@@ -268,7 +329,8 @@ def _answers(pairs) -> torch.Tensor:
 def _floor_ig_chunk(model, pairs, k: int, sums: list) -> None:
     """One chunk of IG in plain PyTorch; adds float32 score sums and squares per kind and layer to `sums`."""
     P, R, H = len(pairs), k + 1, model.n_heads
-    x = _interpolated(model, pairs, k).requires_grad_(True)  # frozen weights: gradients flow via x
+    x, g = _interpolated(model, pairs, k)
+    x.requires_grad_(True)  # frozen weights: gradients flow via x
     held = {}
 
     def keep(key):
@@ -282,7 +344,7 @@ def _floor_ig_chunk(model, pairs, k: int, sums: list) -> None:
         handles.append(model.head_site(layer).register_forward_pre_hook(keep((i, 0))))
         handles.append(model.neuron_site(layer).register_forward_pre_hook(keep((i, 1))))
     try:
-        logits = decoder_logits(model, _ig_rows(model, pairs, k), x, last(model, pairs))[:, -1].float()
+        logits = decoder_logits(model, _ig_rows(model, pairs, k), x, last(model, pairs), g)[:, -1].float()
         ld = logits.view(P, R, -1)[:, 1:].gather(-1, _answers(pairs).to(logits.device).view(P, 1, 2).expand(P, k, 2))
         (ld[..., 0] - ld[..., 1]).sum().backward()
     finally:
@@ -326,7 +388,8 @@ def floor_ablation(model, pairs, circs) -> torch.Tensor:
     from modality_circuits.data.pairs import batch
 
     P, n, H = len(pairs), len(circs), model.n_heads
-    e = embed(model, pairs)
+    e, g = embed(model, pairs)
+    g_rows = None if g is None else torch.cat([g[:, :P]] + [g[:, P:]] * n, 1)
     rows = model.prepare(batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs] * n))
     circ_of_row, src = torch.arange(n).repeat_interleave(P), torch.arange(n * P) % P
     keeps = (torch.stack([c.heads for c in circs]), torch.stack([c.neurons for c in circs]))
@@ -347,7 +410,8 @@ def floor_ablation(model, pairs, circs) -> torch.Tensor:
         handles.append(model.neuron_site(layer).register_forward_pre_hook(patch(i, 1)))
     try:
         with torch.no_grad():
-            logits = decoder_logits(model, rows, torch.cat([e[:P]] + [e[P:]] * n), last(model, pairs))[P:, -1].float()
+            logits = decoder_logits(model, rows, torch.cat([e[:P]] + [e[P:]] * n), last(model, pairs),
+                                    g_rows)[P:, -1].float()
     finally:
         for handle in handles:
             handle.remove()
@@ -365,12 +429,12 @@ def step_fn(step: str, model, pairs, k: int):
     from modality_circuits.methods.ablation import ablation_lds
 
     if step.startswith("logits"):
-        rows, x = _ig_rows(model, pairs, k), _interpolated(model, pairs, k)
+        rows, (x, g) = _ig_rows(model, pairs, k), _interpolated(model, pairs, k)
         keep = {"logits_full": 0, "logits_keep1": 1, "logits_last": last(model, pairs)}[step]
 
         def forward():
             with torch.no_grad():
-                return decoder_logits(model, rows, x, keep)[:, -1].float().abs().sum()
+                return decoder_logits(model, rows, x, keep, g)[:, -1].float().abs().sum()
         return forward
     circs = circuits(model, pairs)
     return {
@@ -489,7 +553,8 @@ def print_table(name: str, results: dict, cuda: bool) -> None:
     if ok:
         r = ok[0]
         print(f"\n{name}: T = {r['T']} tokens ({r['image_tokens']} image tokens), {r['params'] / 1e6:.0f} M parameters"
-              f" built; rows: IG {results['attribute'].get('rows', '?')}, ablation {results['ablation'].get('rows', '?')}")
+              f" built; rows: IG {results.get('attribute', {}).get('rows', '?')},"
+              f" ablation {results.get('ablation', {}).get('rows', '?')}")
     print(f"  {'step':16s} {unit:>8s} {'spread':>7s} {mem + ' GiB':>13s} {'+step GiB':>10s} {'x floor s':>10s}"
           f" {'x floor +mem':>13s} {'check':>10s}")
     for step in [s for s in STEPS if s in results]:
