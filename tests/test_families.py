@@ -225,3 +225,58 @@ def test_glm4v_neurons_are_the_gated_product_of_the_fused_projection():
     gate, up = fused[0].chunk(2, dim=-1)
     assert neurons.shape[-1] == model.d_mlp == gate.shape[-1]
     torch.testing.assert_close(neurons, up * torch.nn.functional.silu(gate))
+
+
+def _real_processor(family, tok):
+    """The family's processor with its instruction-tuned checkpoint's published image settings (README table):
+    the token layout a real model sees, built on the tiny tokenizer (same special tokens)."""
+    from modality_circuits.model.adapters import ADAPTERS
+    from modality_circuits.model.processing import MiniProcessor, without_video
+
+    if family == "qwen3_vl":  # Qwen3-VL-8B: 16 px patches, 2x2 merge, at least 256x256 pixels
+        ip = T.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                        size={"shortest_edge": 256 * 256, "longest_edge": 4096 * 4096})
+        return MiniProcessor(tok, ip, ADAPTERS[family], merge=2, patch=16)
+    if family == "glm4v":  # GLM-4.1V: 14 px patches, 2x2 merge (the PIL processor's defaults)
+        return without_video(T.Glm4vProcessor)(image_processor=T.Glm4vImageProcessorPil(), tokenizer=tok)
+    if family == "internvl":  # InternVL3-8B-hf: 448 px tiles of 256 tokens, up to 12 tiles
+        ip = T.GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True)
+        return without_video(T.InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=256)
+    if family == "llava_onevision":  # llava-onevision-qwen2-7b-ov-hf: 384 px SigLIP, 27x27 = 729 tokens a view
+        return without_video(T.LlavaOnevisionProcessor)(image_processor=T.LlavaOnevisionImageProcessorPil(),
+                                                        tokenizer=tok, num_image_tokens=729,
+                                                        vision_feature_select_strategy="full")
+    if family == "idefics3":  # SmolVLM2-2.2B: resized to 4 x 384 px, 384 px tiles of 81 tokens plus the global view
+        ip = T.SmolVLMImageProcessorPil(size={"longest_edge": 4 * 384}, max_image_size={"longest_edge": 384})
+        return T.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=81)
+    if family == "aya_vision":  # aya-vision-8b: 364 px tiles, 14 px patches shuffled 2x2: 13x13 tokens
+        ip = T.GotOcr2ImageProcessorPil(size={"height": 364, "width": 364}, crop_to_patches=True)
+        return T.AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=28, img_size=364, downsample_factor=1)
+    ip = T.SiglipImageProcessorPil(size={"height": 448, "width": 448})  # paligemma2-3b-mix-448: 32x32 patches
+    ip.image_seq_length = 1024
+    tok.bos_token = "<bos>"
+    return T.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+
+
+@pytest.mark.parametrize("family, image_token, image_tokens, d_tokens", [
+    ("qwen3_vl", "<|image_pad|>", 64, 64), ("glm4v", "<|image|>", 81, 83), ("internvl", "<IMG_CONTEXT>", 256, 258),
+    ("llava_onevision", "<image>", 1485, 1485), ("idefics3", "<image>", 17 * 81, 17 * 81 + 18 + 17),
+    ("aya_vision", "<|IMG_PATCH|>", 169, 172), ("paligemma", "<image>", 1024, 1024)])
+def test_real_checkpoint_image_layouts(family, image_token, image_tokens, d_tokens):
+    """At the family's image size and its checkpoint's processor settings, an image becomes the README's tokens:
+    image tokens, and the D span with its markers and tile names (Idefics3: 18 frame markers, 16 tile names and
+    <global-img>; the real tokenizer adds the newlines between rows of tiles)."""
+    from PIL import Image
+
+    from modality_circuits.model.adapters import ADAPTERS, default_image_size
+    from modality_circuits.zoo.tiny import TINY
+
+    adapter, tok = ADAPTERS[family], TINY[family].template.tokenizer()
+    size = default_image_size(adapter, None)
+    image = Image.new("RGB", (size, size), "white")
+    ids = _real_processor(family, tok)(text=[TINY[family].template.image], images=[[image]],
+                                       return_tensors="pt")["input_ids"][0]
+    marks = torch.tensor([tok.convert_tokens_to_ids(t) for t in (image_token, *adapter.extra_image_tokens)])
+    inside = torch.isin(ids, marks).nonzero().flatten()
+    assert int((ids == tok.convert_tokens_to_ids(image_token)).sum()) == image_tokens
+    assert int(inside[-1] - inside[0] + 1) == d_tokens
