@@ -117,3 +117,23 @@ def test_zero_bars_are_drawn():
     ticks = [c for c in ax.collections if len(c.get_segments()) == 1 and c.get_segments()[0][0][1] == 0]
     assert ticks and ticks[0].get_segments()[0][0][0] == pytest.approx(-0.32)  # a tick across the zero bar
     plt.close(fig)
+
+
+def test_patch_regions_cover_the_image_once_per_view(tiny):
+    """Every image-patch token sees a region of the image; the views (one grid, or tiles plus a global view, or a
+    base image plus a high-res crop) each cover the whole image exactly once."""
+    from modality_circuits.data.pairs import patch_regions
+
+    pair = build_pairs("counting", "image", tiny, n=1)[0]
+    regions = patch_regions(tiny, pair)
+    d0, d1 = pair.spans["D"]
+    n_image = int((pair.inputs["input_ids"][0, d0:d1] == tiny.image_token_ids[0]).sum())
+    newlines = pair.tokens[d0:d1].count("<img break>") if tiny.adapter.patch_grid == "base_rows" else 0
+    assert len(regions) == n_image - newlines and all(d0 <= p < d1 for p in regions)
+    assert all(0 <= t < b <= 1 and 0 <= l < r <= 1 for t, l, b, r in regions.values())
+    views = 2 if tiny.adapter.patch_grid in ("frames", "base_rows") else 1
+    assert sum((b - t) * (r - l) for t, l, b, r in regions.values()) == pytest.approx(views)
+    cover = torch.zeros(64, 64)
+    for t, l, b, r in regions.values():
+        cover[round(t * 64):round(b * 64), round(l * 64):round(r * 64)] += 1
+    assert (cover == views).all()

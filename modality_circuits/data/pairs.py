@@ -205,6 +205,33 @@ def anyres_rows(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int] 
     return rows, cols, where
 
 
+def patch_regions(model, pair: Pair) -> dict[int, tuple[float, float, float, float]]:
+    """{position: (top, left, bottom, right)} of the image region each patch token of p's D span sees, as fractions
+    of the image side: `grid`'s patches, and in tiled layouts also the tiles' ("frames") or the high-res crop's
+    ("base_rows") tokens, so a region can be seen by several tokens (a tile and the global view). Text: {}."""
+    rows, cols, where = pair.grid
+
+    def cell(r, c, n_rows, n_cols):
+        return r / n_rows, c / n_cols, (r + 1) / n_rows, (c + 1) / n_cols
+    out = {pos: cell(r, c, rows, cols) for pos, (r, c) in where.items()}
+    if model.adapter.patch_grid == "base_rows":
+        high_rows, high_cols, high = anyres_rows(model, pair)
+        out.update({pos: cell(*rc, high_rows, high_cols) for pos, rc in high.items() if rc})
+    elif model.adapter.patch_grid == "frames":  # square tiles, row-major, each with the global view's grid
+        start, end = pair.spans["D"]
+        image = [p for p in range(start, end) if pair.inputs["input_ids"][0, p] == model.image_token_ids[0]]
+        tiles = _runs(image)[:-1]
+        side = math.isqrt(len(tiles))
+        if side * side != len(tiles):
+            raise LayoutError(f"{len(tiles)} tiles do not form a square grid of tiles")
+        for k, run in enumerate(tiles):
+            tile_row, tile_col = divmod(k, side)
+            for i, pos in enumerate(run):
+                r, c = divmod(i, cols)
+                out[pos] = cell(tile_row * rows + r, tile_col * cols + c, side * rows, side * cols)
+    return out
+
+
 def token_labels(model, pair: Pair) -> list[str]:
     """(T,) p's tokens as the tokenizer decodes them (newlines as \\n); image patches as "<img r2c3>" (row 2,
     column 3), markers before them as "<img start>", those closing image rows as "<img break>" and the last one

@@ -16,7 +16,7 @@ import seaborn as sns  # noqa: E402
 
 from ..analyses.interchange import MIN_MARGIN  # noqa: E402
 from ..circuits.circuit import Circuit  # noqa: E402
-from ..data.pairs import SPANS, build_pairs, chat_text  # noqa: E402
+from ..data.pairs import SPANS, build_pairs, chat_text, patch_regions  # noqa: E402
 from ..execution.store import atomic, nan_for_null, read_json  # noqa: E402
 from .labels import SPAN_NAMES, task_name  # noqa: E402
 from .steps import interchange_readable  # noqa: E402
@@ -191,12 +191,12 @@ def _node_mass(circuit: Circuit) -> np.ndarray:
     return (circuit.heads.sum(1) + circuit.neurons.sum(1)).numpy()
 
 
-def _patch_mass(mass: np.ndarray, grid) -> np.ndarray:
-    """(rows, cols) node mass of each image patch; mass: (T,) per position, grid: `Pair.grid`."""
-    rows, cols, where = grid
-    out = np.zeros((rows, cols))
-    for pos, (r, c) in where.items():
-        out[r, c] = mass[pos]
+def _patch_mass(mass: np.ndarray, regions: dict, width: int, height: int) -> np.ndarray:
+    """(height, width) node mass at each pixel: the sum over the image tokens whose region covers it (one token
+    in a plain grid; a tile's and the global view's in tiled layouts). mass: (T,); regions: `patch_regions`."""
+    out = np.zeros((height, width))
+    for pos, (top, left, bottom, right) in regions.items():
+        out[round(top * height):round(bottom * height), round(left * width):round(right * width)] += mass[pos]
     return out
 
 
@@ -256,10 +256,12 @@ def circuit_maps(model, folder: Path, tasks, *, data_dir=None) -> Path:
         _, mass, pair = cells[task, "image"]
         image, ax = pair.prompt.image, ax_row[2]
         ax.imshow(image)
-        shade = ax.imshow(_patch_mass(mass.sum(0), pair.grid), cmap="Reds", vmin=0, alpha=0.6,
-                          interpolation="nearest", extent=(0, image.width, image.height, 0))
-        fig.colorbar(shade, ax=ax, label="nodes at the patch", fraction=0.05, pad=0.02)
-        ax.set_title("visual circuit per image patch\n(on an example image)", fontsize=9)
+        pixels = _patch_mass(mass.sum(0), patch_regions(model, pair), image.width, image.height)
+        shade = ax.imshow(pixels, cmap="Reds", vmin=0, alpha=0.6, interpolation="nearest",
+                          extent=(0, image.width, image.height, 0))
+        fig.colorbar(shade, ax=ax, label="nodes at its tokens", fraction=0.05, pad=0.02)
+        views = "example image; views add up" if model.adapter.patch_grid in ("frames", "base_rows") else "example image"
+        ax.set_title(f"visual circuit per image patch\n({views})", fontsize=9)
         _frame(ax)
     fig.suptitle(f"Where the circuits sit: nodes per layer and position, labelled with an example prompt ({model.name})")
     return _save(fig, folder, "circuit_map")
