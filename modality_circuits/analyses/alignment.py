@@ -37,7 +37,7 @@ def _alignment_session(model, chunks: list, image_span: tuple, text_span: tuple)
                     hs = []
                     for i, layer in enumerate(layers):  # the stream layer i + 1 reads: injected features included
                         h = layers[i + 1].input if i < n else layer.output[0] if tuple_out else layer.output
-                        hs.append(h[:, start:end].detach().float())
+                        hs.append(h[:, start:end].detach().float().to(hs[0].device if hs else h.device))  # device_map
                 res.append(torch.stack(hs, 1))  # (P, L, n, d), stays where the model runs
             img = torch.nn.functional.normalize(res[0], dim=-1)
             txt = torch.nn.functional.normalize(res[1], dim=-1)

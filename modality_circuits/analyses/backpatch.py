@@ -85,7 +85,7 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
             for i, layer in enumerate(layers):
                 h = layer.output[0] if tuple_out else layer.output
                 if inject and i < len(g):  # the stream layer i + 1 reads: the model adds g[i] after layer i
-                    h = h + g[i]
+                    h = h + g[i].to(h.device)
                 cache.append(h[:, start:end].clone())
                 if i + 1 in skip_below:
                     below[i + 1] = h.clone()
@@ -104,9 +104,9 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
                     if writes[i] or add:
                         h = layers[i].output[0] if tuple_out else layers[i].output
                         if add:
-                            h = h + torch.cat([g[i]] * n)
+                            h = h + torch.cat([g[i]] * n).to(h.device)
                         for j, src in writes[i]:
-                            h[j * P:(j + 1) * P, start:end] = cache[src].to(h.dtype)
+                            h[j * P:(j + 1) * P, start:end] = cache[src].to(h.device, h.dtype)
                         if add:
                             layers[i].output = h
                 logits = root.output.logits[:, -1].float()

@@ -102,7 +102,8 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
                             k = k.unsqueeze(-1)
                         sites[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)])
                     if inject and i < len(g):  # each row gets its own prompt's injected features
-                        layers[i].output = layers[i].output + torch.cat([g[i, :P]] + [g[i, P:]] * n)
+                        out = layers[i].output  # its device: a model spread over devices (device_map)
+                        layers[i].output = out + torch.cat([g[i, :P]] + [g[i, P:]] * n).to(out.device)
                 logits = root.output.logits[P:, -1].float()
                 ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
             lds.append((ld[:, 0] - ld[:, 1]).cpu())

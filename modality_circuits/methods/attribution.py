@@ -81,7 +81,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                     heads.append(attn[i].input)
                     neurons.append(mlp[i].input)
                     if inject and i < len(g_rows):
-                        layers[i].output = layers[i].output + g_rows[i]
+                        out = layers[i].output  # its device: a model spread over devices (device_map)
+                        layers[i].output = out + g_rows[i].to(out.device)
                 logits = root.output.logits[:, -1].float().view(P, k + 1, -1)[:, 1:]
                 ld = logits.gather(-1, ids.to(logits.device).view(P, 1, 2).expand(P, k, 2))  # LD inline (server body)
                 metric = (ld[..., 0] - ld[..., 1]).sum()
@@ -92,7 +93,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                         for j, acts in ((1, neurons), (0, heads)):
                             act = acts[i].view(P, k + 1, *acts[i].shape[1:])
                             g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].float().mean(1)
-                            s = ((act[:, 0] - act[:, -1]).float() * g).detach()  # (P, T, width), float32
+                            s = ((act[:, 0] - act[:, -1]).float() * g).detach().to(x.device)  # (P, T, width), float32,
+                            # gathered on the input's device (layers may sit on several devices: device_map)
                             if absolute:
                                 s = s.abs()
                             if j == 0:
