@@ -119,23 +119,35 @@ def _text_kw(tok, d: dict, layers: int) -> dict:
                 pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None)
 
 
-def _qwen2_vl(tok, d: dict, layers: int, vision_layers: int):
+def _qwen_ids(tok) -> dict:
+    """The image and vision start/end token ids of a Qwen-VL config."""
+    return {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
+                                                         ("vision_start_token_id", "<|vision_start|>"),
+                                                         ("vision_end_token_id", "<|vision_end|>"))}
+
+
+def _qwen_processor(tok, d: dict, family: str):
+    """The torchvision-free Qwen-VL processor at the model's patch and merge sizes."""
     import transformers as T
 
     from modality_circuits.model import ADAPTERS
     from modality_circuits.model.processing import MiniProcessor
+
+    ip = T.Qwen2VLImageProcessorPil(patch_size=d["patch"], merge_size=d["merge"], temporal_patch_size=2)
+    return MiniProcessor(tok, ip, ADAPTERS[family], merge=d["merge"], patch=d["patch"])
+
+
+def _qwen2_vl(tok, d: dict, layers: int, vision_layers: int):
+    import transformers as T
 
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(d["mrope_section"])}
     text = T.Qwen2VLTextConfig(**_text_kw(tok, d, layers), rope_parameters=rope)  # head_dim = hidden / heads
     vision = dict(depth=vision_layers, embed_dim=d["vision_hidden"], hidden_size=d["hidden"], num_heads=d["vision_heads"],
                   mlp_ratio=d["vision_intermediate"] // d["vision_hidden"], patch_size=d["patch"],
                   spatial_merge_size=d["merge"])
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
-                                                        ("vision_start_token_id", "<|vision_start|>"),
-                                                        ("vision_end_token_id", "<|vision_end|>"))}
+    ids = _qwen_ids(tok)
     cfg = T.Qwen2VLConfig(text_config=text.to_dict(), vision_config=vision, **ids)
-    ip = T.Qwen2VLImageProcessorPil(patch_size=d["patch"], merge_size=d["merge"], temporal_patch_size=2)
-    processor = MiniProcessor(tok, ip, ADAPTERS["qwen2_vl"], merge=d["merge"], patch=d["patch"])
+    processor = _qwen_processor(tok, d, "qwen2_vl")
     return T.Qwen2VLForConditionalGeneration, cfg, processor
 
 
@@ -143,21 +155,15 @@ def _qwen3_vl(tok, d: dict, layers: int, vision_layers: int):
     """DeepStack from the vision layers of `deepstack` that exist at this depth (at least one), into decoder layers 0..."""
     import transformers as T
 
-    from modality_circuits.model import ADAPTERS
-    from modality_circuits.model.processing import MiniProcessor
-
     rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": list(d["mrope_section"]), "mrope_interleaved": True}
     text = T.Qwen3VLTextConfig(**_text_kw(tok, d, layers), head_dim=d["head_dim"], rope_parameters=rope)
     deepstack = [i for i in d["deepstack"] if i < vision_layers] or [vision_layers - 1]
     vision = dict(depth=vision_layers, hidden_size=d["vision_hidden"], intermediate_size=d["vision_intermediate"],
                   num_heads=d["vision_heads"], patch_size=d["patch"], spatial_merge_size=d["merge"],
                   out_hidden_size=d["hidden"], deepstack_visual_indexes=deepstack[:layers])
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
-                                                        ("vision_start_token_id", "<|vision_start|>"),
-                                                        ("vision_end_token_id", "<|vision_end|>"))}
+    ids = _qwen_ids(tok)
     cfg = T.Qwen3VLConfig(text_config=text.to_dict(), vision_config=vision, **ids)
-    ip = T.Qwen2VLImageProcessorPil(patch_size=d["patch"], merge_size=d["merge"], temporal_patch_size=2)
-    processor = MiniProcessor(tok, ip, ADAPTERS["qwen3_vl"], merge=d["merge"], patch=d["patch"])
+    processor = _qwen_processor(tok, d, "qwen3_vl")
     return T.Qwen3VLForConditionalGeneration, cfg, processor
 
 
