@@ -123,8 +123,9 @@ ADAPTERS: dict[str, Adapter] = {
     # 448 px), <bos>, the task-prefixed prompt, "\n". Back-patching refuses it (analyses/backpatch.py).
     "paligemma": Adapter("paligemma", "PaliGemmaForConditionalGeneration", attention="prefix",
                          prompt_format="{image}<bos>answer en {text}\n", processor_adds=("<bos>", "\n")),
-    # Idefics3 / SmolVLM2: the processor resizes an image to 4 tiles a side plus a global view (any size gives the
-    # same layout); tiles are named by row/column tokens and their rows end in a newline, all part of D.
+    # Idefics3 / SmolVLM2: the processor resizes an image to 4 tiles a side plus a global view (every square image
+    # gets the same layout, other aspect ratios do not: one fixed size); tiles are named by row/column tokens and
+    # their rows end in a newline, all part of D.
     "idefics3": Adapter("idefics3", "Idefics3ForConditionalGeneration", layers="model.text_model.layers",
                         extra_image_tokens=("<fake_token_around_image>", "<global-img>", *IDEFICS3_TILES),
                         image_text=("\n", "\n\n"), processor="Idefics3Processor",
