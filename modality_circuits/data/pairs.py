@@ -146,7 +146,7 @@ def patch_grid(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int]]]
         return 0, 0, {}
     start, end = pair.spans["D"]
     ids = pair.inputs["input_ids"][0, start:end].tolist()
-    patches = [start + i for i, t in enumerate(ids) if t == model.image_token_ids[0]]
+    patches = _image_positions(model, pair)
     n, layout = len(patches), model.adapter.patch_grid
     if layout == "base_rows":  # the base image's tokens come first: the vision tower's square patch grid
         side = _tower_side(model)
@@ -170,6 +170,13 @@ def patch_grid(model, pair: Pair) -> tuple[int, int, dict[int, tuple[int, int]]]
     if rows * cols != n or n == 0:
         raise LayoutError(f"{n} image tokens do not tile a {layout!r} patch grid of {rows} rows")
     return rows, cols, {pos: divmod(i, cols) for i, pos in enumerate(patches)}
+
+
+def _image_positions(model, pair: Pair) -> list[int]:
+    """Positions of p's D span holding the image token (patches; not the markers around them)."""
+    start, end = pair.spans["D"]
+    ids = pair.inputs["input_ids"][0, start:end].tolist()
+    return [start + i for i, t in enumerate(ids) if t == model.image_token_ids[0]]
 
 
 def _runs(positions: list[int]) -> list[list[int]]:
@@ -218,9 +225,7 @@ def patch_regions(model, pair: Pair) -> dict[int, tuple[float, float, float, flo
         high_rows, high_cols, high = anyres_rows(model, pair)
         out.update({pos: cell(*rc, high_rows, high_cols) for pos, rc in high.items() if rc})
     elif model.adapter.patch_grid == "frames":  # square tiles, row-major, each with the global view's grid
-        start, end = pair.spans["D"]
-        image = [p for p in range(start, end) if pair.inputs["input_ids"][0, p] == model.image_token_ids[0]]
-        tiles = _runs(image)[:-1]
+        tiles = _runs(_image_positions(model, pair))[:-1]
         side = math.isqrt(len(tiles))
         if side * side != len(tiles):
             raise LayoutError(f"{len(tiles)} tiles do not form a square grid of tiles")
@@ -250,9 +255,8 @@ def token_labels(model, pair: Pair) -> list[str]:
                                else "<img hi r{}c{}>".format(*high[pos]) if high[pos] else "<img break>")
             return labels
         if model.adapter.patch_grid == "frames":  # tiles' patches as "<img t0 r1c2>"; their markers as decoded
-            image = [pos for pos in range(start, end) if pair.inputs["input_ids"][0, pos] == model.image_token_ids[0]]
             side = math.isqrt(len(where))
-            for k, run in enumerate(_runs(image)[:-1]):
+            for k, run in enumerate(_runs(_image_positions(model, pair))[:-1]):
                 for i, pos in enumerate(run):
                     labels[pos] = "<img t{} r{}c{}>".format(k, *divmod(i, side))
             for pos in where:
