@@ -18,8 +18,9 @@ Each step runs in its own subprocess on P counting/image pairs (peak RSS, or CUD
   ablation         methods.ablation.ablation_lds with the full and the empty circuit (P p' rows + 2P patched rows)
   ablation_floor   the same embeddings, rows and patching in plain PyTorch hooks
   logits_full      a no-grad forward of the IG rows (layer-0 input given) with logits at every position
-  logits_keep1     the same with transformers' logits_to_keep=1, as every package trace now runs
-  logits_last      the same with the last position given as an index tensor (one contiguous GEMM): the floor
+  logits_keep1     the same with transformers' integer logits_to_keep=1 (a strided slice: the path the package avoids)
+  logits_last      the same with the last position given as an index tensor (one contiguous GEMM): the floor, and
+                   what every package trace passes (logits_to_keep=torch.tensor([-1]), VLM.FORWARD)
 Ratios compare each step with its floor from the same invocation. A labelled projection to full depth on one
 80 GB GPU follows (FLOP and byte model printed with its formula and assumptions).
 
@@ -40,6 +41,8 @@ import time
 import warnings
 
 import torch
+
+from modality_circuits.execution.store import write_json
 
 STEPS = ("attribute", "attribute_floor", "ablation", "ablation_floor", "logits_full", "logits_keep1", "logits_last")
 #: What the memory projection reads.
@@ -429,7 +432,7 @@ def step_fn(step: str, model, pairs, k: int):
     """A zero-argument callable running `step`, returning a checksum of its result (|scores|, |LD| or |logits| summed).
 
     The logits steps time one no-grad forward of the IG rows from precomputed layer-0 inputs (no vision tower):
-    logits at every position (keep 0), transformers' logits_to_keep=1 (as the package's traces), or an index tensor.
+    logits at every position (keep 0), transformers' integer logits_to_keep=1, or the index tensor the package passes.
     """
     from modality_circuits import attribute
     from modality_circuits.methods.ablation import ablation_lds
@@ -764,7 +767,8 @@ def parse(argv=None):
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS,
                    help="steps not to run, e.g. logits_keep1 (the slow int logits_to_keep path the package avoids)")
-    p.add_argument("--project-from", metavar="JSON", help="print the projection from a --json file of measurements")
+    p.add_argument("--project-from", metavar="JSON", help="print the projection from a --json file of measurements"
+                   " (with --json: write them with the new projection there)")
     p.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.jobs = args.jobs or (2 if args.quick else 1)
@@ -780,7 +784,12 @@ def main():
         with open(args.project_from) as f:
             report = json.load(f)
         saved = argparse.Namespace(**{**vars(args), **report["args"], "project_from": None})
-        print_projection({name: project(name, m["steps"], saved) for name, m in report["models"].items()}, saved)
+        projections = {name: project(name, m["steps"], saved) for name, m in report["models"].items()}
+        print_projection(projections, saved)
+        if args.json:  # the measurements with this projection, e.g. back into the file they came from
+            for name, projection in projections.items():
+                report["models"][name]["projection"] = projection
+            write_json(args.json, report)
         return
     print(f"bench_scale: {args.layers} decoder layer(s), {args.vision_layers} vision layer(s), {args.pairs} counting/image"
           f" pairs, k={args.steps}, {args.repeats} repeat(s), {args.threads} thread(s), {args.dtype} on {args.device},"
@@ -795,8 +804,7 @@ def main():
         report["models"][name] = {"dims": dims(name, args.quick), "steps": results, "projection": projections[name]}
     print_projection(projections, args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "torch==2.13.0"
 stamp="$venv/.mc-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-  "$py" -m pip install -q -e "$root[test]"
+  "$py" -m pip install -q -e "$root[test,docs]"
   touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

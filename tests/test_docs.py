@@ -5,12 +5,20 @@
 - every "docs/method.md section N" (or "sections N-M", "sections N, M") in the package and the
   experiments names a section that docs/method.md has.
 """
+import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("docs_numbers", ROOT / "scripts" / "docs_numbers.py")
+docs_numbers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(docs_numbers)
 METHOD = ROOT / "docs" / "method.md"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -101,3 +109,55 @@ def test_no_citation_of_the_outside_specification():
              for path in sorted((ROOT / folder).rglob("*.py"))
              for number, line in enumerate(path.read_text().splitlines(), 1) if "METHOD.md" in line]
     assert not stale, "still citing METHOD.md:\n" + "\n".join(stale)
+
+
+# ---------------------------------------------------------------- the site and its generated numbers
+
+def test_site_builds_strictly(tmp_path):
+    """mkdocs build --strict: every page of the nav exists, every link and anchor resolves, the API reference renders.
+
+    mkdocs is in the `docs` extra, which scripts/setup.sh installs: a missing mkdocs is a failure, not a skip."""
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
+
+
+def test_every_page_is_in_the_nav():
+    """A page under docs/ that the nav of mkdocs.yml does not list would be built but unreachable."""
+    nav = set(re.findall(r"^\s*-\s[^:\n]+:\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.MULTILINE))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert pages - nav == set(), f"pages missing from the nav of mkdocs.yml: {sorted(pages - nav)}"
+    assert nav - pages == set(), f"nav entries without a page: {sorted(nav - pages)}"
+
+
+def test_generated_numbers_match_the_result_files():
+    """Every <!-- numbers:NAME --> block equals what scripts/docs_numbers.py generates from the committed JSON."""
+    stale = docs_numbers.stale()
+    assert not stale, f"numbers blocks differ from the result files in {stale}: run python scripts/docs_numbers.py"
+
+
+def test_numbers_blocks_are_checked(tmp_path, monkeypatch):
+    """The check sees a changed result file: the Pixtral ratio of a copied bench file moves, the block goes stale."""
+    copy = tmp_path / "repo"
+    (copy / "docs").mkdir(parents=True)
+    (copy / "results" / "scale").mkdir(parents=True)
+    (copy / "README.md").write_text("# x\n")
+    (copy / "docs" / "scale.md").write_text((ROOT / "docs" / "scale.md").read_text())
+    bench = json.loads((ROOT / "results" / "scale" / "bench_scale_cpu.json").read_text())
+    for name in ("bench_scale_cpu.json", "bench_scale_cpu_qwen3_vl.json"):
+        (copy / "results" / "scale" / name).write_text((ROOT / "results" / "scale" / name).read_text())
+    monkeypatch.setattr(docs_numbers, "ROOT", copy)
+    assert docs_numbers.stale() == []
+    bench["models"]["pixtral"]["steps"]["attribute"]["cpu_s"] = [99.0]
+    (copy / "results" / "scale" / "bench_scale_cpu.json").write_text(json.dumps(bench))
+    assert docs_numbers.stale() == ["docs/scale.md"]
+
+
+def test_method_quotes_the_budget_model():
+    """docs/method.md section 10 gives the per-row memory model as execution/budget.py's docstring states it."""
+    from modality_circuits.execution import budget
+
+    def formulas(text):
+        return re.findall(r"^[ \t]*((?:forward|backward):)[ \t]+(.*?)(?:[ \t]{2,}|$)", text, re.MULTILINE)
+    assert len(formulas(budget.__doc__)) == 2
+    assert formulas(METHOD.read_text()) == formulas(budget.__doc__)

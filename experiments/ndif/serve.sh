@@ -5,7 +5,7 @@
 #   bash experiments/ndif/serve.sh start     # redis, moto S3, ray head (one fake GPU), controller, API on 127.0.0.1:8001
 #   bash experiments/ndif/serve.sh e2e       # install if needed, start, run every algorithm remotely vs locally, stop
 #   bash experiments/ndif/serve.sh stop | status
-# What had to be worked around (details in experiments/ndif/README.md): ndif wants Python >= 3.12
+# What had to be worked around (details below and in ndif_cpu_patch.py): ndif wants Python >= 3.12
 # (its code runs on 3.11), a GPU (a CPU model actor, ndif_cpu_patch.py), the rustfs object store
 # (moto_server instead), and Ray must be kept on 127.0.0.1.
 set -euo pipefail

@@ -11,7 +11,7 @@ L layers, T tokens, V vocabulary):
                                                    intervention holds, attention scores, fp32 last logits
   backward: L·T·(18d + 12I)·b + L·H·T²·b + forward  what autograd keeps for every layer, and the site
                                                    inputs and their gradients the attribution reads
-experiments/bench_scale.py compares it with measured peaks (Qwen2-VL-7B width: see the README).
+experiments/bench_scale.py compares it with measured peaks (docs/scale.md); docs/method.md section 10 quotes it.
 """
 from __future__ import annotations
 

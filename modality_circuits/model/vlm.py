@@ -26,7 +26,7 @@ REMOTE_TASK = "image-text-to-text"
 class VLM:
     """A loaded model: the transformers module, its nnsight wrapper, processor and adapter facts.
 
-    `remote` says where traces run (see `modality_circuits.remote`): False (here), True (NDIF),
+    `remote` says where traces run (see `modality_circuits.execution.remote`): False (here), True (NDIF),
     a host URL, or "local" (the serialisation dry run). With a hosted setting `hf_model` is the
     weightless (meta-device) skeleton nnsight builds from the config, `nn` an nnsight
     TransformersModel named by its hub id, and the weights live on the server.

@@ -117,13 +117,13 @@ def faithfulness_curves(folder: Path, tasks) -> Path:
             ax.fill_between(x, [b["low"] for b in ci], [b["high"] for b in ci], color=color, alpha=0.2)
             if c["minimal_fraction"] is not None:
                 ax.axvline(c["minimal_fraction"] * 100, color=color, ls=":", lw=1)
-        ax.axhline(0.8, color="gray", ls="--", lw=0.8)
+        ax.axhline(c["threshold"], color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("% of heads and neurons kept")
         ax.set_title(task_name(task))
     axes[0][0].set_ylabel("faithfulness F")
     axes[0][0].legend(title="prompt")
-    fig.suptitle("Faithfulness curves (dotted: smallest circuit with F ≥ 0.8; band: 95% CI)")
+    fig.suptitle(f"Faithfulness curves (dotted: smallest circuit with F ≥ {c['threshold']:g}; band: 95% CI)")
     return _save(fig, folder, "faithfulness")
 
 

@@ -93,7 +93,8 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
               f"ahead on {positive} of {len(tasks)} tasks"
               + (f", and the gap is reversed on {', '.join(reversed_)}." if reversed_ else "."), ""]
 
-    lines += ["## Circuit size", "", "Smallest fraction of heads and neurons with faithfulness F ≥ 0.8 on held-out pairs "
+    threshold = read_json(folder / tasks[0] / "text" / "curve.json")["threshold"]
+    lines += ["## Circuit size", "", f"Smallest fraction of heads and neurons with faithfulness F ≥ {threshold:g} on held-out pairs "
               "(F at that fraction in brackets). Reference: about 7 % (text) and 15 % (visual).", "",
               "| task | text | image |", "|---|---|---|"]
     bigger = 0

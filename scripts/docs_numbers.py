@@ -1,0 +1,176 @@
+"""The numbers of README.md and docs/*.md that a command produced, generated from the committed files.
+
+Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten from its source:
+  short-names       modality_circuits.zoo.SHORT_NAMES
+  toy-training      results/toy/training/report.json   (python experiments/train_toy_vlm.py)
+  toy-results       results/toy/summary.json           (modality-circuits reproduce --model toy)
+  scale-ratios      results/scale/*.json               (python experiments/bench_scale.py --json ...)
+  scale-projection  results/scale/*.json               (the projection stored with the measurements)
+
+    python scripts/docs_numbers.py           # rewrite the blocks in place
+    python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
+
+tests/test_docs.py runs the check, so a regenerated result file fails the tests until this is run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"(<!-- numbers:([\w-]+) -->\n)(.*?)(<!-- /numbers -->)", re.S)
+TASK_NAMES = {"counting": "counting", "arithmetic": "arithmetic", "color_ordering": "colour ordering",
+              "factual_recall": "factual recall", "sentiment": "sentiment"}
+GIB = 2**30
+
+
+def documents() -> list[Path]:
+    """README.md and every Markdown page of docs/ (the results/ link under docs/ left out)."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _read(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def _ci(c: dict, scale: float = 1.0) -> str:
+    """value [low, high]; a missing interval prints the value alone."""
+    if c.get("value") is None:
+        return "undefined"
+    if not c.get("interpretable", True):
+        return f"n/a (margin {c['margin']:.2f})"
+    v, lo, hi = (scale * c[k] if c.get(k) is not None else None for k in ("value", "low", "high"))
+    return f"{v:.2f}" if lo is None or lo == hi == v else f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def short_names() -> str:
+    from modality_circuits.zoo import SHORT_NAMES
+
+    return "\n".join(["| short name | hub id |", "|---|---|"]
+                     + [f"| `{name}` | {hub} |" for name, hub in SHORT_NAMES.items()])
+
+
+def toy_training() -> str:
+    r = _read("results/toy/training/report.json")
+    lines = [f"{r['n_params']:,} parameters ({r['model_mb']:.1f} MB of safetensors), {r['steps_done']} training steps;"
+             f" {r['heldout_n']} held-out prompts per task and modality.", "",
+             "| task | text | image | gap (text − image) |", "|---|---|---|---|"]
+    for task, name in TASK_NAMES.items():
+        cells = []
+        for m in ("text", "image"):
+            h = r["heldout"][f"{task}/{m}"]
+            lo, hi = h["ci"]
+            cells.append(f"{h['acc']:.3f}" if lo == hi == h["acc"] else f"{h['acc']:.3f} [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {r['gap'][task]:+.3f} |")
+    return "\n".join(lines)
+
+
+def toy_results() -> str:
+    s = _read("results/toy/summary.json")
+    pct = lambda f: "not reached" if f is None else f"{100 * f:.0f} %"  # noqa: E731
+    lines = ["| task | accuracy text | accuracy image | circuit size text / image | nIoU G | interchange Q | interchange G"
+             " | back-patching gain (image, points) |", "|---|---|---|---|---|---|---|---|"]
+    for task in s:
+        t = s[task]
+        f = t["minimal_faithful_fraction"]
+        lines.append(f"| {TASK_NAMES.get(task, task)} | {_ci(t['accuracy']['text'])} | {_ci(t['accuracy']['image'])}"
+                     f" | {pct(f['text'])} / {pct(f['image'])} | {_ci(t['niou']['G'])} | {_ci(t['interchange']['Q'])}"
+                     f" | {_ci(t['interchange']['G'])} | {_ci(t['backpatch_gain']['image'], 100)} |")
+    return "\n".join(lines)
+
+
+def _runs() -> list[tuple[str, dict, str, dict]]:
+    """(file, its args, model, that model's record) of every results/scale/*.json, in file order."""
+    out = []
+    for path in sorted((ROOT / "results" / "scale").glob("*.json")):
+        report = json.loads(path.read_text())
+        for name, record in report["models"].items():
+            out.append((f"results/scale/{path.name}", report["args"], name, record))
+    return out
+
+
+def _growth(step: dict) -> float:
+    return step["peak_bytes"] - step["base_bytes"]
+
+
+def _ratio(steps: dict, step: str, key: str) -> float:
+    if key == "time":
+        return min(steps[step]["cpu_s"]) / min(steps[f"{step}_floor"]["cpu_s"])
+    return _growth(steps[step]) / _growth(steps[f"{step}_floor"])
+
+
+def _spread(times: list[float]) -> str:
+    return f"{100 * (max(times) - min(times)) / min(times):.0f} %" if len(times) > 1 else "1 run"
+
+
+def scale_ratios() -> str:
+    lines = ["| model (image tokens) | run | `attribute` time × floor | `attribute` memory × floor | ablation time × floor"
+             " | ablation memory × floor | file |", "|---|---|---|---|---|---|---|"]
+    for file, args, name, record in _runs():
+        st = record["steps"]
+        a, af = st["attribute"], st["attribute_floor"]
+        lines.append(
+            f"| {record['dims']['hub_id']} width ({a['image_tokens']}) | {args['pairs']} pair(s), {args['layers']} decoder"
+            f" layer(s), k = {args['steps']}, {args['repeats']} repeat(s) | {_ratio(st, 'attribute', 'time'):.2f}×"
+            f" ({min(a['cpu_s']):.1f} s vs {min(af['cpu_s']):.1f} s; spread {_spread(a['cpu_s'])}, {_spread(af['cpu_s'])})"
+            f" | {_ratio(st, 'attribute', 'memory'):.2f}× (+{_growth(a) / GIB:.2f} vs +{_growth(af) / GIB:.2f} GiB)"
+            f" | {_ratio(st, 'ablation', 'time'):.2f}× | {_ratio(st, 'ablation', 'memory'):.2f}× | `{file}` |")
+    return "\n".join(lines)
+
+
+def scale_projection() -> str:
+    lines = ["| model | from | weights | IG chunk → projected peak | forward chunk → projected peak | whole study"
+             " (back-patching) |", "|---|---|---|---|---|---|"]
+    for file, args, name, record in _runs():
+        p = record["projection"]
+        hours = p["hours"]
+        lines.append(f"| {record['dims']['hub_id']} | {args['pairs']} pair(s), {args['layers']} layer(s) |"
+                     f" {p['weights_gb']:.1f} GB | {p['budget_ig_rows']} rows → {p['peak_gb_ig']:.1f} GB |"
+                     f" {p['budget_fwd_rows']} rows → {p['peak_gb_fwd']:.1f} GB |"
+                     f" {sum(hours.values()):.2f} GPU-h ({hours['backpatch']:.2f}) |")
+    return "\n".join(lines)
+
+
+GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
+              "scale-ratios": scale_ratios, "scale-projection": scale_projection}
+
+
+def render(text: str, where: str = "") -> str:
+    """`text` with every numbers block regenerated; an unknown block name is an error naming it."""
+    def one(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in GENERATORS:
+            raise KeyError(f"{where}: unknown numbers block {name!r}; known: {', '.join(GENERATORS)}")
+        return f"{m.group(1)}{GENERATORS[name]()}\n{m.group(4)}"
+    return BLOCK.sub(one, text)
+
+
+def stale() -> list[str]:
+    """Documents whose committed blocks differ from the generated ones."""
+    return [str(p.relative_to(ROOT)) for p in documents() if render(p.read_text(), p.name) != p.read_text()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = stale()
+        for name in bad:
+            print(f"{name}: numbers blocks differ from the result files; run python scripts/docs_numbers.py")
+        return 1 if bad else 0
+    for path in documents():
+        text = path.read_text()
+        new = render(text, path.name)
+        if new != text:
+            path.write_text(new)
+            print(f"rewrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
