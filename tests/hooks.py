@@ -74,10 +74,13 @@ def ablate(model, pair, circuit) -> float:
     return float(logit_diff(model, pair.inputs, pair, hooks))
 
 
-def ig_scores(model, pair, steps, absolute=False):
+def ig_scores(model, pair, steps, absolute=False, hold=None):
     """Step-at-a-time IG on the merged decoder input: heads (L,H,T), neurons (L,I,T) for one pair.
 
-    absolute: |Δa · mean ∇| per element before summing a head's elements (the reference's head score)."""
+    absolute: |Δa · mean ∇| per element before summing a head's elements (the reference's head score).
+    hold: None, or a (T,) bool mask of image positions set to p's merged input at every gradient step (the
+    reference's "tokens" interpolation; injected features, which live at image positions only, are p's too).
+    Δa always comes from separate forwards of p' and p."""
     layer0 = model.layers(model.hf_model)[0]
     stack, keys = model.decoder_stack(model.hf_model), model.adapter.injections
     merged = {}
@@ -99,6 +102,8 @@ def ig_scores(model, pair, steps, absolute=False):
     grads = [[0.0, 0.0] for _ in mods]
     for j in range(1, steps + 1):
         x = merged["cf"] + j / steps * (merged["p"] - merged["cf"])
+        if hold is not None:
+            x[:, hold] = merged["p"][:, hold]
         held = []
 
         def keep(module, args):
@@ -111,7 +116,8 @@ def ig_scores(model, pair, steps, absolute=False):
 
         def swap_injected(module, args, kwargs, alpha=j / steps):
             if merged["g_p"] is not None:
-                kwargs[keys[0]] = [c + alpha * (p - c) for p, c in zip(merged["g_p"], merged["g_cf"])]
+                a = 1.0 if hold is not None else alpha
+                kwargs[keys[0]] = [c + a * (p - c) for p, c in zip(merged["g_p"], merged["g_cf"])]
             return args, kwargs
 
         handle = stack.register_forward_pre_hook(swap_injected, with_kwargs=True)

@@ -53,11 +53,22 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
     args = ARGS if script != "fig_gallery.py" else ["--model", "tiny-llava", "--tasks", "counting"]
     monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(study_dir.parent)])
     runpy.run_path(str(ROOT / "experiments" / script), run_name="__main__")
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr().out.strip().splitlines()
     if script.startswith("fig_"):
-        assert Path(printed).stat().st_size > 1000 and printed.endswith(".png")
-    else:
-        assert printed.startswith("| task |") or "|" in printed
+        assert Path(printed[-1]).stat().st_size > 1000 and printed[-1].endswith(".png")
+        return
+    from modality_circuits.study.labels import task_name
+    table = [line for line in printed if line.startswith("|")]  # the markdown table, as written to backpatch.md
+    assert table == (study_dir / "backpatch.md").read_text().strip().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = {tuple(c.strip() for c in r.strip("|").split("|")[:2]): [c.strip() for c in r.strip("|").split("|")]
+            for r in table[2:]}
+    before = next(i for i, c in enumerate(header) if c.startswith("accuracy before"))
+    for task in ("counting", "sentiment"):  # one row per task and prompt modality, its numbers backpatch.json's
+        data = json.loads((study_dir / task / "backpatch.json").read_text())
+        for m in ("image", "text"):
+            assert rows[(task_name(task), m)][before] == f"{100 * data[m]['base']['value']:.1f}"
+    assert len(rows) == 4
 
 
 def test_interchange_margin_decides_what_the_report_can_read():
@@ -142,17 +153,21 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path, signal_name):
     subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     curve = tmp_path / "killed" / "tiny-llava" / "counting" / "text" / "curve.json"
-    deadline = time.time() + 120
-    while not curve.exists() and time.time() < deadline and proc.poll() is None:
+    deadline = time.time() + 300
+    while not curve.exists() and time.time() < deadline and proc.poll() is None:  # a finished step: mid-run
         time.sleep(0.05)
+    assert curve.exists() and proc.poll() is None, "the run ended (or stalled) before the signal could be sent"
     proc.send_signal(getattr(signal, signal_name))
     _, err = proc.communicate()
+    assert not (tmp_path / "killed" / "tiny-llava" / "summary.json").exists()  # the signal stopped the run
     finished = [p for p in (tmp_path / "killed").rglob("*.json") if ".tmp" not in p.name]
-    assert all(json.loads(p.read_text()) for p in finished), "a result file is half-written"
-    if signal_name == "SIGINT":  # a signal Python handles: the temporary file is removed too
-        assert not list((tmp_path / "killed").rglob("*.tmp*")), "a temporary file was left"
-    if signal_name == "SIGINT" and proc.returncode == 130:
+    assert curve in finished and all(json.loads(p.read_text()) for p in finished), "a result file is half-written"
+    if signal_name == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:  # a signal Python handles: exit code 130, a one-line message, and the temporary file is removed too
+        assert proc.returncode == 130, err.decode()[-2000:]
         assert err.decode().strip().splitlines()[-1].startswith("interrupted:")
+        assert not list((tmp_path / "killed").rglob("*.tmp*")), "a temporary file was left"
     subprocess.run([*args, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
     whole, resumed = (json.loads((tmp_path / d / "tiny-llava" / "summary.json").read_text()) for d in ("whole", "killed"))
     assert resumed == whole

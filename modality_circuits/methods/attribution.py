@@ -36,7 +36,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     scores: all of them (per_pair=True, (P, L, units, T)), those at the flat indices of the Scores
     layout per_pair=(head index, neuron index) ((P, n_kept) each), or none (per_pair=False).
     absolute: score |Δa · mean ∇| per element, summed over a head's elements (the reference's head score);
-    hold: None, or a (T,) bool mask of positions kept at e in every row (the reference's "tokens" interpolation).
+    hold: None, or a (T,) bool mask of positions kept at e in rows 1..k, where the gradient is taken (the reference's
+    "tokens" interpolation); row 0 is p' untouched, so Δa still compares the two prompts.
     Families that add visual features after the first decoder layers (`Adapter.injections`, Qwen3-VL's
     DeepStack): the first pass also reads them, g' and g, and row j adds g' + α_j (g − g') to those layers'
     outputs, so every input that differs between p and p' moves along the path.
@@ -68,10 +69,12 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                 if inject:  # the injected features move along the same path: (n, P·(k+1), T, d)
                     g_cf, g = g0[:, :P].unsqueeze(2), g0[:, P:].unsqueeze(2)
                     g_rows = g_cf + a.unsqueeze(0) * (g - g_cf)
-                if hold is not None:  # these positions are p's at every step, as the reference's code had them
-                    x = torch.where(hold.to(e.device).view(1, 1, -1, 1), e, x)
+                if hold is not None:  # these positions are p's where the gradient is taken (rows 1..k), as the
+                    # reference's code had them; row 0 stays p' untouched, so Δa = a(p') − a(p) of the two prompts
+                    held = hold.to(e.device).view(1, 1, -1, 1) & (a > 0)  # (1, k+1, T, 1)
+                    x = torch.where(held, e, x)
                     if inject:
-                        g_rows = torch.where(hold.to(e.device).view(1, 1, 1, -1, 1), g, g_rows)
+                        g_rows = torch.where(held.unsqueeze(0), g, g_rows)
                 if inject:
                     g_rows = g_rows.to(dtype).flatten(1, 2)  # (n, P·(k+1), T, d) in the model's dtype
                 x = x.to(dtype).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
@@ -142,7 +145,8 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
     head_score: "signed_sum" (ours: Σ over a head's elements of Δa · mean ∇, ranked by |mean over pairs|) or
     "abs_elementwise" (the reference code's: |Δa · mean ∇| per element, summed; neurons |·| too).
     interpolate: "merged" (ours: the decoder input after image features are merged, image positions
-    included) or "tokens" (the reference code's: image positions stay p's at every step). docs/method.md 11.
+    included) or "tokens" (the reference code's: image positions stay p's at every step where the gradient is
+    taken; Δa = a(p') − a(p) still comes from the two prompts). docs/method.md 11.
     """
     check_layout(pairs)
     if steps < 1:
