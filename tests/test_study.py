@@ -44,7 +44,8 @@ def test_rerun_reuses_finished_steps_and_redoes_missing_ones(study_dir):
     stale.write_text(json.dumps({"reason": "too few correct pairs"}))
     main(["reproduce", *ARGS, "--out", str(study_dir.parent)])
     assert curve.stat().st_mtime_ns == stamp
-    assert json.loads(overlap.read_text()) == before
+    again = json.loads(overlap.read_text())
+    assert again.pop("time") != before.pop("time") and again == before  # the same numbers, this run's time
     assert not stale.exists()
 
 
@@ -69,6 +70,28 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
         for m in ("image", "text"):
             assert rows[(task_name(task), m)][before] == f"{100 * data[m]['base']['value']:.1f}"
     assert len(rows) == 4
+
+
+def test_every_record_stores_its_step_time_and_the_report_sums_them(study_dir):
+    from modality_circuits.study.report import TIME_SENTENCE, time_sentence
+    from modality_circuits.study.steps import STEPS
+
+    totals = {}
+    for task in ("counting", "sentiment"):
+        for path in [*study_dir.glob(f"{task}/*/*.json"), *study_dir.glob(f"{task}/*.json")]:
+            spent = json.loads(path.read_text())["time"]
+            assert spent["wall_s"] > 0 and spent["cpu_s"] > 0, path
+            wall, cpu = totals.get(path.stem, (0.0, 0.0))
+            totals[path.stem] = (wall + spent["wall_s"], cpu + spent["cpu_s"])
+    assert set(totals) == set(STEPS)
+    report = (study_dir / "report.md").read_text()
+    for step, (wall, cpu) in totals.items():
+        assert f"| {step} | {wall:.1f} | {cpu:.1f} |" in report
+    all_wall, all_cpu = sum(w for w, _ in totals.values()), sum(c for _, c in totals.values())
+    assert f"| total | {all_wall:.1f} | {all_cpu:.1f} |" in report
+    sentence = time_sentence(study_dir)
+    assert sentence == (f"The study's steps took {all_wall:.0f} s (wall clock; {all_cpu:.0f} s of CPU) for 2 tasks, "
+                        "summed over the step records.") and TIME_SENTENCE.fullmatch(sentence) and sentence in report
 
 
 def test_interchange_margin_decides_what_the_report_can_read():

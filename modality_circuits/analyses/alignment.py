@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import nnsight
 import torch
 
-from ..circuits.stats import CI, bootstrap
+from ..circuits.stats import CI, bootstrap_mean
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
 from ..execution.checks import finite
@@ -85,6 +85,5 @@ def alignment(model, image_pairs: list[Pair], text_pairs: list[Pair], *, resampl
             for part in requests.chunked(list(zip(images, texts)), size)]
     per_prompt = finite(torch.cat(requests.run(model, _alignment_session, work, (i0, i1), (t0, t1), desc="alignment",
                                                progress=progress)), "alignment", model)  # (P, L)
-    cis = [bootstrap(lambda i, l=l: float(per_prompt[i, l].mean()), len(per_prompt), resamples=resamples)
-           for l in range(per_prompt.shape[1])]
+    cis = [bootstrap_mean(per_prompt[:, l], resamples=resamples) for l in range(per_prompt.shape[1])]
     return Alignment(per_prompt.mean(0), per_prompt, cis)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import nnsight
 import torch
 
-from ..circuits.stats import CI, bootstrap
+from ..circuits.stats import CI, bootstrap_mean
 from ..data import tasks
 from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
 from ..execution import budget, requests
@@ -221,8 +221,6 @@ def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, 
     n = len(test)
     return Backpatch(
         configs[best], {"base": float(base_sel), **{str(c): float(a) for c, a in zip(configs, acc)}},
-        bootstrap(lambda i: float(ok[0, i].mean()), n, resamples=resamples, seed=seed),
-        bootstrap(lambda i: float(ok[1, i].mean()), n, resamples=resamples, seed=seed),
-        bootstrap(lambda i: float((ok[1, i] - ok[0, i]).mean()), n, resamples=resamples, seed=seed),
+        *(bootstrap_mean(x, resamples=resamples, seed=seed) for x in (ok[0], ok[1], ok[1] - ok[0])),
         len(selection), n,
     )

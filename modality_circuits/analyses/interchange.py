@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..circuits.circuit import Circuit
-from ..circuits.metrics import faithfulness_value
+from ..circuits.metrics import faithfulness_value, faithfulness_values
 from ..circuits.stats import CI, bootstrap
 from ..data.pairs import SPANS, Pair
 from ..methods.ablation import ablation_lds
@@ -95,9 +95,9 @@ class Interchange:
     def interpretable(self) -> bool:
         return readable(self.score, self.margin)
 
-    def resampled(self, idx) -> float:
-        """`score` recomputed on the pairs `idx` (one bootstrap draw)."""
-        return _score(self.lds, idx, self.aggregation)
+    def resampled(self, idx) -> torch.Tensor:
+        """`score` recomputed on the pairs of each row of the (B, P) index matrix idx (one bootstrap draw a row): (B,)."""
+        return _scores(self.lds, idx, self.aggregation)
 
     def __repr__(self) -> str:
         mean_random = sum(self.f_random) / len(self.f_random)
@@ -125,9 +125,12 @@ def _norm(f_swapped: float, f_original: float, f_random: float) -> float:
     return (f_swapped - f_random) / (f_original - f_random) if f_original != f_random else float("nan")
 
 
-def _score(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> float:
-    f = _faith(lds, idx, aggregation)
-    return _norm(f[1], f[0], sum(f[2:]) / len(f[2:]))
+def _scores(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> torch.Tensor:
+    """(B,) float64 score on the pairs of each row of the (B, P) index matrix idx (`_norm` of `_faith`, elementwise)."""
+    at = lds[:, torch.as_tensor(idx)]  # (4 + n_random, B, P)
+    f = faithfulness_values(at[2:], at[0], at[1], aggregation).double()
+    f_random = sum(f[2:]) / len(f[2:])
+    return torch.where(f[0] != f_random, (f[1] - f_random) / (f[0] - f_random), torch.nan)
 
 
 def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span: str, *, n_random: int = 5,
@@ -143,7 +146,8 @@ def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span
     circuits = [Circuit.full(target, True), Circuit.full(target, False), target, rest | mapped, *randoms]
     lds = ablation_lds(model, circuits, pairs, progress=progress)
     f = _faith(lds, torch.arange(len(pairs)), aggregation)
-    ci = bootstrap(lambda idx: _score(lds, idx, aggregation), len(pairs), resamples=resamples, seed=seed)
+    ci = bootstrap(lambda idx: _scores(lds, idx, aggregation), len(pairs), resamples=resamples, seed=seed,
+                   vectorised=True)
     return Interchange(span, f[0], f[1], f[2:], ci.value, [_norm(f[1], f[0], r) for r in f[2:]], ci, lds, aggregation)
 
 
@@ -173,5 +177,5 @@ def interchange_both(model, text: Circuit, image: Circuit, text_pairs: list[Pair
     visual = interchange(model, image, text, image_pairs, span, **kw)
     textual = interchange(model, text, image, text_pairs, span, **kw)
     score = bootstrap(lambda i, j: (visual.resampled(i) + textual.resampled(j)) / 2,
-                      (len(image_pairs), len(text_pairs)), resamples=resamples)
+                      (len(image_pairs), len(text_pairs)), resamples=resamples, vectorised=True)
     return CrossInterchange(span, visual, textual, score)

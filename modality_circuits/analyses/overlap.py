@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..circuits.circuit import Circuit
-from ..circuits.metrics import iou, niou
+from ..circuits.metrics import ious, nious
 from ..data.pairs import SPANS
 
 
@@ -38,8 +38,22 @@ class SpanOverlap:
     @property
     def niou(self) -> float:
         """The span's score: mean of the head and neuron nIoU."""
-        finite = [v for v in (self.niou_heads, self.niou_neurons) if np.isfinite(v)]
-        return float(np.mean(finite)) if finite else float("nan")
+        return float(_score(np.float64(self.niou_heads), np.float64(self.niou_neurons)))
+
+
+def _score(niou_heads: np.ndarray, niou_neurons: np.ndarray) -> np.ndarray:
+    """The span's score, elementwise: mean of the finite of the head and neuron nIoU (nan where neither is)."""
+    both = np.stack([niou_heads, niou_neurons])
+    ok = np.isfinite(both)
+    with np.errstate(invalid="ignore"):
+        return np.where(ok, both, 0.0).sum(0) / ok.sum(0)
+
+
+def _span_values(text: Circuit, visual: Circuit, span: str, formula: str) -> tuple[np.ndarray, ...]:
+    """(B,) IoU and nIoU of heads and of neurons in `span` of text[b] and visual[b] (masks with a leading axis)."""
+    lengths = [c.spans[span][1] - c.spans[span][0] for c in (text, visual)]
+    (th, tn), (vh, vn) = (span_masks(c, span, min(lengths)) for c in (text, visual))
+    return ious(th, vh), ious(tn, vn), nious(th, vh, formula), nious(tn, vn, formula)
 
 
 def overlap(text: Circuit, visual: Circuit, *, niou_formula: str = "normalised") -> dict[str, SpanOverlap]:
@@ -48,9 +62,11 @@ def overlap(text: Circuit, visual: Circuit, *, niou_formula: str = "normalised")
     niou_formula: "normalised" (ours) or "reference" (IoU − 2b, see `circuits.metrics.niou`)."""
     if text.heads.shape[:2] != visual.heads.shape[:2] or text.neurons.shape[:2] != visual.neurons.shape[:2]:
         raise ValueError("circuits come from models of different sizes")
-    out = {}
-    for span in SPANS:
-        lengths = [c.spans[span][1] - c.spans[span][0] for c in (text, visual)]
-        (th, tn), (vh, vn) = (span_masks(c, span, min(lengths)) for c in (text, visual))
-        out[span] = SpanOverlap(iou(th, vh), iou(tn, vn), niou(th, vh, niou_formula), niou(tn, vn, niou_formula))
-    return out
+    text, visual = (Circuit(c.heads[None], c.neurons[None], c.spans, c.model) for c in (text, visual))
+    return {s: SpanOverlap(*(float(v[0]) for v in _span_values(text, visual, s, niou_formula))) for s in SPANS}
+
+
+def resampled_niou(text: Circuit, visual: Circuit, *, niou_formula: str = "normalised") -> dict[str, np.ndarray]:
+    """Per span, the (B,) nIoU score (`SpanOverlap.niou`) of text[b] and visual[b]: circuits with a leading
+    resample axis (`Circuit.resampled`), one bootstrap draw a row."""
+    return {s: _score(*_span_values(text, visual, s, niou_formula)[2:]) for s in SPANS}

@@ -44,15 +44,23 @@ class Scores:
 
         With `kept` indices, nodes outside them score 0 (circuits/candidates.py certifies that no
         resampled circuit would have picked them)."""
+        h, n = (v[0] for v in self.resampled(torch.as_tensor(idx)[None]))
+        return Scores(h, n, self.spans, self.model, len(idx), self.meta)
+
+    def resampled(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(heads (B, L, H, T), neurons (B, L, I, T)): the mean scores over the pairs of each row of the (B, P')
+        index matrix idx (one bootstrap draw a row)."""
         if self.per_pair is None:
             raise ValueError("these scores kept no per-pair values: attribute(..., per_pair=True)")
-        w = torch.bincount(torch.as_tensor(idx), minlength=self.per_pair[0].shape[0]).to(self.per_pair[0].dtype)
-        w = w / len(idx)  # the mean over the draw as one product with the draw's counts (no copy of the rows)
-        h, n = ((w @ v.flatten(1)).view(v.shape[1:]) for v in self.per_pair)
+        idx = torch.as_tensor(idx)
+        dtype = self.per_pair[0].dtype
+        w = torch.zeros(len(idx), self.per_pair[0].shape[0], dtype=dtype).scatter_add_(1, idx, torch.ones(idx.shape, dtype=dtype))
+        w = w / idx.shape[1]  # the mean over a draw as one product with the draw's counts (no copy of the rows)
+        h, n = (w @ v.flatten(1) for v in self.per_pair)
         if self.kept is not None:
-            h, n = (torch.zeros(like.numel(), dtype=v.dtype).index_copy_(0, i, v).view_as(like)
+            h, n = (torch.zeros(len(idx), like.numel(), dtype=v.dtype).index_copy_(1, i, v)
                     for v, i, like in zip((h, n), self.kept, (self.heads, self.neurons)))
-        return Scores(h, n, self.spans, self.model, len(idx), self.meta)
+        return h.view(len(idx), *self.heads.shape), n.view(len(idx), *self.neurons.shape)
 
     def per_position(self) -> torch.Tensor:
         """(T,) summed signed score of every node at each position (the attributed position effect)."""
@@ -79,12 +87,13 @@ class Scores:
                    square_sums=squares)
 
 
-def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k entries of largest |score| (ties broken by index order)."""
-    flat = scores.abs().flatten()
+def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tensor:
+    """Boolean mask of the k entries of largest |score| (ties broken by index order); batched: of each
+    scores[b] (k of every row)."""
+    flat = scores.abs().flatten(int(batched))
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
+        mask.scatter_(-1, torch.topk(flat, k, sorted=False).indices, True)
     return mask.view_as(scores)
 
 
@@ -116,6 +125,17 @@ class Circuit:
         meta = {"fraction": fraction, "count": count}
         return cls(_top_mask(scores.heads, k(scores.heads)), _top_mask(scores.neurons, k(scores.neurons)),
                    scores.spans, scores.model, meta)
+
+    @classmethod
+    def resampled(cls, scores: Scores, idx, *, fraction: float) -> "Circuit":
+        """The top-`fraction` circuit of `scores` resampled by each row of the (B, P') index matrix idx, as one
+        Circuit with a leading resample axis: heads (B, L, H, T), neurons (B, L, I, T) (`Scores.resampled`)."""
+        h, n = scores.resampled(idx)
+        for t in (h, n):
+            finite(t, f"Circuit.resampled (scores of {scores.model})")
+        return cls(_top_mask(h, int(fraction * scores.heads.numel()), batched=True),
+                   _top_mask(n, int(fraction * scores.neurons.numel()), batched=True), scores.spans, scores.model,
+                   {"fraction": fraction, "count": None})
 
     @classmethod
     def full(cls, like: "Circuit | Scores", value: bool = True) -> "Circuit":

@@ -10,17 +10,29 @@ from scipy.special import gammaln
 
 def faithfulness_value(ld_c, ld_full, ld_empty, aggregation: str = "ratio_of_means") -> float:
     """Ratio of means (default, as in MIB) or mean of per-pair ratios."""
+    return float(faithfulness_values(ld_c, ld_full, ld_empty, aggregation))
+
+
+def faithfulness_values(ld_c, ld_full, ld_empty, aggregation: str = "ratio_of_means"):
+    """`faithfulness_value` over the last axis (pairs) of LDs of shape (..., P): one F per leading index,
+    e.g. per bootstrap resample (LDs gathered with a (B, P) index matrix)."""
     if aggregation == "ratio_of_means":
-        return float((ld_c.mean() - ld_empty.mean()) / (ld_full.mean() - ld_empty.mean()))
+        return (ld_c.mean(-1) - ld_empty.mean(-1)) / (ld_full.mean(-1) - ld_empty.mean(-1))
     if aggregation == "mean_of_ratios":
-        return float(((ld_c - ld_empty) / (ld_full - ld_empty)).mean())
+        return ((ld_c - ld_empty) / (ld_full - ld_empty)).mean(-1)
     raise ValueError(f"unknown aggregation {aggregation!r}: use 'ratio_of_means' or 'mean_of_ratios'")
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     """|A ∩ B| / |A ∪ B| of two boolean masks of the same shape (nan when both are empty)."""
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else float("nan")
+    return float(ious(a[None], b[None])[0])
+
+
+def ious(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """(B,) float64: `iou` of a[i] and b[i], boolean masks (B, ...) (e.g. one resampled circuit a row)."""
+    union = (a | b).flatten(1).sum(1).numpy()
+    inter = (a & b).flatten(1).sum(1).numpy()
+    return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
 
 
 def _log_choose(n, k):
@@ -50,12 +62,20 @@ def niou(a: torch.Tensor, b: torch.Tensor, formula: str = "normalised") -> float
     formula="reference": IoU − 2b, what the reference notebook's expression evaluated to (an operator
     precedence slip, docs/method.md section 11), offered only to compare with its numbers.
     """
+    return float(nious(a[None], b[None], formula)[0])
+
+
+def nious(a: torch.Tensor, b: torch.Tensor, formula: str = "normalised") -> np.ndarray:
+    """(B,) float64: `niou` of a[i] and b[i], boolean masks (B, ...) (e.g. one resampled circuit a row)."""
     if formula not in NIOU_FORMULAS:
         raise ValueError(f"formula must be one of {NIOU_FORMULAS}, got {formula!r}")
-    base = expected_iou(a.numel(), int(a.sum()), int(b.sum()))
-    value = iou(a, b)
-    if np.isnan(value) or np.isnan(base):
-        return float("nan")
+    n = a[0].numel()
+    base = np.array([expected_iou(n, int(x), int(y)) for x, y in zip(a.flatten(1).sum(1).tolist(),
+                                                                   b.flatten(1).sum(1).tolist())])
+    value = ious(a, b)
     if formula == "reference":
-        return value - 2 * base
-    return 1.0 if base >= 1.0 else max(0.0, (value - base) / (1.0 - base))
+        out = value - 2 * base
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(base >= 1.0, 1.0, np.maximum(0.0, (value - base) / (1.0 - base)))
+    return np.where(np.isnan(value) | np.isnan(base), np.nan, out)

@@ -1,6 +1,8 @@
 """summary.json and report.md: this run's numbers beside the study's reference numbers (docs/method.md section 12)."""
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ from ..analyses.interchange import MIN_MARGIN
 from ..data.pairs import SPANS
 from ..execution.store import atomic, nan_for_null, read_json, write_json
 from .labels import task_name
-from .steps import OURS, interchange_margin, interchange_readable
+from .steps import OURS, STEPS, interchange_margin, interchange_readable
 
 # Reference results (docs/method.md section 12), for comparison in the report.
 REFERENCE = {
@@ -57,7 +59,10 @@ def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
         return f"n/a (ΔF {c['margin']:.2f})".replace("-0.00", "0.00")
     if not np.isfinite(c["value"]):
         return "undefined"
-    return f"{scale * c['value']:{fmt}} [{scale * c['low']:{fmt}}, {scale * c['high']:{fmt}}]"
+    if c.get("reason"):  # too many undefined resamples for an interval (circuits/stats.py `interval`)
+        return f"{scale * c['value']:{fmt}} [n/a: {c['reason']}]"
+    left_out = f"; {c['dropped']}/{c['resamples']} resamples undefined" if c.get("dropped") else ""
+    return f"{scale * c['value']:{fmt}} [{scale * c['low']:{fmt}}, {scale * c['high']:{fmt}}{left_out}]"
 
 
 def _pct(f) -> str:
@@ -73,7 +78,8 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     changed = [f"{k} = {v}" for k, v in method.items() if v != getattr(OURS, k)]
     lines = [f"# Results on {model_name}", "",
              "Every number below is produced by `modality-circuits reproduce` (this folder's JSON files); "
-             f"brackets are 95 % bootstrap confidence intervals over prompts ({resamples} resamples). "
+             f"brackets are 95 % bootstrap confidence intervals over prompts ({resamples} resamples; resamples whose "
+             "value is undefined are left out and counted, and above 1 % of them the interval is n/a). "
              "Reference numbers are those of the study (paper; docs/method.md section 12), measured on Qwen2-VL-7B, Pixtral-12B and Gemma-3-12B.",
              "", f"Prompt wording: {settings.get('wording', 'study')} (docs/method.md section 1). Method: "
              + ("ours (docs/method.md)." if not changed else "the reference code's choices " + ", ".join(changed)
@@ -151,6 +157,9 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     lines += [("Share of the text–image gap closed here: " + ", ".join(closed) + ".") if closed else
               "No task has a positive text–image gap of more than one point, so no share of a gap is reported.",
               "![back-patching](backpatch.png)", ""]
+    lines += ["## Time", "", "Wall-clock and CPU seconds of each step, summed over the tasks (and modalities) of this "
+              "folder, as each record stores them (a step reused from an earlier run keeps that run's time).", "",
+              time_table(folder, tasks), time_sentence(folder, tasks) or "", ""]
     path = folder / "report.md"
     with atomic(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines))
@@ -170,5 +179,51 @@ def backpatch_table(folder: Path, tasks) -> str:
             c = r["config"]
             g = r["gain"]
             rows.append(f"| {task_name(t)} | {m} | ({c['src']}, {c['dst']}, {c['window']}) | {100 * r['base']['value']:.1f} | "
-                        f"{100 * r['patched']['value']:.1f} | {100 * g['value']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] |")
+                        f"{100 * r['patched']['value']:.1f} | {_ci(g, 100, '+.1f')} |")
     return "\n".join(rows) + "\n"
+
+
+def step_times(folder: Path, tasks=None) -> dict[str, dict[str, float]]:
+    """{step: {"wall_s", "cpu_s"}} summed over the step records (<task>/[<modality>/]<step>.json) of `tasks`
+    (default: every task folder) that store a time; steps without one are left out."""
+    out = {}
+    for task in tasks or sorted(p.name for p in Path(folder).iterdir() if p.is_dir()):
+        for step in STEPS:
+            for path in sorted((Path(folder) / task).glob(f"**/{step}.json")):
+                spent = read_json(path).get("time")
+                if spent:
+                    total = out.setdefault(step, {"wall_s": 0.0, "cpu_s": 0.0})
+                    total["wall_s"] += spent["wall_s"]
+                    total["cpu_s"] += spent["cpu_s"]
+    return out
+
+
+def time_table(folder: Path, tasks) -> str:
+    """Markdown table of `step_times`, with the total."""
+    times = step_times(folder, tasks)
+    rows = ["| step | wall clock (s) | CPU (s) |", "|---|---|---|"]
+    rows += [f"| {step} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} |" for step, t in times.items()]
+    rows.append(f"| total | {sum(t['wall_s'] for t in times.values()):.1f} | "
+                f"{sum(t['cpu_s'] for t in times.values()):.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+TIME_SENTENCE = re.compile(r"The study's steps took \d+ s \(wall clock; \d+ s of CPU\) for \d+ tasks?, summed over "
+                           r"the step records\.")
+
+
+def time_sentence(folder: Path, tasks=None) -> str | None:
+    """The sentence the docs quote for the study's time, from the step records (None when none stores a time).
+
+    python -m modality_circuits.study.report results/toy  prints it for the committed run."""
+    times = step_times(folder, tasks)
+    if not times:
+        return None
+    n = len(tasks) if tasks else sum(1 for p in Path(folder).iterdir() if p.is_dir() and any(p.glob("**/curve.json")))
+    wall, cpu = (sum(t[k] for t in times.values()) for k in ("wall_s", "cpu_s"))
+    return (f"The study's steps took {wall:.0f} s (wall clock; {cpu:.0f} s of CPU) for {n} task{'s' * (n != 1)}, "
+            "summed over the step records.")
+
+
+if __name__ == "__main__":
+    print(time_sentence(Path(sys.argv[1])) or f"no step record in {sys.argv[1]} stores a time")

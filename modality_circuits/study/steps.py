@@ -11,6 +11,7 @@ Layout: <out>/<model>/<task>/<modality>/{accuracy,curve,position_effect}.json, s
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,11 +26,11 @@ from safetensors.torch import load_file, save_file
 from ..analyses.alignment import alignment
 from ..analyses.backpatch import backpatch, refusal
 from ..analyses.interchange import interchange_both, margin, readable
-from ..analyses.overlap import overlap
+from ..analyses.overlap import overlap, resampled_niou
 from ..circuits.circuit import Circuit, Scores
-from ..circuits.metrics import faithfulness_value
+from ..circuits.metrics import faithfulness_values
 from ..circuits.candidates import candidates, certify
-from ..circuits.stats import CI, bootstrap, draws
+from ..circuits.stats import CI, bootstrap, bootstrap_mean, index_matrices, interval
 from ..data import tasks as task_defs
 from ..data.pairs import SPANS, build_pairs, split
 from ..execution.budget import parse as parse_budget
@@ -174,10 +175,13 @@ def _reusable(study: Study, path: Path, settings: dict | None) -> bool:
 
 def _step(study: Study, path: Path, compute):
     """Read `path` if it was made with these settings (and not study.force), else compute, write atomically
-    with the settings, and return."""
+    with the settings and the step's time (wall and CPU seconds of this process), and return."""
     if _reusable(study, path, read_json(path).get("settings") if path.exists() else None):
         return read_json(path)
-    result = {**compute(), "settings": study.settings}
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = compute()
+    result = {**result, "settings": study.settings,
+              "time": {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}}
     write_json(path, result)
     return result
 
@@ -187,7 +191,7 @@ def run_accuracy(study: Study, task: str, modality: str) -> dict:
     def compute():
         pairs = study.candidates(task, modality)
         ok = pairs_correct(study.model, pairs).float().numpy()
-        return {"accuracy": bootstrap(lambda i: ok[i].mean(), len(ok), resamples=study.resamples).as_dict(),
+        return {"accuracy": bootstrap_mean(ok, resamples=study.resamples).as_dict(),
                 "n_prompts": len(ok)}
     return _step(study, study.path(task, "accuracy.json", modality), compute)
 
@@ -227,8 +231,8 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
         _, evaluation = study.pairs(task, modality)
         agg = study.method.aggregation
         c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg, progress=False)
-        cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
-                         resamples=study.resamples).as_dict() for ld in c.ld_circuits]
+        cis = [bootstrap(lambda i, ld=ld: faithfulness_values(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
+                         resamples=study.resamples, vectorised=True).as_dict() for ld in c.ld_circuits]
         chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.argmax(c.values))]
         Circuit.from_scores(s, fraction=chosen).save(study.path(task, "circuit.safetensors", modality))
         at = c.fractions.index(chosen)
@@ -265,8 +269,7 @@ def run_position_effect(study: Study, task: str, modality: str) -> dict:
         per_span = {}
         for s, (a, b) in spans.items():
             rows = effect[a:b][~np.isnan(effect[a:b, 0])]
-            per_span[s] = bootstrap(lambda i, rows=rows: rows[:, i].mean(), effect.shape[1],
-                                    resamples=study.resamples).as_dict()
+            per_span[s] = bootstrap_mean(rows, resamples=study.resamples).as_dict()
         attributed = run_scores(study, task, modality).per_position()
         return {"per_position": effect.mean(1).tolist(), "per_span": per_span, "spans": spans,
                 "probed_positions": None if probed is None else probed, "attributed_per_position": attributed.tolist()}
@@ -281,28 +284,22 @@ def run_overlap(study: Study, task: str) -> dict:
         st, si = run_scores(study, task, "text"), run_scores(study, task, "image")
         ft, fi = (read_json(study.path(task, "curve.json", m))["circuit_fraction"] for m in ("text", "image"))
         sizes = (st.n_pairs, si.n_pairs)
-        resampled = draws(sizes, study.resamples)  # the bootstrap's own draws (seed 0)
+        resampled = index_matrices(sizes, study.resamples)  # the bootstrap's own draws (seed 0)
         note = None
         if st.per_pair is None or si.per_pair is None:  # too large to keep every pair's scores: certified candidates
-            st, si = (_candidate_scores(study, task, m, s, f, [d[j] for d in resampled])
+            st, si = (_candidate_scores(study, task, m, s, f, list(resampled[j]))
                       for j, (m, s, f) in enumerate((("text", st, ft), ("image", si, fi))))
             if st is None or si is None:
                 note = "no interval: the candidate sets could not be certified for every resample"
-        cache = {}
-
-        def draw(it, ii):
-            key = (it.tobytes(), ii.tobytes())
-            if key not in cache:
-                cache[key] = overlap(Circuit.from_scores(st.resample(it), fraction=ft),
-                                     Circuit.from_scores(si.resample(ii), fraction=fi), niou_formula=study.method.niou)
-            return cache[key]
-
+        else:
+            values = _resampled_niou(study, (st, si), (ft, fi), resampled)
+            at_all = _resampled_niou(study, (st, si), (ft, fi), [np.arange(k)[None] for k in sizes])
         result = {}
         for s in SPANS:
             if note:
                 ci = CI(point[s].niou, float("nan"), float("nan"))
             else:
-                ci = bootstrap(lambda it, ii, s=s: draw(it, ii)[s].niou, sizes, resamples=study.resamples)
+                ci = interval(at_all[s][0], values[s])  # the point: the circuits of the mean over every pair
             units = [u for u in ("heads", "neurons") if np.isfinite(getattr(point[s], f"niou_{u}"))]
             result[s] = {"niou": ci.as_dict(), "niou_heads": point[s].niou_heads, "niou_neurons": point[s].niou_neurons,
                          "iou_heads": point[s].iou_heads, "iou_neurons": point[s].iou_neurons, "niou_from": units}
@@ -314,6 +311,16 @@ def run_overlap(study: Study, task: str) -> dict:
             result["note"] = note
         return result
     return _step(study, study.path(task, "overlap.json"), compute)
+
+
+def _resampled_niou(study: Study, scores: tuple, fractions: tuple, idx: list) -> dict[str, np.ndarray]:
+    """Per span, the (B,) nIoU of the textual and visual circuits of `scores` resampled by the rows of the index
+    matrices idx (text, image), in blocks of resamples of at most about 64 MiB of scores."""
+    nodes = sum(s.heads.numel() + s.neurons.numel() for s in scores)
+    block = max(1, (64 << 20) // (4 * nodes))
+    parts = [resampled_niou(*(Circuit.resampled(s, i[b:b + block], fraction=f) for s, i, f in zip(scores, idx, fractions)),
+                            niou_formula=study.method.niou) for b in range(0, len(idx[0]), block)]
+    return {s: np.concatenate([p[s] for p in parts]) for s in SPANS}
 
 
 def _candidate_scores(study: Study, task: str, modality: str, scores: Scores, fraction: float, idx: list):
