@@ -80,11 +80,17 @@ class Scores:
 
 
 def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k entries of largest |score| (ties broken by index order)."""
+    """Boolean mask of the k entries of largest |score|, as a stable sort on (−|score|, flat index) takes them:
+    entries tied with the k-th largest go to the lowest flat indices (topk alone leaves ties to its kernel)."""
     flat = scores.abs().flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = torch.topk(flat, k).values[-1]
+    mask = flat > kth
+    tied = (flat == kth).nonzero().flatten()
+    mask[tied[: k - int(mask.sum())]] = True
     return mask.view_as(scores)
 
 
