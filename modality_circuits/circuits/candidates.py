@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .circuit import Scores
+from .circuit import Scores, _top_mask
 
 
 def _k(t: torch.Tensor, fraction: float) -> int:
@@ -40,7 +40,7 @@ def candidates(scores: Scores, fraction: float, draws: list[np.ndarray], slack: 
             continue
         tau = torch.topk(mean.abs().flatten(), k).values[-1]
         bound = w_max * squares.flatten().clamp_min(0).sqrt() / P
-        top = torch.topk(mean.abs().flatten(), k).indices
+        top = _top_mask(mean, k).flatten().nonzero().flatten()  # the circuit's own nodes, ties as it breaks them
         out.append(torch.unique(torch.cat([top, (bound >= slack * tau).nonzero().flatten()])))
     return out[0], out[1]
 

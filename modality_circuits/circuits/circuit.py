@@ -88,12 +88,14 @@ class Scores:
 
 
 def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tensor:
-    """Boolean mask of the k entries of largest |score| (ties broken by index order); batched: of each
-    scores[b] (k of every row)."""
+    """Boolean mask of the k entries of largest |score|, as a stable sort on (−|score|, flat index) takes them:
+    entries tied with the k-th largest go to the lowest flat indices (topk alone leaves ties to its kernel).
+    batched: of each scores[b] (k of every row)."""
     flat = scores.abs().flatten(int(batched))
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        mask.scatter_(-1, torch.topk(flat, k, sorted=False).indices, True)
+        order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :k]
+        mask.scatter_(-1, order, True)
     return mask.view_as(scores)
 
 

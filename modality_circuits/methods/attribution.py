@@ -31,8 +31,9 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     inputs e', e once (the vision tower runs once per prompt). rows: the decoder inputs of the
     P·(k+1) interpolation rows, whose layer-0 input is replaced by x_j = e' + α_j (e − e'), computed
     in float32 and cast to the model's dtype. Head (L, T, H) and neuron (L, T, I) scores (float32)
-    summed over pairs, and their squares summed over pairs, are added, chunk by chunk and on the
-    server, to `totals` (four running sums or Nones); returns the new sums and each chunk's per-pair
+    and their squares are added to `totals` (four running sums or Nones) one pair at a time, in the
+    pairs' order, on the server: the sums are the same bits however the pairs are cut into chunks
+    (docs/reproducibility.md). Returns the new sums and each chunk's per-pair
     scores: all of them (per_pair=True, (P, L, units, T)), those at the flat indices of the Scores
     layout per_pair=(head index, neuron index) ((P, n_kept) each), or none (per_pair=False).
     absolute: score |Δa · mean ∇| per element, summed over a head's elements (the reference's head score);
@@ -102,7 +103,12 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                                 s = s.abs()
                             if j == 0:
                                 s = s.view(*s.shape[:2], H, -1).sum(-1)  # (P, T, heads)
-                            sums[j][i], squares[j][i] = s.sum(0), (s * s).sum(0)
+                            run, run_sq = (heads_sum, heads_sq) if j == 0 else (neurons_sum, neurons_sq)
+                            run, run_sq = ((torch.zeros_like(s[0]), torch.zeros_like(s[0])) if run is None else  # no pair yet
+                                           (run[i].to(s.device), run_sq[i].to(s.device)))
+                            for one in s:  # pair by pair, in order: no sum depends on the chunks' composition
+                                run, run_sq = run + one, run_sq + one * one
+                            sums[j][i], squares[j][i] = run, run_sq
                             if keep_all or index is not None:
                                 each[j][i] = s
             del e0, e_cf, e, a, x, heads, neurons, logits, ld, metric  # the next chunk must not hold these too
@@ -113,11 +119,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
             elif index is not None:  # (P, n_kept) at flat indices of the (L, units, T) layout
                 kept.append(tuple(torch.stack(v).permute(1, 0, 3, 2).flatten(1)[:, i.to(v[0].device)].cpu()
                                   for v, i in zip(each, index)))
-            sums, squares = [torch.stack(v) for v in sums], [torch.stack(v) for v in squares]  # (L, T, units)
-            heads_sum = sums[0] if heads_sum is None else heads_sum + sums[0]
-            neurons_sum = sums[1] if neurons_sum is None else neurons_sum + sums[1]
-            heads_sq = squares[0] if heads_sq is None else heads_sq + squares[0]
-            neurons_sq = squares[1] if neurons_sq is None else neurons_sq + squares[1]
+            heads_sum, neurons_sum = (torch.stack(v) for v in sums)  # (L, T, units): the running sums so far
+            heads_sq, neurons_sq = (torch.stack(v) for v in squares)
         result = nnsight.save((heads_sum, neurons_sum, heads_sq, neurons_sq, kept))
     return result
 
@@ -156,24 +159,24 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
                          f"got {head_score!r}, {interpolate!r}")
     hold = model.image_mask(pairs[0].inputs["input_ids"][0]).cpu() if interpolate == "tokens" else None
     per_chunk = max(1, budget.rows(model, pairs[0].length, backward=True, max_rows=max_rows) // (steps + 1))
-    chunks = requests.chunked(pairs, per_chunk)
-    state = {"done": 0, "heads": None, "neurons": None, "heads_sq": None, "neurons_sq": None, "kept": []}
+    state = {"done": 0, "heads": None, "neurons": None, "heads_sq": None, "neurons_sq": None, "kept": []}  # done: pairs
     store = None
-    if checkpoint is not None:
+    if checkpoint is not None:  # keyed on what the sums depend on; never on the chunk size (free memory)
         store = Checkpoint(checkpoint, fingerprint(
             "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps, head_score, interpolate,
-            per_pair if isinstance(per_pair, tuple) else bool(per_pair), per_chunk,
+            per_pair if isinstance(per_pair, tuple) else bool(per_pair),
             [(p.inputs, p.cf_inputs, p.answer_id, p.cf_answer_id) for p in pairs]))
         state = store.load() or state
-    for group in requests.requests(model, chunks[state["done"]:], desc=f"attribute k={steps}", progress=progress,
-                                   done=state["done"]):
+    chunks = requests.chunked(pairs[state["done"]:], per_chunk)
+    for group in requests.requests(model, chunks, desc=f"attribute k={steps}", progress=progress,
+                                   done=len(requests.chunked(pairs[:state["done"]], per_chunk))):
         work = [(model.prepare(batch([p.cf_inputs for p in chunk] + [p.inputs for p in chunk])),
                  model.prepare(model.decoder_inputs(_ig_rows(chunk, steps))), answers(chunk)) for chunk in group]
         totals = (state["heads"], state["neurons"], state["heads_sq"], state["neurons_sq"])
         h, n, hq, nq, kept = model.call(_ig_session, work, steps, per_pair, totals, head_score == "abs_elementwise", hold)
         for sums in (h, n):  # checked before a checkpoint keeps them
             finite(sums, "attribute", model)
-        state = {"done": state["done"] + len(group), "heads": h, "neurons": n, "heads_sq": hq, "neurons_sq": nq,
+        state = {"done": state["done"] + sum(map(len, group)), "heads": h, "neurons": n, "heads_sq": hq, "neurons_sq": nq,
                  "kept": state["kept"] + list(kept)}
         if store is not None:
             store.save(state)

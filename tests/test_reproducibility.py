@@ -1,0 +1,103 @@
+"""Same inputs, same numbers: results that do not depend on free memory, chunking, task order or resume point."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from modality_circuits.circuits.circuit import Circuit, _top_mask
+from modality_circuits.data.pairs import build_pairs
+from modality_circuits.methods.attribution import attribute
+from modality_circuits.study.cli import main
+
+
+@pytest.fixture
+def budget(llava):
+    """Set the model's memory budget for one test (restored after)."""
+    before = llava.memory_budget
+
+    def set_to(value):
+        llava.memory_budget = value
+
+    yield set_to
+    llava.memory_budget = before
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_attribution_is_the_same_bits_for_any_chunking(llava, budget, modality):
+    """max_rows 1, 3, unlimited and two memory budgets: identical sums (bit for bit on the CPU) and node sets;
+    the mean also equals the mean of the per-pair scores taken separately."""
+    pairs = build_pairs("counting", modality, llava, n=8, seed=1)
+    runs = []
+    for max_rows, memory in ((1, "64GB"), (3, "64GB"), (None, "64GB"), (None, 1), (None, "auto")):
+        budget(memory)
+        runs.append(attribute(llava, pairs, steps=3, max_rows=max_rows, per_pair=True, progress=False))
+    first = runs[0]
+    for other in runs[1:]:
+        for a, b in ((first.heads, other.heads), (first.neurons, other.neurons), *zip(first.square_sums, other.square_sums)):
+            assert torch.equal(a, b)
+        for fraction in (0.01, 0.05, 0.2):
+            assert Circuit.from_scores(first, fraction=fraction) == Circuit.from_scores(other, fraction=fraction)
+    mean = first.per_pair[0].double().mean(0).float()  # independent: the per-pair values, averaged here
+    torch.testing.assert_close(first.heads, mean, rtol=1e-5, atol=1e-7)
+
+
+def test_top_mask_breaks_ties_by_the_lowest_index():
+    """Many exact ties: the kept set is the first k of a stable sort on (-|score|, index), computed in Python."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (5000,), generator=g).float() * torch.randn(5000, generator=g).sign()
+    for k in (0, 1, 700, 1500, 4999, 5000):
+        expected = torch.zeros(5000, dtype=torch.bool)
+        expected[sorted(range(5000), key=lambda i: (-abs(scores[i].item()), i))[:k]] = True
+        assert torch.equal(_top_mask(scores.view(50, 100), k).flatten(), expected)
+
+
+def test_a_checkpoint_resumes_under_any_budget(llava, budget, tmp_path, monkeypatch):
+    """Interrupted after two requests under a small budget, the same call under another budget resumes (no warning,
+    only the rest of the pairs computed) and gives the bits of an uninterrupted run."""
+    pairs = build_pairs("counting", "text", llava, n=6, seed=3)
+    budget("64GB")
+    whole = attribute(llava, pairs, steps=2, progress=False)
+    path, calls, real = tmp_path / "ig.safetensors", [], llava.call
+
+    def counted(body, work, *args):
+        calls.append(sum(len(ids) for _, _, ids in work))  # pairs in this request
+        if len(calls) > 2 and stop:
+            raise KeyboardInterrupt
+        return real(body, work, *args)
+
+    monkeypatch.setattr(llava, "call", counted)
+    monkeypatch.setattr(llava, "chunks_per_request", 1)
+    stop = True
+    budget(1)  # one pair a chunk
+    with pytest.raises(KeyboardInterrupt):
+        attribute(llava, pairs, steps=2, progress=False, checkpoint=path)
+    stop, done, calls[:] = False, sum(calls[:2]), []
+    budget("auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "belongs to another run; starting over" would fail here
+        resumed = attribute(llava, pairs, steps=2, progress=False, checkpoint=path)
+    assert 0 < done < len(pairs) and sum(calls) == len(pairs) - done
+    assert torch.equal(resumed.heads, whole.heads) and torch.equal(resumed.neurons, whole.neurons)
+
+
+def test_a_study_is_the_same_for_any_budget_and_task_order(tmp_path):
+    """Two runs, tasks in either order, one forward row at a time or as many as fit: the same scores and circuits
+    (bit for bit) and the same summary after the report's rounding."""
+    args = ["reproduce", "--model", "tiny-llava", "--n", "8", "--resamples", "20", "--all-prompts"]
+    main([*args, "--tasks", "counting", "sentiment", "--memory-budget", "1", "--out", str(tmp_path / "a")])
+    main([*args, "--tasks", "sentiment", "counting", "--out", str(tmp_path / "b")])
+    a, b = tmp_path / "a" / "tiny-llava", tmp_path / "b" / "tiny-llava"
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors") if ".cache" not in p.parts)
+    assert len(files) == 8
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+    def rounded(x):
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rounded(v) for v in x]
+        return round(x, 2) if isinstance(x, float) else x
+
+    assert rounded(json.loads((a / "summary.json").read_text())) == rounded(json.loads((b / "summary.json").read_text()))
