@@ -41,12 +41,13 @@ def expected_iou(n: int, size_a: int, size_b: int) -> float:
     return float((pmf * x / (size_a + size_b - x)).sum())
 
 
-NIOU_FORMULAS = ("normalised", "reference")
+NIOU_FORMULAS = ("normalised", "unclipped", "reference")
 
 
 def niou(a: torch.Tensor, b: torch.Tensor, formula: str = "normalised") -> float:
     """max(0, (IoU − b) / (1 − b)) with b the expected IoU of random sets of the same sizes.
 
+    formula="unclipped": (IoU − b) / (1 − b), negative when the sets overlap less than chance.
     formula="reference": IoU − 2b, what the reference notebook's expression evaluated to (an operator
     precedence slip, docs/method.md section 11), offered only to compare with its numbers.
     """
@@ -58,4 +59,7 @@ def niou(a: torch.Tensor, b: torch.Tensor, formula: str = "normalised") -> float
         return float("nan")
     if formula == "reference":
         return value - 2 * base
-    return 1.0 if base >= 1.0 else max(0.0, (value - base) / (1.0 - base))
+    if base >= 1.0:
+        return 1.0
+    normalised = (value - base) / (1.0 - base)
+    return normalised if formula == "unclipped" else max(0.0, normalised)
