@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modality_circuits.analyses.interchange import MIN_MARGIN
 from modality_circuits.data.pairs import SPANS
 from modality_circuits.execution.store import atomic, nan_for_null, read_json
 from modality_circuits.study import steps
@@ -35,11 +36,16 @@ def findings(folder: Path, task: str) -> dict:
     inter = nan_for_null(read_json(folder / task / "interchange.json"))
     gain = nan_for_null(read_json(folder / task / "backpatch.json"))["image"]["gain"]
     return {"fraction": {m: curve[m]["circuit_fraction"] for m in curve},
-            "niou": {s: overlap[s]["niou"] for s in SPANS}, "interchange": {s: inter[s]["score"] for s in SPANS},
+            "niou": {s: overlap[s]["niou"] for s in SPANS},
+            "interchange": {s: {**inter[s]["score"], "margin": steps.interchange_margin(inter[s]),
+                                "interpretable": steps.interchange_readable(inter[s])} for s in SPANS},
             "gain": {k: 100 * v for k, v in gain.items()}}
 
 
 def _ci(c: dict) -> str:
+    """A CI dict as text; an interchange score whose denominator is noise reads n/a with its margin ΔF."""
+    if not c.get("interpretable", True):
+        return f"n/a (ΔF {c['margin']:.2f})".replace("-0.00", "0.00")
     return "n/a" if not np.isfinite(c["value"]) else f"{c['value']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
 
 
@@ -71,6 +77,7 @@ def figure(results: dict, tasks, path: Path) -> Path:
         for k, t in enumerate(tasks):
             y = np.arange(len(names)) + k * (len(names) + 1)
             cis = [get(results[n][t]) for n in names]
+            cis = [c if c.get("interpretable", True) else dict(c, value=np.nan) for c in cis]  # n/a: not drawn
             v = np.array([c["value"] for c in cis])
             err = np.array([[max(c["value"] - c["low"], 0), max(c["high"] - c["value"], 0)] for c in cis]).T
             ax.errorbar(v, y, xerr=err, fmt="o", ms=4, capsize=2, color=f"C{k}", label=task_name(t))
@@ -112,8 +119,9 @@ def main(argv=None) -> None:
     tasks = [t for t in args.tasks if all(t in r for r in results.values())]
     text = (f"# Method ablation on {model.name}\n\n`python experiments/method_ablation.py --model {args.model}` "
             f"({args.resamples} bootstrap resamples; n = {args.n}). Variants: ours; the reference code's choices all at "
-            "once; each single reference choice alone (docs/method.md section 11). Interchange scores are shown "
-            "whether or not their margin makes them readable (the study's report marks those n/a)."
+            "once; each single reference choice alone (docs/method.md section 11). An interchange score reads n/a, with "
+            "its margin ΔF = F(original) − F(random) beside it, where ΔF is below "
+            f"{MIN_MARGIN} in either direction: its denominator is noise (docs/method.md section 6)."
             + (f" Not run: {', '.join(skipped)} (this family's positions are 1-D already, so it equals ours)."
                if skipped else "") + "\n\n" + table(results, tasks))
     with atomic(base / "method_ablation.md") as tmp, open(tmp, "w") as f:

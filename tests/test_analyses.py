@@ -123,6 +123,57 @@ def test_backpatch_split_is_disjoint_and_config_from_selection(llava):
     assert res.gain.value == pytest.approx(res.patched.value - res.base.value)
 
 
+@pytest.mark.parametrize("accuracy", ["answer_set", "top1"])
+@pytest.mark.parametrize("name, task", [("tiny-llava", "counting"), ("toy", "arithmetic")])
+def test_backpatch_accuracies_by_hand(name, task, accuracy):
+    """Test-split accuracies from plain forwards (unpatched) and a plain-torch hook writing layer src's data-position
+    output into layer dst's (patched): the right answer is the argmax over the task's answers, or over the vocabulary.
+    (The random tiny model answers within the answer set by chance only; the trained toy gains or loses by patching.)"""
+    from conftest import get_tiny
+
+    from modality_circuits.analyses.backpatch import answer_ids
+    from modality_circuits.zoo import load_model
+
+    model = get_tiny("model") if name == "tiny-model" else load_model(name)
+    pairs = build_pairs(task, "image", model, n=16, seed=4)
+    config = (model.n_layers - 1, 0, 1)
+    res = backpatch(model, pairs, configs=[config], resamples=20, accuracy=accuracy)
+    _, test = split(pairs, 0.5)
+    answers = answer_ids(model, pairs)
+    layers = model.layers(model.hf_model)
+
+    def correct(p, patch):
+        cache = {}
+
+        def keep(module, args, output):
+            cache["h"] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+        def write(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h[:, start:end] = cache["h"][:, start:end]
+            return output
+
+        start, end = p.spans["D"]
+        with torch.no_grad():
+            if patch:
+                handle = layers[config[0]].register_forward_hook(keep)
+                model.hf_model(**p.inputs)
+                handle.remove()
+                handle = layers[config[1]].register_forward_hook(write)
+            logits = model.hf_model(**p.inputs).logits[0, -1]
+            if patch:
+                handle.remove()
+        if accuracy == "top1":
+            return int(logits.argmax()) == p.answer_id
+        return int(answers[logits[answers].argmax()]) == p.answer_id
+
+    base, patched = (np.mean([correct(p, patch) for p in test]) for patch in (False, True))
+    assert res.accuracy == accuracy and res.n_test == len(test)
+    assert res.base.value == pytest.approx(base) and res.patched.value == pytest.approx(patched)
+    if name == "toy":
+        assert base > 0.5 and patched != base
+
+
 def test_split_drops_repeated_prompts(llava):
     pairs = build_pairs("counting", "text", llava, n=4, seed=0)
     a, b = split(pairs + pairs, 0.5)
@@ -140,6 +191,54 @@ def test_alignment_per_layer(llava):
     posing = [dataclasses.replace(p, prompt=dataclasses.replace(p.prompt, modality="image")) for p in text]
     self_sim = alignment(llava, posing, text, resamples=10)
     torch.testing.assert_close(self_sim.per_layer, torch.ones(llava.n_layers), atol=1e-5, rtol=0)
+
+
+def _residuals(model, inputs) -> torch.Tensor:
+    """(L, T, d) float32 output of every decoder layer for one prompt, by plain forward hooks."""
+    outs = []
+
+    def grab(module, args, output):
+        outs.append((output[0] if isinstance(output, tuple) else output)[0].detach().float())
+
+    handles = [layer.register_forward_hook(grab) for layer in model.layers(model.hf_model)]
+    try:
+        with torch.no_grad():
+            model.hf_model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("family", ["llava", "pixtral"])  # pixtral: [IMG_BREAK]/[IMG_END] markers inside D
+def test_alignment_options_match_plain_hooks(family):
+    """Mean over image positions of the max cosine over text positions, per layer, from plain hooks: D vs image
+    tokens only on the visual side, D vs every token on the textual side."""
+    from conftest import get_tiny
+
+    model = get_tiny(family)
+    image = build_pairs("counting", "image", model, n=3, seed=1)
+    text = build_pairs("counting", "text", model, n=3, seed=1)
+    values = {}
+    for image_tokens in ("span", "image"):
+        for text_tokens in ("data", "all"):
+            expect = []
+            for p_img, p_txt in zip(image, text):
+                (i0, i1), (t0, t1) = p_img.spans["D"], p_txt.spans["D"]
+                pos = torch.arange(i0, i1)
+                if image_tokens == "image":
+                    ids = p_img.inputs["input_ids"][0, i0:i1]
+                    pos = pos[ids == model.hf_model.config.image_token_id]  # the image token, not the markers
+                tpos = torch.arange(t0, t1) if text_tokens == "data" else torch.arange(p_txt.length)
+                h = torch.nn.functional.normalize(_residuals(model, p_img.inputs)[:, pos], dim=-1)
+                g = torch.nn.functional.normalize(_residuals(model, p_txt.inputs)[:, tpos], dim=-1)
+                expect.append((h @ g.transpose(-1, -2)).max(-1).values.mean(-1))  # (L,)
+            got = alignment(model, image, text, resamples=10, text_tokens=text_tokens, image_tokens=image_tokens)
+            torch.testing.assert_close(got.per_layer, torch.stack(expect).mean(0), atol=1e-5, rtol=1e-4)
+            values[image_tokens, text_tokens] = got.per_layer
+    assert (values["span", "all"] - values["span", "data"]).abs().max() > 1e-3  # the options change the number
+    if family == "pixtral":
+        assert (values["image", "data"] - values["span", "data"]).abs().max() > 1e-4
 
 
 def test_bootstrap_interval():

@@ -97,3 +97,33 @@ def test_backpatch_chosen_on_the_reported_prompts(llava):
 def test_reference_study_turns_every_choice_on(llava, tmp_path):
     study = Study(llava, out=str(tmp_path), tasks=("counting",), n=8, resamples=20, all_prompts=True, reference=True)
     assert study.method == REFERENCE and study.settings["method"]["niou"] == "reference"
+
+
+def test_per_component_position_effect_is_the_summed_absolute_node_score():
+    """The study's per-position view: |score| of every head and neuron at a position, summed (a loop by hand)."""
+    from modality_circuits.circuits.circuit import Scores
+
+    g = torch.Generator().manual_seed(0)
+    heads, neurons = torch.randn(2, 3, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    s = Scores(heads, neurons, {"D": (0, 2), "Q": (2, 4), "G": (4, 5)}, "hand", 1)
+    for absolute in (False, True):
+        f = abs if absolute else (lambda v: v)
+        expect = [sum(f(float(heads[l, u, t])) for l in range(2) for u in range(3))
+                  + sum(f(float(neurons[l, u, t])) for l in range(2) for u in range(4)) for t in range(5)]
+        torch.testing.assert_close(s.per_position(absolute=absolute), torch.tensor(expect))
+    assert (s.per_position(absolute=True) > s.per_position().abs()).any()  # signed scores cancel, |·| do not
+
+
+def test_unclipped_niou_by_enumeration():
+    """b = E[IoU] of random subsets, by enumerating every pair of subsets; nIoU = (IoU − b) / (1 − b), clipped at 0
+    by default. Disjoint sets overlap less than chance: negative unclipped, 0 clipped."""
+    import itertools
+
+    n = 6
+    subsets = list(itertools.combinations(range(n), 2))
+    b = sum(len(set(x) & set(y)) / len(set(x) | set(y)) for x in subsets for y in subsets) / len(subsets) ** 2
+    a, c, d = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
+    a[:2], c[2:4], d[1:3] = True, True, True
+    assert niou(a, c, "unclipped") == pytest.approx((0 - b) / (1 - b)) and niou(a, c) == 0.0  # disjoint
+    assert niou(a, d, "unclipped") == pytest.approx((1 / 3 - b) / (1 - b)) == niou(a, d)  # above chance: unchanged
+    assert niou(a, a, "unclipped") == pytest.approx(1.0)

@@ -124,6 +124,29 @@ def test_report_marks_an_uninterpretable_interchange_score(study_dir, tmp_path):
     assert "nan" not in report.lower()
 
 
+def test_report_labels_clipping_fallbacks_and_accuracy_kinds(study_dir, tmp_path):
+    """An nIoU clipped at 0 shows its unclipped value, a span scored from one unit type is marked with the reason,
+    and the two accuracies (top-1; back-patching's answer set) are named where they are shown."""
+    import shutil
+
+    from modality_circuits.study.report import write_report
+    folder = tmp_path / "copy"
+    shutil.copytree(study_dir, folder)
+    path = folder / "counting" / "overlap.json"
+    ov = json.loads(path.read_text())
+    ov["Q"]["niou"], ov["Q"]["niou_unclipped"] = {"value": 0.0, "low": 0.0, "high": 0.1}, -0.25
+    ov["D"]["niou_reason"] = "no head of either circuit is in D: the score is the neuron nIoU alone"
+    path.write_text(json.dumps(ov))
+    report = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text()
+    section = report.split("## Overlap")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| counting |")).split("|")
+    assert row[3].strip() == "0.00 [0.00, 0.10] (unclipped -0.25)" and row[2].strip().endswith("†")
+    assert "counting, D: no head of either circuit is in D" in section
+    accuracy = report.split("## Accuracy")[1].split("\n## ")[0]
+    assert "| task | text (top-1) | image (top-1) |" in accuracy
+    assert "accuracy before (answer set, %)" in report.split("## Back-patching")[1]
+
+
 def test_readme_cli_lines_leave_the_committed_results_and_reproduce_reuses_them(tmp_path):
     """One writer per file: the README's per-step commands run the study's steps, reusing what reproduce wrote."""
     import re

@@ -3,7 +3,8 @@
 Run a prompt once and cache the decoder-layer outputs at the data positions (the image tokens
 of a visual prompt, the data tokens of a textual one). Run it again and make layer dst output,
 at those positions, the cached output of layer src ≥ dst — for w consecutive layer pairs
-(src+i, dst+i). src = dst changes nothing. Scored by accuracy over the task's answer set.
+(src+i, dst+i). src = dst changes nothing. Scored by accuracy over the task's answer set (the right answer
+scores highest among the task's answers; the study's choice), or top-1 over the vocabulary (`accuracy="top1"`).
 
 A model with prefix-LM attention (`Adapter.attention` "prefix") is refused (`refusal`) unless
 allow_prefix_attention=True: its data positions see the question.
@@ -64,7 +65,7 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     or the pass starts from e (the vision tower runs once per prompt). With injected visual features
     (`Adapter.injections`) the cached and written values are the stream the next layer reads, features
     included. Returns each chunk's
-    (n, P, V) last-position logits (float32), or only the columns `ids`.
+    (n, P, V) last-position logits (float32), or only the columns `ids` and, last, the maximum over the vocabulary.
     """
     start, end = span
     root, layers, opts = model.nn, model.layers(), model.FORWARD
@@ -110,8 +111,8 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
                         if add:
                             layers[i].output = h
                 logits = root.output.logits[:, -1].float()
-            if ids is not None:
-                logits = logits[:, ids.to(logits.device)]
+            if ids is not None:  # the answer columns, then the vocabulary's maximum (top-1 accuracy reads it)
+                logits = torch.cat([logits[:, ids.to(logits.device)], logits.max(-1, keepdim=True).values], -1)
             out.append(logits.cpu().view(n, P, -1))
             del logits  # the next chunk must not hold these too
         result = nnsight.save(out)
@@ -119,11 +120,13 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
 
 
 def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_rows: int | None = None,
-                     ids=None, progress: bool = False, allow_prefix_attention: bool = False) -> torch.Tensor:
+                     ids=None, progress: bool = False, allow_prefix_attention: bool = False,
+                     vocab_max: bool = False) -> torch.Tensor:
     """(C, P, V) last-position logits (float32) of every pair under every back-patching config.
 
     ids: token ids to keep (e.g. the task's answer set): (C, P, len(ids)), so that remote runs send
-    back a few logits instead of the vocabulary. Prompts and configs are split by the memory budget;
+    back a few logits instead of the vocabulary; vocab_max=True (with ids) appends the maximum logit over
+    the whole vocabulary as a last column: (C, P, len(ids) + 1). Prompts and configs are split by the memory budget;
     configs are grouped by dst so that the layers below it are skipped. Remote: each request is one
     session whose first pass caches the residuals on the server. allow_prefix_attention: run on a model
     with prefix-LM attention, which is refused otherwise (`refusal`).
@@ -134,6 +137,8 @@ def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_row
     for src, dst, w in configs:
         if not (0 <= dst <= src and src + w <= L and w >= 1):
             raise ValueError(f"config (src={src}, dst={dst}, window={w}) needs 0 <= dst <= src and src + window <= {L}")
+    if vocab_max and ids is None:
+        raise ValueError("vocab_max=True needs ids (without them every logit comes back)")
     ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
     order = sorted(range(len(configs)), key=lambda c: configs[c][1])  # by dst, stable
     skip_below = () if model.adapter.layer_returns_tuple else tuple(sorted({d for _, d, _ in configs if d > 0}))
@@ -158,12 +163,22 @@ def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_row
                                           model.adapter.vision_inputs, skip_below, desc="back-patching",
                                           progress=progress), 0))
     logits = finite(torch.cat(out, 1), "backpatch_logits", model)  # (C, P, V), configs in dst order
-    return logits[torch.argsort(torch.tensor(order))]
+    logits = logits[torch.argsort(torch.tensor(order))]
+    return logits[..., :-1] if ids is not None and not vocab_max else logits
 
 
-def _correct_among(logits: torch.Tensor, pairs: list[Pair], answers: torch.Tensor) -> torch.Tensor:
-    """(..., P) bool: of the task's answer set (logits restricted to its columns `answers`), the right one scores highest."""
-    return answers[logits.argmax(-1)] == torch.tensor([p.answer_id for p in pairs])
+def _correct_among(logits: torch.Tensor, pairs: list[Pair], answers: torch.Tensor, accuracy: str = "answer_set"
+                   ) -> torch.Tensor:
+    """(..., P) bool from logits (..., P, len(answers) + 1): the answer-set columns, then the vocabulary maximum.
+
+    accuracy="answer_set": of the task's answers the right one scores highest; "top1": the right answer's logit
+    is the vocabulary's maximum (the model's greedy next token, as `methods.predict.pairs_correct` counts it)."""
+    right = torch.tensor([p.answer_id for p in pairs])
+    if accuracy == "top1":
+        column = (answers.view(-1, 1) == right.view(1, -1)).int().argmax(0)  # (P,) the right answer's column
+        own = logits[..., :-1].gather(-1, column.view(-1, 1).expand(*logits.shape[:-1], 1))[..., 0]
+        return own >= logits[..., -1]
+    return answers[logits[..., :-1].argmax(-1)] == right
 
 
 def default_configs(n_layers: int, windows=(1, 2), max_configs: int = 120) -> list[Config]:
@@ -186,41 +201,47 @@ class Backpatch:
     gain: CI  # patched − base on the test split (paired bootstrap)
     n_selection: int
     n_test: int
+    accuracy: str = "answer_set"  # what the accuracies count (`ACCURACIES`)
 
 
 SELECTIONS = ("split", "reported")
+ACCURACIES = ("answer_set", "top1")
 
 
 def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, selection_fraction: float = 0.5,
               resamples: int = 1000, seed: int = 0, select_on: str = "split", progress: bool = True,
-              allow_prefix_attention: bool = False) -> Backpatch:
+              allow_prefix_attention: bool = False, accuracy: str = "answer_set") -> Backpatch:
     """Choose (src, dst, window) on a selection split, report the accuracy gain on the disjoint test split.
 
     select_on="reported": choose on the very prompts whose accuracy is reported, as the reference code
     did (selection bias: docs/method.md section 11); both "splits" are then all distinct prompts.
     allow_prefix_attention: run on a model with prefix-LM attention, where the data positions see the question;
-    refused otherwise, with the reason (`refusal`: the gain then does not mean what section 8 says)."""
+    refused otherwise, with the reason (`refusal`: the gain then does not mean what section 8 says).
+    accuracy: "answer_set" (the study's: the right answer scores highest among the task's answers) or "top1"
+    (the right answer is the greedy next token over the whole vocabulary, as the study step's accuracy counts)."""
     _refuse(model, allow_prefix_attention)
     if select_on not in SELECTIONS:
         raise ValueError(f"select_on must be one of {SELECTIONS}, got {select_on!r}")
+    if accuracy not in ACCURACIES:
+        raise ValueError(f"accuracy must be one of {ACCURACIES}, got {accuracy!r}")
     selection, test = split(pairs, selection_fraction)
     if select_on == "reported":
         selection = test = selection + test
     configs = configs or default_configs(model.n_layers)
     answers = answer_ids(model, pairs)
-    # only the answer-set logits travel: argmax over them is what `correct` reads
-    allow = {"allow_prefix_attention": allow_prefix_attention}
-    base_sel = _correct_among(backpatch_logits(model, selection, [(0, 0, 1)], ids=answers, **allow)[0], selection,
-                              answers)
+    # only the answer-set logits and the vocabulary maximum travel: all that either accuracy reads
+    allow = {"allow_prefix_attention": allow_prefix_attention, "ids": answers, "vocab_max": True}
+    base_sel = _correct_among(backpatch_logits(model, selection, [(0, 0, 1)], **allow)[0], selection, answers,
+                              accuracy)
     base_sel = base_sel.float().mean()
-    acc = _correct_among(backpatch_logits(model, selection, configs, ids=answers, progress=progress, **allow),
-                         selection, answers).float().mean(-1)
+    acc = _correct_among(backpatch_logits(model, selection, configs, progress=progress, **allow),
+                         selection, answers, accuracy).float().mean(-1)
     best = int(acc.argmax())  # ties: the first in the grid
-    both = backpatch_logits(model, test, [(0, 0, 1), configs[best]], ids=answers, **allow)
-    ok = _correct_among(both, test, answers).float()  # (2, P)
+    both = backpatch_logits(model, test, [(0, 0, 1), configs[best]], **allow)
+    ok = _correct_among(both, test, answers, accuracy).float()  # (2, P)
     n = len(test)
     return Backpatch(
         configs[best], {"base": float(base_sel), **{str(c): float(a) for c, a in zip(configs, acc)}},
         *(bootstrap_mean(x, resamples=resamples, seed=seed) for x in (ok[0], ok[1], ok[1] - ok[0])),
-        len(selection), n,
+        len(selection), n, accuracy,
     )

@@ -101,7 +101,8 @@ class Interchange:
 
     def __repr__(self) -> str:
         mean_random = sum(self.f_random) / len(self.f_random)
-        return (f"Interchange(span {self.span}: score {self.ci}{'' if self.interpretable else ' (not interpretable)'}; "
+        score = self.ci if self.interpretable else f"n/a (margin {self.margin:.3f}: the denominator is noise)"
+        return (f"Interchange(span {self.span}: score {score}; "
                 f"F original {self.f_original:.3f}, swapped {self.f_swapped:.3f}, random {mean_random:.3f} "
                 f"({len(self.f_random)} draws); margin {self.margin:.3f})")
 
@@ -165,8 +166,11 @@ class CrossInterchange:
         return self.visual.interpretable and self.text.interpretable
 
     def __repr__(self) -> str:
+        if not self.interpretable:  # a ratio whose denominator is noise is not shown
+            margins = f"margins visual {self.visual.margin:.3f}, text {self.text.margin:.3f}"
+            return f"CrossInterchange({self.span}: score n/a ({margins}: the denominator is noise))"
         return (f"CrossInterchange({self.span}: score {self.score}, visual {self.visual.score:.3f}, "
-                f"text {self.text.score:.3f}{'' if self.interpretable else ', not interpretable'})")
+                f"text {self.text.score:.3f})")
 
 
 def interchange_both(model, text: Circuit, image: Circuit, text_pairs: list[Pair], image_pairs: list[Pair], span: str,

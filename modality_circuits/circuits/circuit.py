@@ -62,9 +62,11 @@ class Scores:
                     for v, i, like in zip((h, n), self.kept, (self.heads, self.neurons)))
         return h.view(len(idx), *self.heads.shape), n.view(len(idx), *self.neurons.shape)
 
-    def per_position(self) -> torch.Tensor:
-        """(T,) summed signed score of every node at each position (the attributed position effect)."""
-        return self.heads.sum((0, 1)) + self.neurons.sum((0, 1))
+    def per_position(self, absolute: bool = False) -> torch.Tensor:
+        """(T,) summed signed score of every node at each position (the attributed position effect);
+        absolute=True sums |score| per node instead (the study's per-position view: per-component effects)."""
+        heads, neurons = (self.heads.abs(), self.neurons.abs()) if absolute else (self.heads, self.neurons)
+        return heads.sum((0, 1)) + neurons.sum((0, 1))
 
     def __repr__(self) -> str:
         return (f"Scores({self.model}, {self.n_pairs} pairs, heads {tuple(self.heads.shape)}, neurons "

@@ -53,12 +53,13 @@ def expected_iou(n: int, size_a: int, size_b: int) -> float:
     return float((pmf * x / (size_a + size_b - x)).sum())
 
 
-NIOU_FORMULAS = ("normalised", "reference")
+NIOU_FORMULAS = ("normalised", "unclipped", "reference")
 
 
 def niou(a: torch.Tensor, b: torch.Tensor, formula: str = "normalised") -> float:
     """max(0, (IoU − b) / (1 − b)) with b the expected IoU of random sets of the same sizes.
 
+    formula="unclipped": (IoU − b) / (1 − b), negative when the sets overlap less than chance.
     formula="reference": IoU − 2b, what the reference notebook's expression evaluated to (an operator
     precedence slip, docs/method.md section 11), offered only to compare with its numbers.
     """
@@ -77,5 +78,8 @@ def nious(a: torch.Tensor, b: torch.Tensor, formula: str = "normalised") -> np.n
         out = value - 2 * base
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
-            out = np.where(base >= 1.0, 1.0, np.maximum(0.0, (value - base) / (1.0 - base)))
+            normalised = (value - base) / (1.0 - base)
+            if formula == "normalised":
+                normalised = np.maximum(0.0, normalised)
+            out = np.where(base >= 1.0, 1.0, normalised)
     return np.where(np.isnan(value) | np.isnan(base), np.nan, out)

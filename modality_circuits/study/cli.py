@@ -37,7 +37,8 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     if tasks_arg:
         p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
                        help="built-in tasks (" + ", ".join(tasks.TASKS) + ") or ones a --task-file registers")
-    p.add_argument("--n", type=int, default=48, help="correctly answered pairs per task and modality")
+    p.add_argument("--n", "--pairs", dest="n", type=int, default=48,
+                   help="correctly answered pairs per task and modality (the study used about 250)")
     p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps k")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt generator and the bootstrap")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
@@ -118,8 +119,19 @@ def cmd_analysis(args) -> None:
     """overlap / interchange / alignment / backpatch of one task: run (or reuse) the step and print its JSON."""
     import json
 
+    from ..data.pairs import SPANS
+    from ..execution.store import nan_for_null
+
     s = _study(args)
-    print(json.dumps(steps.STEPS[args.command](s, args.task), indent=1))
+    record = steps.STEPS[args.command](s, args.task)
+    print(json.dumps(record, indent=1))
+    if args.command == "interchange":  # the scores as the report reads them: n/a where the denominator is noise
+        for span in SPANS:
+            r = nan_for_null(record[span])
+            c, m = r["score"], steps.interchange_margin(r)
+            shown = (f"{c['value']:.2f} [{c['low']:.2f}, {c['high']:.2f}]" if steps.interchange_readable(r)
+                     else "n/a (the denominator is noise)")
+            print(f"interchange {span}: {shown}; margin ΔF {m:.2f}")
 
 
 def build_parser() -> argparse.ArgumentParser:

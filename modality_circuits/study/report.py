@@ -38,7 +38,8 @@ def summarize(folder: Path, tasks) -> dict:
             "accuracy": acc,
             "minimal_faithful_fraction": {m: curves[m]["minimal_fraction"] for m in curves},
             "faithfulness_at_circuit": {m: nan_for_null(curves[m]["faithfulness_at_circuit"]) for m in curves},
-            "niou": {s: ov[s]["niou"] for s in SPANS},
+            "niou": {s: {**ov[s]["niou"], "unclipped": ov[s].get("niou_unclipped", float("nan")),
+                         "reason": ov[s].get("niou_reason")} for s in SPANS},
             "interchange": {s: {**ic[s]["score"], "margin": interchange_margin(ic[s]), "interpretable": interchange_readable(ic[s])}
                             for s in SPANS},
             "backpatch_gain": {"image": bp["image"]["gain"], "text": bp["text"]["gain"]},
@@ -52,6 +53,15 @@ def _nanmean(values) -> float:
     """Mean over the finite values (nan when there are none)."""
     finite = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def _niou(c: dict) -> str:
+    """A span's nIoU with its interval, the unclipped value where clipping changed it, † where a reason is recorded."""
+    text = _ci(c)
+    u = c.get("unclipped")
+    if u is not None and np.isfinite(u) and np.isfinite(c["value"]) and abs(u - c["value"]) >= 0.005:
+        text += f" (unclipped {u:.2f})"
+    return text + (" †" if c.get("reason") else "")
 
 
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
@@ -87,7 +97,9 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
              *(["", "Left out: " + "; ".join(f"{task_name(t)} ({read_json(folder / t / 'skipped.json')['reason']})"
                                              for t in skipped) + "."] if skipped else []),
              "", "## Accuracy: the text–image gap", "",
-             "| task | text | image | gap (points) |", "|---|---|---|---|"]
+             "Top-1 accuracy: the right answer is the model's greedy next token over the whole vocabulary "
+             "(back-patching below counts accuracy over the task's answer set instead, as the study did).", "",
+             "| task | text (top-1) | image (top-1) | gap (points) |", "|---|---|---|---|"]
     gaps = {}
     for t, n in zip(tasks, names):
         a = s[t]["accuracy"]
@@ -109,16 +121,23 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
         lines.append(f"| {n} | {_pct(f['text'])} (F {_ci(fa['text'])}) | {_pct(f['image'])} (F {_ci(fa['image'])}) |")
         bigger += (f["image"] or 1.0) > (f["text"] or 1.0)
     lines += ["", f"Visual circuits are larger than textual ones on {bigger} of {len(tasks)} tasks "
-              f"(reference: larger on all). ![faithfulness](faithfulness.png)", "", "![position effect](position_effect.png)", ""]
+              f"(reference: larger on all). ![faithfulness](faithfulness.png)", "",
+              "Position effect: the exact change of LD when every node at a position is patched at once, averaged "
+              "per span (the study summed per-component attributed effects instead: `<task>/<modality>/"
+              "position_effect.json`, `per_component`). ![position effect](position_effect.png)", ""]
 
     lines += ["## Overlap of textual and visual circuits (nIoU)", "", "| task | D | Q | G |", "|---|---|---|---|"]
     order_ok = 0
+    reasons = []
     for t, n in zip(tasks, names):
         v = s[t]["niou"]
-        lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
+        lines.append(f"| {n} | {_niou(v['D'])} | {_niou(v['Q'])} | {_niou(v['G'])} |")
         order_ok += v["D"]["value"] <= min(v["Q"]["value"], v["G"]["value"])
-    if not all(np.isfinite(s[t]["niou"][sp]["value"]) for t in tasks for sp in SPANS):
-        lines += ["", "undefined: neither circuit has a node in that span."]
+        reasons += [f"{n}, {sp}: {v[sp]['reason']}" for sp in SPANS if v[sp].get("reason")]
+    lines += ["", "nIoU is clipped at 0; where the unclipped (IoU − b) / (1 − b) differs it is given in brackets "
+              "(negative: less overlap than chance). A span's score is the mean of its head and neuron nIoU."]
+    if reasons:  # the score of these spans is one unit type's nIoU, or undefined
+        lines += ["", "†: " + "; ".join(reasons) + "."]
     lines += ["", f"Reference: little overlap in D, more in Q, most in G. Here D overlaps least on {order_ok} of "
               f"{len(tasks)} tasks. ![overlap](overlap.png)", ""]
 
@@ -152,10 +171,17 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
                   f"{m}: " + " ".join(f"{v:+.1f}" for v in g.values())
                   for m, g in REFERENCE["backpatch_gain_points"].items()) + " (counting, arithmetic, colour, factual, "
               "sentiment) — about a third of the text–image gap; textual controls gain much less.", ""]
-    closed = [f"{task_name(t)} {100 * s[t]['backpatch_gain']['image']['value'] / gaps[t]:.0%}"
-              for t in tasks if gaps[t] > 1 and np.isfinite(s[t]['backpatch_gain']['image']['value'])]
-    lines += [("Share of the text–image gap closed here: " + ", ".join(closed) + ".") if closed else
-              "No task has a positive text–image gap of more than one point, so no share of a gap is reported.",
+    closed = []  # gain over the gap, both in answer-set accuracy (the base accuracies of the back-patching table)
+    for t in tasks:
+        bp = nan_for_null(read_json(folder / t / "backpatch.json"))
+        gap = 100 * (bp["text"]["base"]["value"] - bp["image"]["base"]["value"])
+        gain = s[t]["backpatch_gain"]["image"]["value"]
+        if np.isfinite(gap) and gap > 1 and np.isfinite(gain):
+            closed.append(f"{task_name(t)} {100 * gain / gap:.0%}")
+    lines += [("Share of the text–image gap closed here (answer-set accuracy, the table's \"before\" columns): "
+               + ", ".join(closed) + ".") if closed else
+              "No task has a positive answer-set text–image gap of more than one point, so no share of a gap is "
+              "reported.",
               "![back-patching](backpatch.png)", ""]
     lines += ["## Time", "", "Wall-clock and CPU seconds of each step, summed over the tasks (and modalities) of this "
               "folder, as each record stores them (a step reused from an earlier run keeps that run's time).", "",
@@ -168,7 +194,8 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
 
 def backpatch_table(folder: Path, tasks) -> str:
     """Markdown table of back-patching results."""
-    rows = ["| task | prompts | (src, dst, window) | accuracy before | after | gain (points) |", "|---|---|---|---|---|---|"]
+    rows = ["| task | prompts | (src, dst, window) | accuracy before (answer set, %) | after | gain (points) |",
+            "|---|---|---|---|---|---|"]
     for t in tasks:
         d = nan_for_null(read_json(folder / t / "backpatch.json"))
         if d.get("skipped"):  # refused for this model (analyses/backpatch.py `refusal`)

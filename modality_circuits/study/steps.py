@@ -260,7 +260,8 @@ def probe_positions(spans: dict, length: int, limit: int | None) -> list[int] | 
 
 
 def run_position_effect(study: Study, task: str, modality: str) -> dict:
-    """Exact effect of patching every node at a position, per span, with CIs over evaluation pairs."""
+    """Exact effect of patching every node at a position, per span, with CIs over evaluation pairs (what the report
+    shows); beside it the attributed per-position sums, signed and of |per-component score| (the study's view)."""
     def compute():
         _, evaluation = study.pairs(task, modality)
         spans = evaluation[0].spans
@@ -270,9 +271,14 @@ def run_position_effect(study: Study, task: str, modality: str) -> dict:
         for s, (a, b) in spans.items():
             rows = effect[a:b][~np.isnan(effect[a:b, 0])]
             per_span[s] = bootstrap_mean(rows, resamples=study.resamples).as_dict()
-        attributed = run_scores(study, task, modality).per_position()
+        scores = run_scores(study, task, modality)
+        attributed, components = scores.per_position(), scores.per_position(absolute=True)
+        # the study's view: per-component |attributed effects| summed at each position, averaged over a span
+        per_component = {"per_position": components.tolist(),
+                         "per_span": {s: float(components[a:b].mean()) for s, (a, b) in spans.items()}}
         return {"per_position": effect.mean(1).tolist(), "per_span": per_span, "spans": spans,
-                "probed_positions": None if probed is None else probed, "attributed_per_position": attributed.tolist()}
+                "probed_positions": None if probed is None else probed, "attributed_per_position": attributed.tolist(),
+                "per_component": per_component}
     return _step(study, study.path(task, "position_effect.json", modality), compute)
 
 
@@ -281,6 +287,8 @@ def run_overlap(study: Study, task: str) -> dict:
     def compute():
         text, image = (load_circuit(study, task, m) for m in ("text", "image"))
         point = overlap(text, image, niou_formula=study.method.niou)
+        clipped = study.method.niou == "normalised"  # its unclipped value goes beside it (a point value)
+        unclipped = overlap(text, image, niou_formula="unclipped") if clipped else None
         st, si = run_scores(study, task, "text"), run_scores(study, task, "image")
         ft, fi = (read_json(study.path(task, "curve.json", m))["circuit_fraction"] for m in ("text", "image"))
         sizes = (st.n_pairs, si.n_pairs)
@@ -303,6 +311,8 @@ def run_overlap(study: Study, task: str) -> dict:
             units = [u for u in ("heads", "neurons") if np.isfinite(getattr(point[s], f"niou_{u}"))]
             result[s] = {"niou": ci.as_dict(), "niou_heads": point[s].niou_heads, "niou_neurons": point[s].niou_neurons,
                          "iou_heads": point[s].iou_heads, "iou_neurons": point[s].iou_neurons, "niou_from": units}
+            if clipped:
+                result[s]["niou_unclipped"] = unclipped[s].niou
             if len(units) < 2:  # the span's score falls back to one unit type (or none): say so in the record
                 result[s]["niou_reason"] = (f"no {'head' if 'heads' not in units else 'neuron'} of either circuit is "
                                             f"in {s}: the score is the {units[0][:-1]} nIoU alone" if units else
@@ -386,7 +396,8 @@ def run_backpatch(study: Study, task: str) -> dict:
                           select_on=study.method.backpatch_selection, progress=False)
             result[modality] = {"config": {"src": r.config[0], "dst": r.config[1], "window": r.config[2]},
                                 "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain": r.gain.as_dict(),
-                                "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection}
+                                "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection,
+                                "accuracy": r.accuracy}
         return result
     return _step(study, study.path(task, "backpatch.json"), compute)
 
