@@ -44,7 +44,7 @@ from tqdm import tqdm
 from modality_circuits.model import wrap
 from modality_circuits.zoo import load_model
 from modality_circuits.data.pairs import answer_token, chat_text, encode
-from modality_circuits.tasks import MODALITIES, TASKS, sample_pairs
+from modality_circuits.tasks import MODALITIES, TASKS, get_task, sample_pairs
 from modality_circuits.circuits.stats import bootstrap
 from modality_circuits.execution.store import write_json
 from modality_circuits.methods.predict import correct as answered
@@ -58,11 +58,14 @@ HELDOUT_SEED = 424_242     # the report's held-out prompts (never used for train
 TRAIN_SEED_BASE = 1_000_003
 
 
+def toy_text(p) -> tuple[str, str, str]:
+    """(data words, query, answer) of prompt p in the toy wording, as its textual variant shows them."""
+    return get_task(p.task).text(p.meta, "toy", "text")
+
+
 def content_key(p) -> str:
     """What a prompt asks, independent of modality (the textual data part + query)."""
-    from modality_circuits.data.tasks import _text
-
-    data, query, _ = _text(p.task, p.meta)
+    data, query, _ = toy_text(p)
     return f"{p.task}|{data}|{query}"
 
 
@@ -90,13 +93,11 @@ class Cell:
 
     def caption_ids(self, prompt) -> tuple[list[int], list[int]]:
         """(ids of the image-only chat prompt, ids of the data words it must be followed by)."""
-        from modality_circuits.data.tasks import _text
-
         if "<caption>" not in self._id_cache:
             messages = [{"role": "user", "content": [{"type": "image"}]}]
             text = self.model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             self._id_cache["<caption>"] = encode(self.model, [text], [prompt.image])["input_ids"][0].tolist()
-        data = _text(prompt.task, prompt.meta)[0]
+        data = toy_text(prompt)[0]
         return self._id_cache["<caption>"], self.model.tokenizer(" " + data, add_special_tokens=False)["input_ids"]
 
     def _refill(self) -> None:

@@ -1,24 +1,26 @@
-"""CPU shims for running an NDIF 0.1.2 server with no GPU.
+"""CPU shims for running an NDIF 0.1.2 server with no GPU (code that runs in the server's processes).
 
-Loaded in every interpreter of the server venv through ndif_cpu_patch.pth
-(so the Ray controller, the model actors and the API all get it). Nothing in
-the installed ndif / nnsight files is edited.
+serve.sh installs ndif_cpu_patch.pth in the server venv: a line that puts this folder on sys.path and a
+line `import ndif_cpu_patch`. Importing this module is light (nothing beyond what every interpreter has
+already loaded): it only puts an import hook on sys.meta_path, so Ray's many helper processes start as
+fast as without it. Nothing in the installed ndif / nnsight files is edited.
 
-1. (no global torch patch: patching torch.cuda.* breaks torch._dynamo's rule table,
-   "Duplicate torch object ... with different rules"; the CPU actor overrides every
-   method that calls torch.cuda instead.)
-2. nnsight's HuggingFaceModel._hub_parameter_count returns None for a local
-   folder (no Hub call; nnsight then counts params by building the model on meta).
-3. CPUModelActor: a model actor that loads the model on CPU and never touches
-   CUDA. Select it with NDIF_MODEL_IMPORT_PATH=ndif_cpu_patch.CPUModelActor.
+1. When a process imports nnsight's model loading (nnsight.modeling.huggingface), the hook patches
+   HuggingFaceModel._hub_parameter_count to return None for a local folder or with HF_HUB_OFFLINE=1
+   (no Hub call; nnsight then counts the parameters by building the model on meta).
+2. CPUModelActor: a model actor that loads the model on CPU and never touches CUDA. Select it with
+   NDIF_MODEL_IMPORT_PATH=ndif_cpu_patch.CPUModelActor. (No global torch.cuda patch: patching
+   torch.cuda.* breaks torch._dynamo's rule table, "Duplicate torch object ... with different rules";
+   the actor overrides every method that calls torch.cuda instead.)
 """
 import os
+import sys
 
-def _patch_nnsight():
-    try:
-        from nnsight.modeling import huggingface as hf
-    except Exception:
-        return
+TARGET = "nnsight.modeling.huggingface"
+
+
+def _patch_nnsight(hf) -> None:
+    """Point HuggingFaceModel._hub_parameter_count of module `hf` away from the Hub for local folders."""
     orig = hf.HuggingFaceModel._hub_parameter_count
 
     def _hub_parameter_count(repo_id, revision):
@@ -31,12 +33,42 @@ def _patch_nnsight():
     hf.HuggingFaceModel._hub_parameter_count = staticmethod(_hub_parameter_count)
 
 
-_patch_nnsight()
+class _PatchOnImport:
+    """A meta-path finder that lets the usual finders find TARGET and patches the module once it has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != TARGET:
+            return None
+        sys.meta_path.remove(self)  # once: the finders below find the real module
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                break
+        else:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch_nnsight(module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+def install() -> None:
+    """Patch nnsight's model loading now if it is loaded, else when a process first imports it."""
+    if TARGET in sys.modules:
+        _patch_nnsight(sys.modules[TARGET])
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+install()
 
 
 def __getattr__(name):
-    # Lazily build the Ray actor class (importing ray/ndif at interpreter start
-    # in every venv process would be slow and could recurse).
+    # The Ray actor class is built on first use: only the process that hosts a model imports ray and ndif.
     if name in ("CPUModelActor", "CPUModelDeployment"):
         _build()
         return globals()[name]

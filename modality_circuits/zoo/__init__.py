@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..data.tasks import WORDINGS
 from ..execution import remote as _remote
 from ..model import VLM, load_pretrained
 
@@ -27,13 +28,20 @@ SHORT_NAMES = {
 }
 
 
-def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, remote=False) -> VLM:
+def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, remote=False,
+               wording: str | None = None) -> VLM:
     """Load a VLM by short name, hub id or local path ("toy": the embedded default; "tiny-<family>": random test model).
+
+    wording: the prompt wording of the built-in tasks, "study" or "toy" (docs/method.md section 1). Default: "toy"
+    for "toy" and the tiny random models (the only words their tokenizers know), else "study"; a folder saved from
+    a tiny model (or a copy of the toy's) needs wording="toy".
 
     remote: False (run here), True (NDIF host from nnsight's configuration / NDIF_HOST), a host URL,
     or "local" (serialisation dry run on the local weights). For True or a URL the API key and the
     host are checked first (RemoteUnavailable), then only the config and processor are loaded.
     """
+    if wording is not None and wording not in WORDINGS:
+        raise ValueError(f"unknown wording {wording!r}; expected one of {WORDINGS}")
     remote = _remote.check(remote)  # before any work: a missing key or a dead host fails here
     if name_or_path.startswith("tiny-"):
         from .tiny import tiny_model
@@ -44,8 +52,11 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
         if name_or_path == "tiny-pixtral-tekken":  # Pixtral-12B's real tokenizer (needs mistral-common)
             from .tekken import tekken_pixtral
 
-            return tekken_pixtral().with_remote(remote)
-        return tiny_model(name_or_path.removeprefix("tiny-")).with_remote(remote)
+            model = tekken_pixtral()
+        else:
+            model = tiny_model(name_or_path.removeprefix("tiny-"))
+        model.wording = wording or model.wording
+        return model.with_remote(remote)
     path = name_or_path  # results go to results/<name>/ ("toy" for the embedded model)
     if name_or_path == "toy":
         from .toy import toy_path
@@ -54,7 +65,7 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     hub_id = SHORT_NAMES.get(path.lower(), path)
     if hub_id == path and not Path(path).expanduser().exists():
         _refuse_missing(path)
-    wording = "toy" if name_or_path == "toy" else "study"  # the embedded model knows the wording it was trained on
+    wording = wording or ("toy" if name_or_path == "toy" else "study")  # the toy knows the wording it was trained on
     return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote,
                            wording=wording)
 
