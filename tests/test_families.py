@@ -233,7 +233,7 @@ def _real_processor(family, tok):
     from modality_circuits.model.adapters import ADAPTERS
     from modality_circuits.model.processing import MiniProcessor, without_video
 
-    if family == "qwen3_vl":  # Qwen3-VL-8B: 16 px patches, 2x2 merge, at least 256x256 pixels
+    if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):  # Qwen3-VL-8B, -30B-A3B, Qwen3.5: 16 px patches, 2x2 merge
         ip = T.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
                                         size={"shortest_edge": 256 * 256, "longest_edge": 4096 * 4096})
         return MiniProcessor(tok, ip, ADAPTERS[family], merge=2, patch=16)
@@ -259,7 +259,8 @@ def _real_processor(family, tok):
 
 
 @pytest.mark.parametrize("family, image_token, image_tokens, d_tokens", [
-    ("qwen3_vl", "<|image_pad|>", 64, 64), ("glm4v", "<|image|>", 81, 83), ("internvl", "<IMG_CONTEXT>", 256, 258),
+    ("qwen3_vl", "<|image_pad|>", 64, 64), ("qwen3_vl_moe", "<|image_pad|>", 64, 64), ("qwen3_5", "<|image_pad|>", 64, 64),
+    ("glm4v", "<|image|>", 81, 83), ("internvl", "<IMG_CONTEXT>", 256, 258),
     ("llava_onevision", "<image>", 1485, 1485), ("idefics3", "<image>", 17 * 81, 17 * 81 + 18 + 17),
     ("aya_vision", "<|IMG_PATCH|>", 169, 172), ("paligemma", "<image>", 1024, 1024)])
 def test_real_checkpoint_image_layouts(family, image_token, image_tokens, d_tokens):
