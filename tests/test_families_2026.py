@@ -77,38 +77,48 @@ def test_sited_experts_compute_what_transformers_experts_compute():
     assert experts.config._experts_implementation in (None, "eager", "grouped_mm", "batched_mm")
 
 
-def test_expert_nodes_are_that_experts_neurons():
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "glm46v"])
+def test_expert_nodes_are_that_experts_neurons(family):
     """Zeroing all nodes of expert e (units e·I .. (e+1)·I of the site, every position) through the package's site
-    equals zeroing down_proj[e] in plain torch; and a neuron is zero where its token is not routed to e."""
-    model = get_tiny("qwen3_vl_moe")
+    equals zeroing down_proj[e] in plain torch (GLM's shared expert: the units after E·I, its down_proj); and a
+    neuron is zero where its token is not routed to e."""
+    model = get_tiny(family)
     pair = build_pairs("counting", "image", model, n=1)[0]
-    layers, i = model.layers(), 1
-    experts = model.experts_of(model.layers(model.hf_model)[i])
-    I = experts.down_proj.shape[-1]
-    assert model.layer_neurons[i] == experts.num_experts * I and experts.num_experts >= 4
+    layers, i = model.layers(), model.n_layers - 1
+    layer = model.layers(model.hf_model)[i]
+    experts = model.experts_of(layer)
+    E, I = experts.num_experts, experts.down_proj.shape[-1]
+    shared = getattr(layer.mlp, "shared_experts", None)
+    assert model.layer_neurons[i] == E * I + (shared.down_proj.in_features if shared is not None else 0) and E >= 4
     assert model.text_config.num_experts_per_tok == 2
-    for e in range(experts.num_experts):
+    weights = [(experts.down_proj, e, slice(e * I, (e + 1) * I)) for e in range(E)]
+    if shared is not None:
+        weights.append((shared.down_proj.weight, slice(None), slice(E * I, None)))
+    for param, index, units in weights:
         with model.trace(pair.inputs):
             site = model.neuron_site(layers[i])
             acts = site.input.clone().save()
             zeroed = site.input.clone()
-            zeroed[:, e * I:(e + 1) * I] = 0
+            zeroed[:, units] = 0
             site.input = zeroed
             logits = model.nn.output.logits[0, -1].save()
-        saved = experts.down_proj.data[e].clone()
-        experts.down_proj.data[e] = 0
+        saved = param.data[index].clone()
+        param.data[index] = 0
         try:
             by_weights = _logits(model, pair.inputs)
         finally:
-            experts.down_proj.data[e] = saved
+            param.data[index] = saved
         torch.testing.assert_close(logits, by_weights, atol=1e-6, rtol=1e-5)
-        routed = []
-        handle = experts.register_forward_pre_hook(lambda m, args: routed.append(args[1]))
-        _logits(model, pair.inputs)
-        handle.remove()
+    routed = []
+    handle = experts.register_forward_pre_hook(lambda m, args: routed.append(args[1]))
+    _logits(model, pair.inputs)
+    handle.remove()
+    for e in range(E):
         off = ~(routed[0] == e).any(-1)  # tokens not routed to e
-        assert not acts.view(-1, experts.num_experts, I)[off, e].any()
-        assert acts.view(-1, experts.num_experts, I)[~off, e].abs().sum() > 0
+        assert not acts[:, :E * I].view(-1, E, I)[off, e].any()
+        assert acts[:, :E * I].view(-1, E, I)[~off, e].abs().sum() > 0
+    if shared is not None:  # the shared expert sees every token
+        assert (acts[:, E * I:].abs().sum(-1) > 0).all()
 
 
 def test_unknown_layer_types_are_refused_by_name():

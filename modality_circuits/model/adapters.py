@@ -157,6 +157,13 @@ ADAPTERS: dict[str, Adapter] = {
     "glm4v": Adapter("glm4v", "Glm4vForConditionalGeneration", image_placeholder="<|image|>",
                      extra_image_tokens=("<|begin_of_image|>", "<|end_of_image|>"), processor="Glm4vProcessor",
                      image_size=STUDY_IMAGE_SIZE, patch_grid="thw", answer_prefix=GLM_ANSWER_PREFIX),
+    # GLM-4.6V: GLM-4.1V's image layout and prefill; its text model follows the config (glm4v_text: dense, the
+    # -Flash checkpoint; glm4v_moe_text: the released 106B, first layer dense, then routed experts and one shared
+    # expert, whose neurons follow the routed ones in one site: docs/families-2026.md).
+    "glm46v": Adapter("glm46v", "Glm46VForConditionalGeneration", image_placeholder="<|image|>",
+                      extra_image_tokens=("<|begin_of_image|>", "<|end_of_image|>"), processor="Glm46VProcessor",
+                      image_size=STUDY_IMAGE_SIZE, patch_grid="thw", answer_prefix=GLM_ANSWER_PREFIX,
+                      experts="mlp.experts"),
 }
 
 
