@@ -3,7 +3,8 @@
 transformers stores a sparse layer's experts fused (`gate_up_proj` (E, 2I, d), `down_proj` (E, d, I)), so an
 expert's neurons are not the input of any module. `install_neuron_sites` gives each experts module a child
 `neurons` (a plain `torch.nn.Identity`) and an eager forward that passes the (tokens, E·I) neuron tensor
-through it: unit e·I + j is unit j of expert e's act(gate)·up, zero at tokens not routed to e. The numbers
+through it: unit e·I + j is unit j of expert e's act(gate)·up, zero at tokens not routed to e, and a shared expert's
+neurons follow at E·I + j (every token; GLM-4.6V: `sited_block_forward`). The numbers
 are the eager implementation's; the site is read, written and differentiated like any other module input,
 here and in the serialisation dry run (remote="local"). A hosted server has its own copy of the model,
 without the site: `VLM.with_remote` refuses hosted MoE models.
@@ -36,12 +37,27 @@ def sited_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
         gate_up = _linear(hidden_states[tokens], self.gate_up_proj[e], transposed)
         column = torch.full_like(tokens, e)
         acts = acts.index_put((tokens, column), self._apply_gate(gate_up))  # out of place: gradients flow
-    acts = getattr(self, SITE)(acts.flatten(1)).view(acts.shape)
-    out = torch.zeros_like(hidden_states)
+    shared = self.__dict__.get("_shared")  # GLM's shared expert: every token, its neurons after the routed ones
+    if shared is None:
+        acts = getattr(self, SITE)(acts.flatten(1)).view(acts.shape)
+        out = torch.zeros_like(hidden_states)
+    else:
+        both = getattr(self, SITE)(torch.cat([acts.flatten(1), shared.act_fn(shared.gate_proj(hidden_states))
+                                              * shared.up_proj(hidden_states)], dim=1))
+        acts = both[:, :acts[0].numel()].view(acts.shape)
+        out = shared.down_proj(both[:, acts[0].numel():])
     for e, (tokens, slot) in zip(hit, routed):
         y = _linear(acts[tokens, e], self.down_proj[e], transposed) * top_k_weights[tokens, slot, None]
         out = out.index_add(0, tokens, y.to(out.dtype))
     return out
+
+
+def sited_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A sparse block with a shared expert (GLM-4.6V): the experts module computes the shared expert too, so that
+    one site holds both (the block's own forward adds shared_experts(hidden) after the routed experts)."""
+    shape = hidden_states.shape
+    _, top_k_weights, top_k_index = self.gate(hidden_states)
+    return self.experts(hidden_states.view(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
 
 
 def check_experts(module) -> None:
@@ -67,14 +83,23 @@ def install_neuron_sites(layers, path: str) -> None:
     """Give the fused experts module of every sparse layer the `neurons` site and the sited forward (idempotent).
 
     Call before nnsight wraps the model: its hooks wrap each module's forward as it finds it."""
-    for module in filter(None, (experts_at(layer, path) for layer in layers)):
+    block_path = path.rsplit(".", 1)[0] if "." in path else None
+    for layer in layers:
+        module = experts_at(layer, path)
+        if module is None or hasattr(module, SITE):
+            continue
         check_experts(module)
-        if not hasattr(module, SITE):
-            module.add_module(SITE, torch.nn.Identity())
-            module.forward = types.MethodType(sited_forward, module)
+        module.add_module(SITE, torch.nn.Identity())
+        module.forward = types.MethodType(sited_forward, module)
+        block = layer.get_submodule(block_path) if block_path else layer
+        if hasattr(block, "shared_experts"):  # not a child of the experts: the module tree stays the model's
+            module.__dict__["_shared"] = block.shared_experts
+            block.forward = types.MethodType(sited_block_forward, block)
 
 
 def n_neurons(module) -> int:
-    """E·I: the width of an experts module's neuron site."""
+    """E·I (+ the shared expert's neurons): the width of an experts module's neuron site."""
     transposed = getattr(module, "is_transposed", False)
-    return module.num_experts * (module.down_proj.shape[1] if transposed else module.down_proj.shape[-1])
+    shared = module.__dict__.get("_shared")
+    return (module.num_experts * (module.down_proj.shape[1] if transposed else module.down_proj.shape[-1])
+            + (shared.down_proj.in_features if shared is not None else 0))
