@@ -48,7 +48,8 @@ def test_k1_is_first_order_product(tiny):
     """steps=1: score = (a(p') − a(p)) · ∂LD/∂a at p, computed by hand with hooks."""
     pair = build_pairs("color_ordering", "image", tiny, n=1, seed=4)[0]
     scores = attribute(tiny, [pair], steps=1, progress=False)
-    a_p, a_cf = hooks.activations(tiny, pair.inputs), hooks.activations(tiny, pair.cf_inputs)
+    # p' activations with p's routing in sparse layers (docs/families-2026.md); the same forward in dense models
+    a_p, a_cf = hooks.activations(tiny, pair.inputs), hooks.activations(tiny, pair.cf_inputs, clean=pair.inputs)
     held = []
 
     def keep(module, args):
@@ -56,16 +57,19 @@ def test_k1_is_first_order_product(tiny):
         held.append(args[0])
 
     mods = [m for layer in tiny.layers(tiny.hf_model) for m in (tiny.head_site(layer), tiny.neuron_site(layer))]
-    handles = [m.register_forward_pre_hook(keep) for m in mods]
+    routing = hooks.held_routing(tiny, pair.inputs)  # sparse layers: p's routing as constants (no router gradient)
+    handles = [m.register_forward_pre_hook(fn) for m, fn in routing + [(m, keep) for m in mods]]
     logits = tiny.hf_model(**pair.inputs).logits[0, -1]
     (logits[pair.answer_id] - logits[pair.cf_answer_id]).backward()
     for h in handles:
         h.remove()
     for i in range(tiny.n_layers):
-        by_hand = ((a_cf[i][1] - a_p[i][1]) * held[2 * i + 1].grad)[0].T
-        torch.testing.assert_close(scores.neurons[i], by_hand, atol=1e-6, rtol=1e-4)
+        H, I = tiny.layer_heads[i], tiny.layer_neurons[i]  # Scores pad narrower layers with zeros
+        by_hand = ((a_cf[i][1] - a_p[i][1]) * held[2 * i + 1].grad.view(a_p[i][1].shape))[0].T
+        torch.testing.assert_close(scores.neurons[i, :I], by_hand, atol=1e-6, rtol=1e-4)
         dh = ((a_cf[i][0] - a_p[i][0]) * held[2 * i].grad)[0]
-        torch.testing.assert_close(scores.heads[i], dh.view(dh.shape[0], tiny.n_heads, -1).sum(-1).T, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(scores.heads[i, :H], dh.view(dh.shape[0], H, -1).sum(-1).T, atol=1e-6, rtol=1e-4)
+        assert not scores.heads[i, H:].any() and not scores.neurons[i, I:].any()
 
 
 def test_scores_stream_over_chunks(llava):

@@ -233,12 +233,14 @@ def _real_processor(family, tok):
     from modality_circuits.model.adapters import ADAPTERS
     from modality_circuits.model.processing import MiniProcessor, without_video
 
-    if family == "qwen3_vl":  # Qwen3-VL-8B: 16 px patches, 2x2 merge, at least 256x256 pixels
+    if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):  # Qwen3-VL-8B, -30B-A3B, Qwen3.5: 16 px patches, 2x2 merge
         ip = T.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
                                         size={"shortest_edge": 256 * 256, "longest_edge": 4096 * 4096})
         return MiniProcessor(tok, ip, ADAPTERS[family], merge=2, patch=16)
     if family == "glm4v":  # GLM-4.1V: 14 px patches, 2x2 merge (the PIL processor's defaults)
         return without_video(T.Glm4vProcessor)(image_processor=T.Glm4vImageProcessorPil(), tokenizer=tok)
+    if family == "glm46v":  # GLM-4.6V: 14 px patches, 2x2 merge (the PIL processor's defaults)
+        return without_video(T.Glm46VProcessor)(image_processor=T.Glm46VImageProcessorPil(), tokenizer=tok)
     if family == "internvl":  # InternVL3-8B-hf: 448 px tiles of 256 tokens, up to 12 tiles
         ip = T.GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True)
         return without_video(T.InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=256)
@@ -259,7 +261,8 @@ def _real_processor(family, tok):
 
 
 @pytest.mark.parametrize("family, image_token, image_tokens, d_tokens", [
-    ("qwen3_vl", "<|image_pad|>", 64, 64), ("glm4v", "<|image|>", 81, 83), ("internvl", "<IMG_CONTEXT>", 256, 258),
+    ("qwen3_vl", "<|image_pad|>", 64, 64), ("qwen3_vl_moe", "<|image_pad|>", 64, 64), ("qwen3_5", "<|image_pad|>", 64, 64),
+    ("glm4v", "<|image|>", 81, 83), ("glm46v", "<|image|>", 81, 83), ("internvl", "<IMG_CONTEXT>", 256, 258),
     ("llava_onevision", "<image>", 1485, 1485), ("idefics3", "<image>", 17 * 81, 17 * 81 + 18 + 17),
     ("aya_vision", "<|IMG_PATCH|>", 169, 172), ("paligemma", "<image>", 1024, 1024)])
 def test_real_checkpoint_image_layouts(family, image_token, image_tokens, d_tokens):

@@ -20,8 +20,8 @@ def test_trace_reads_heads_and_neurons_at_all_positions(tiny):
         heads = tiny.head_site(layers[0]).input.save()
         neurons = tiny.neuron_site(layers[-1]).input.save()
     assert len(tiny.layers()) == tiny.n_layers
-    assert heads.shape == (2, T, tiny.n_heads * tiny.head_dim)
-    assert neurons.shape == (2, T, tiny.d_mlp)
+    assert heads.shape == (2, T, tiny.layer_heads[0] * tiny.layer_head_dims[0])
+    assert neurons.view(2, T, -1).shape == (2, T, tiny.layer_neurons[-1])  # a sparse layer's site: (2·T, E·I)
     # the trace's values are the model's: compare with a plain forward pass
     with torch.no_grad():
         plain = tiny.hf_model(**inputs)

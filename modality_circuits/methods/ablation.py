@@ -69,9 +69,11 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
     dimension of 1 applies to every unit); circ_of_row (n·P,) picks each patched row's circuit;
     patched row r copies from p' row (r mod P).
     """
-    H, P = model.n_heads, len(ids)
+    P = len(ids)
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
+    heads_at, moe = model.layer_heads, [model.experts_of(layer) for layer in layers]
+    held = [None] * len(layers)  # per sparse layer, p's routing (P·T, k) indices and weights: docs/families-2026.md
     bits = torch.arange(8, dtype=torch.uint8)
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
@@ -84,7 +86,12 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
             if inject:  # (n, 2P, T, d), zero off the image positions
                 g = e.new_zeros(len(feats), *e.shape)
                 g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
-            embed.stop()
+            for i in range(len(layers)):  # a sparse model runs on: the routing of the clean prompts p
+                if moe[i] is not None:
+                    (_, top, w), _ = moe[i].inputs
+                    held[i] = (top[P * e.shape[1]:].clone(), w[P * e.shape[1]:].detach().clone())
+            if not any(t is not None for t in moe):
+                embed.stop()
         lds = []
         for n, masks, circ_of_row in chunks:
             keeps = [((packed[:, None] >> bits) & 1).bool().flatten()[:size].view(shape) for packed, shape, size in masks]
@@ -94,13 +101,19 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
                 layers[0].input = torch.cat([e[:P]] + [e[P:]] * n)
                 for i in range(len(sites)):
                     for j in range(2):  # heads, then neurons
-                        a = sites[i][j].input
+                        if j == 1 and moe[i] is not None:  # every row routed as its prompt p, before the neurons
+                            (h, top, w), kw = moe[i].inputs
+                            moe[i].inputs = ((h, *(v.view(P, -1, v.shape[-1]).repeat(n + 1, 1, 1).view(-1, v.shape[-1])
+                                                   .to(h.device) for v in held[i])), kw)
+                        site = sites[i][j].input
+                        a = site.view(-1, e.shape[1], site.shape[-1])  # a sparse layer's site is (rows·T, E·I)
                         own, cf = a[P:], a[:P][src.to(a.device)]
                         k = keeps[j][:, i].to(a.device)[circ_of_row.to(a.device)].transpose(1, 2)  # (R, T, units or 1)
                         if j == 0:
-                            own, cf = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1)
+                            own, cf = own.view(*own.shape[:2], heads_at[i], -1), cf.view(*cf.shape[:2], heads_at[i], -1)
                             k = k.unsqueeze(-1)
-                        sites[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)])
+                        k = k[:, :, :own.shape[2]]  # a layer with fewer units than the widest: its own
+                        sites[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)]).view(site.shape)
                     if inject and i < len(g):  # each row gets its own prompt's injected features
                         out = layers[i].output  # its device: a model spread over devices (device_map)
                         layers[i].output = out + torch.cat([g[i, :P]] + [g[i, P:]] * n).to(out.device)

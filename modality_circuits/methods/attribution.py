@@ -46,6 +46,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     L, H, k = model.n_layers, model.n_heads, steps
     root, layers, opts, dtype = model.nn, model.layers(), model.FORWARD, model.dtype
     attn, mlp = [model.head_site(layer) for layer in layers], [model.neuron_site(layer) for layer in layers]
+    heads_at, width = model.layer_heads, (H, model.d_mlp)  # per-layer head counts; Scores pad to the widest
+    moe = [model.experts_of(layer) for layer in layers]  # fused experts (None: dense), routing held at p's
     alpha = (torch.arange(k + 1, dtype=torch.float32) / k).view(1, -1, 1, 1)
     heads_sum, neurons_sum, heads_sq, neurons_sq = totals
     keep_all, index = per_pair is True, per_pair if isinstance(per_pair, tuple) else None
@@ -83,6 +85,11 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                 heads, neurons = [], []
                 for i in range(L):  # nnsight serves values in execution order
                     heads.append(attn[i].input)
+                    if moe[i] is not None:  # every row routed as its pair's p (its α=1 row): docs/families-2026.md
+                        (h, top, w), kw = moe[i].inputs
+                        top, w = (t.view(P, k + 1, -1, t.shape[-1])[:, -1:].expand(-1, k + 1, -1, -1).reshape(t.shape)
+                                  for t in (top, w))
+                        moe[i].inputs = ((h, top, w.detach()), kw)
                     neurons.append(mlp[i].input)
                     if inject and i < len(g_rows):
                         out = layers[i].output  # its device: a model spread over devices (device_map)
@@ -95,14 +102,15 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                 with metric.backward():
                     for i in reversed(range(L)):
                         for j, acts in ((1, neurons), (0, heads)):
-                            act = acts[i].view(P, k + 1, *acts[i].shape[1:])
-                            g = acts[i].grad.view(P, k + 1, *acts[i].shape[1:])[:, 1:].float().mean(1)
+                            act = acts[i].view(P, k + 1, x.shape[1], -1)  # a sparse layer's site is (rows·T, E·I)
+                            g = acts[i].grad.view(P, k + 1, x.shape[1], -1)[:, 1:].float().mean(1)
                             s = ((act[:, 0] - act[:, -1]).float() * g).detach().to(x.device)  # (P, T, width), float32,
                             # gathered on the input's device (layers may sit on several devices: device_map)
                             if absolute:
                                 s = s.abs()
                             if j == 0:
-                                s = s.view(*s.shape[:2], H, -1).sum(-1)  # (P, T, heads)
+                                s = s.view(*s.shape[:2], heads_at[i], -1).sum(-1)  # (P, T, heads)
+                            s = torch.nn.functional.pad(s, (0, width[j] - s.shape[-1]))  # layers with fewer units
                             run, run_sq = (heads_sum, heads_sq) if j == 0 else (neurons_sum, neurons_sq)
                             run, run_sq = ((torch.zeros_like(s[0]), torch.zeros_like(s[0])) if run is None else  # no pair yet
                                            (run[i].to(s.device), run_sq[i].to(s.device)))

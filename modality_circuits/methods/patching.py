@@ -23,9 +23,11 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     (the vision tower runs once per prompt). Rows: P p' rows, then P rows of p per node; plan[layer]
     lists (0 heads | 1 neurons, rows, src, pos, unit) index tensors of the writes at that layer.
     """
-    H, P = model.n_heads, len(ids)
+    P = len(ids)
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
+    heads_at, moe = model.layer_heads, [model.experts_of(layer) for layer in layers]
+    held = [None] * len(layers)  # per sparse layer, p's routing (P·T, k) indices and weights: docs/families-2026.md
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
@@ -37,16 +39,28 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
             if inject:  # (n, 2P, T, d), zero off the image positions
                 g = e.new_zeros(len(feats), *e.shape)
                 g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
-            embed.stop()
+            for i in range(len(layers)):  # a sparse model runs on: the routing of the clean prompts p
+                if moe[i] is not None:
+                    (_, top, w), _ = moe[i].inputs
+                    held[i] = (top[P * e.shape[1]:].clone(), w[P * e.shape[1]:].detach().clone())
+            if not any(t is not None for t in moe):
+                embed.stop()
         effects = []
         for n, plan in chunks:
             rows_in = {key: torch.cat([value[:P]] + [value[P:]] * n) for key, value in decoder.items()}
             with root.trace(**rows_in, **opts):
                 layers[0].input = torch.cat([e[:P]] + [e[P:]] * n)
                 for i in range(len(sites)):
-                    for j, rows, src, t, u in plan[i]:  # heads before neurons: execution order
+                    for j, rows, src, t, u in plan[i] if moe[i] is None else [w for w in plan[i] if w[0] == 0] + [
+                            (2, None, None, None, None)] + [w for w in plan[i] if w[0] == 1]:  # execution order
+                        if j == 2:  # every row routed as its prompt p, p' rows too; before the expert neurons
+                            (h, top, w), kw = moe[i].inputs
+                            moe[i].inputs = ((h, *(v.view(P, -1, v.shape[-1]).repeat(n + 1, 1, 1).view(-1, v.shape[-1])
+                                                   .to(h.device) for v in held[i])), kw)
+                            continue
                         a = sites[i][j].input.clone()
-                        view = a.view(*a.shape[:2], H, -1) if j == 0 else a
+                        # (rows, T, heads, width) or (rows, T, neurons); a sparse layer's site is (rows·T, E·I)
+                        view = a.view(len(a), e.shape[1], heads_at[i], -1) if j == 0 else a.view(-1, e.shape[1], a.shape[-1])
                         rows, src, t, u = rows.to(a.device), src.to(a.device), t.to(a.device), u.to(a.device)
                         view[rows, t, u] = view[src, t, u]
                         sites[i][j].input = a
@@ -69,7 +83,9 @@ def _plan(model, chunk: list, P: int) -> list:
     for i in range(model.n_layers):
         writes = []
         for j, kind in enumerate(("head", "neuron")):
-            js = torch.tensor([c for c, k in enumerate(kinds) if k == kind and layer_of[c] == i], dtype=torch.long)
+            units = (model.layer_heads, model.layer_neurons)[j][i]  # padding units of a narrower layer: no write, effect 0
+            js = torch.tensor([c for c, k in enumerate(kinds) if k == kind and layer_of[c] == i and unit[c] < units],
+                              dtype=torch.long)
             if len(js):
                 rows = (P + js[:, None] * P + torch.arange(P)).flatten()
                 writes.append((j, rows, torch.arange(P).repeat(len(js)), pos[js].repeat_interleave(P),

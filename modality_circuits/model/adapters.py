@@ -23,6 +23,13 @@ class Adapter:
     text_config: str = "text_config"  # where the decoder's sizes live in the config
     head_site: str = "self_attn.o_proj"  # its INPUT is the per-head outputs, (batch, pos, heads*head_dim)
     neuron_site: str = "mlp.down_proj"  # its INPUT is the MLP neurons, (batch, pos, d_mlp)
+    # Layers of other kinds (text config `layer_types`): (layer type, head site, config field of its head count,
+    # config field of its head width). Layers of a type not listed use head_site, num_attention_heads, head_dim;
+    # a type neither listed nor in ATTENTION_TYPES is refused (docs/families-2026.md).
+    layer_heads: tuple[tuple[str, str, str, str], ...] = ()
+    # The fused experts module of a sparse layer (e.g. "mlp.experts"): its neurons are the input of the child
+    # `neurons` that model/experts.py installs, unit e*I + j (expert-major); layers without it use neuron_site.
+    experts: str | None = None
     layer_returns_tuple: bool = False  # a decoder layer's output is (hidden, ...) rather than hidden
     image_placeholder: str = "<image>"  # what the chat template writes for an image
     extra_image_tokens: tuple[str, ...] = ()  # tokens the image expands into besides the image token (part of D)
@@ -71,6 +78,9 @@ class Adapter:
     processor_adds: tuple[str, str] = ("", "")
 
 
+#: Layer types whose heads are self-attention heads at `Adapter.head_site` (any family).
+ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
 #: Rendered images are at most this many pixels wide: Pixtral's native 1024 px would be 4,096 image tokens.
 MAX_IMAGE_SIZE = 512
 #: A tower with no fixed input size in its config and no study size: 448 px.
@@ -102,6 +112,13 @@ ADAPTERS: dict[str, Adapter] = {
     # vision layers after decoder layers 0-2 at the image positions.
     "qwen3_vl": Adapter("qwen3_vl", "Qwen3VLForConditionalGeneration", **_QWEN,
                         injections=("deepstack_visual_embeds", "visual_pos_masks")),
+    # Qwen3.5: Qwen3-VL's vision layout (no DeepStack); three of every four decoder layers are Gated DeltaNet
+    # linear attention, whose heads are the value heads at linear_attn.out_proj's input (docs/families-2026.md).
+    "qwen3_5": Adapter("qwen3_5", "Qwen3_5ForConditionalGeneration", **_QWEN, layer_heads=(
+        ("linear_attention", "linear_attn.out_proj", "linear_num_value_heads", "linear_value_head_dim"),)),
+    # Qwen3-VL-MoE (Qwen3-VL-30B-A3B): Qwen3-VL with fused experts in its sparse layers; neurons: E x I per layer.
+    "qwen3_vl_moe": Adapter("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", **_QWEN,
+                            injections=("deepstack_visual_embeds", "visual_pos_masks"), experts="mlp.experts"),
     "llava": Adapter("llava", "LlavaForConditionalGeneration"),
     # LLaVA-OneVision (anyres, 384 px SigLIP tiles, 27x27 patches): any square image of side <= 384 becomes the base
     # image (729 tokens) plus one 384 px crop of 27 rows of 27 + a newline = 1485 image tokens; larger sides add crops
@@ -140,6 +157,13 @@ ADAPTERS: dict[str, Adapter] = {
     "glm4v": Adapter("glm4v", "Glm4vForConditionalGeneration", image_placeholder="<|image|>",
                      extra_image_tokens=("<|begin_of_image|>", "<|end_of_image|>"), processor="Glm4vProcessor",
                      image_size=STUDY_IMAGE_SIZE, patch_grid="thw", answer_prefix=GLM_ANSWER_PREFIX),
+    # GLM-4.6V: GLM-4.1V's image layout and prefill; its text model follows the config (glm4v_text: dense, the
+    # -Flash checkpoint; glm4v_moe_text: the released 106B, first layer dense, then routed experts and one shared
+    # expert, whose neurons follow the routed ones in one site: docs/families-2026.md).
+    "glm46v": Adapter("glm46v", "Glm46VForConditionalGeneration", image_placeholder="<|image|>",
+                      extra_image_tokens=("<|begin_of_image|>", "<|end_of_image|>"), processor="Glm46VProcessor",
+                      image_size=STUDY_IMAGE_SIZE, patch_grid="thw", answer_prefix=GLM_ANSWER_PREFIX,
+                      experts="mlp.experts"),
 }
 
 
@@ -178,3 +202,18 @@ def default_image_size(adapter: Adapter, config) -> int:
         return adapter.image_size
     native = getattr(getattr(config, "vision_config", None), "image_size", None)
     return min(native or FALLBACK_IMAGE_SIZE, MAX_IMAGE_SIZE)
+
+
+def layer_heads(adapter: Adapter, text_config) -> list[tuple[str, str]]:
+    """Per decoder layer, the config fields of its head count and head width; refuses unknown layer types.
+
+    A layer type (text config `layer_types`) is known when it is an attention type (ATTENTION_TYPES) or
+    listed in `Adapter.layer_heads`; anything else would be a layer whose heads the package cannot name."""
+    kinds = {kind: (heads, width) for kind, _, heads, width in adapter.layer_heads}
+    types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+    unknown = sorted(set(types) - set(kinds) - set(ATTENTION_TYPES))
+    if unknown:
+        raise ValueError(f"{adapter.family}: unknown decoder layer type(s) {', '.join(map(repr, unknown))}: the package "
+                         f"knows {', '.join(sorted({*ATTENTION_TYPES, *kinds}))} for this family, so it cannot say "
+                         "which module holds such a layer's heads (docs/families-2026.md)")
+    return [kinds.get(kind, ("num_attention_heads", "head_dim")) for kind in types]

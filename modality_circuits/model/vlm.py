@@ -16,7 +16,8 @@ import torch
 
 from ..execution import remote as _remote
 from ..execution.budget import parse as parse_budget
-from .adapters import ADAPTERS, ALIASES, Adapter, default_image_size, family_of
+from . import experts as _experts
+from .adapters import ADAPTERS, ALIASES, Adapter, default_image_size, family_of, layer_heads
 
 #: The pipeline task a hosted VLM is deployed under on NDIF (part of nnsight's model key).
 REMOTE_TASK = "image-text-to-text"
@@ -43,9 +44,12 @@ class VLM:
     hub_id: str | None = None
     remote: Any = False
     n_layers: int = field(init=False)
-    n_heads: int = field(init=False)
+    n_heads: int = field(init=False)  # the most heads of any layer (Scores pad the others: docs/families-2026.md)
     head_dim: int = field(init=False)
-    d_mlp: int = field(init=False)
+    d_mlp: int = field(init=False)  # the most neurons of any layer
+    layer_heads: tuple[int, ...] = field(init=False)  # heads of each layer
+    layer_head_dims: tuple[int, ...] = field(init=False)  # head width of each layer
+    layer_neurons: tuple[int, ...] = field(init=False)  # neurons of each layer (E*I in a sparse layer)
     image_size: int | None = None  # side of the square images rendered for this model
     image_token_ids: tuple[int, ...] = field(init=False)
     image_text_ids: tuple[int, ...] = field(init=False)  # tokens of `Adapter.image_text`, allowed inside D
@@ -60,9 +64,18 @@ class VLM:
         self.memory_budget = parse_budget(self.memory_budget)
         tc = operator.attrgetter(self.adapter.text_config)(self.hf_model.config)
         self.n_layers = tc.num_hidden_layers
-        self.n_heads = tc.num_attention_heads
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.d_mlp = tc.intermediate_size
+        kinds = layer_heads(self.adapter, tc)  # refuses layer types the package does not know
+        self.layer_heads = tuple(getattr(tc, heads) for heads, _ in kinds)
+        self.layer_head_dims = tuple(getattr(tc, width, None) or tc.hidden_size // getattr(tc, heads)
+                                     for heads, width in kinds)
+        self.n_heads = max(self.layer_heads)
+        if self.adapter.experts and _remote.is_hosted(self.remote):  # the server's copy has no neuron site
+            raise ValueError(f"{self.name}: a hosted mixture-of-experts model has no expert-neuron site on the "
+                             "server (docs/families-2026.md); run it here or with remote='local'")
+        self.layer_neurons = tuple(self.neuron_site(layer).in_features if self.experts_of(layer) is None
+                                   else _experts.n_neurons(self.experts_of(layer)) for layer in self.layers(self.hf_model))
+        self.d_mlp = max(self.layer_neurons)
         tok = self.tokenizer
         config = self.hf_model.config
         ids = [getattr(config, "image_token_id", None) or config.image_token_index]
@@ -175,12 +188,21 @@ class VLM:
         return bool(self.adapter.injections) and self.adapter.vision_inputs[0] in inputs
 
     def head_site(self, layer):
-        """The module whose INPUT holds the per-head outputs, (batch, pos, heads*head_dim)."""
+        """The module whose INPUT holds the per-head outputs, (batch, pos, heads*head_dim) (per layer kind)."""
+        for _, path, _, _ in self.adapter.layer_heads:  # e.g. a linear-attention layer's out_proj
+            if hasattr(layer, path.split(".")[0]):
+                return operator.attrgetter(path)(layer)
         return operator.attrgetter(self.adapter.head_site)(layer)
 
     def neuron_site(self, layer):
-        """The module whose INPUT holds the MLP neurons, (batch, pos, d_mlp)."""
-        return operator.attrgetter(self.adapter.neuron_site)(layer)
+        """The module whose INPUT holds the MLP neurons, (batch, pos, d_mlp); in a sparse layer the experts'
+        `neurons` site, (batch·pos, E·I), unit e·I + j (model/experts.py)."""
+        experts = self.experts_of(layer)
+        return operator.attrgetter(self.adapter.neuron_site)(layer) if experts is None else experts.neurons
+
+    def experts_of(self, layer):
+        """The fused experts module of a sparse layer (`Adapter.experts`), or None."""
+        return _experts.experts_at(layer, self.adapter.experts)
 
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of image-token positions, same shape as input_ids."""
@@ -223,6 +245,8 @@ def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=Fa
     adapter = ADAPTERS[family_of(hf_model.config)]
     hf_model.eval()
     hf_model.requires_grad_(False)
+    if adapter.experts:  # before nnsight wraps the modules: the experts' sited forward (model/experts.py)
+        _experts.install_neuron_sites(operator.attrgetter(adapter.layers)(hf_model), adapter.experts)
     return VLM(name, hf_model, local_wrapper(hf_model), processor, adapter, hub_id=hub_id, remote=remote,
                image_size=image_size, wording=wording)
 

@@ -58,6 +58,10 @@ class Method:
     niou: str = "normalised"  # | "reference": IoU − 2b  (overlap)
     random_draw: str = "uniform"  # | "reference": randint with the upper bound included  (interchange)
     backpatch_selection: str = "split"  # | "reported": chosen on the reported prompts  (backpatch)
+    # Mixture-of-experts models: "held" (every forward of a pair routed as its clean prompt p) is the only routing
+    # the comparisons of p and p' are defined under; "free" (the router recomputed at every input) is refused there
+    # (docs/families-2026.md). The reference code had no MoE model: REFERENCE holds the routing too.
+    routing: str = "held"
 
 
 OURS = Method()
@@ -80,6 +84,18 @@ def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: floa
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
     for task in tasks:
         task_defs.get_task(task)  # an unknown name: a clear error listing the known ones
+
+
+def check_routing(model, routing: str) -> None:
+    """Refuse a routing the model's comparisons of p and p' are not defined under, before any work."""
+    if routing not in ("held", "free"):
+        raise ValueError(f"routing must be 'held' or 'free', got {routing!r}")
+    sparse = sum(model.experts_of(layer) is not None for layer in model.layers(model.hf_model))
+    if sparse and routing != "held":
+        raise ValueError(f"{model.name} is a mixture-of-experts model ({sparse} sparse layers): attribution, patching and "
+                         "ablation need a fixed routing, and routing='free' would let top-k switches between p' and p "
+                         "break the integrated-gradient path and mix p' neurons into p's experts; use routing='held' "
+                         "(every forward routed as the clean prompt p; docs/families-2026.md)")
 
 
 @dataclass
@@ -109,6 +125,7 @@ class Study:
         check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold)
         if self.reference:
             self.method = REFERENCE
+        check_routing(self.model, self.method.routing)
         if self.memory_budget is not None:
             self.model.memory_budget = parse_budget(self.memory_budget)
 

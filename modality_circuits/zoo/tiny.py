@@ -137,6 +137,33 @@ def _qwen3_vl(tok):
     return T.Qwen3VLForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS["qwen3_vl"], merge=2, patch=16)
 
 
+def _qwen3_5(tok):
+    """Qwen3.5's layer pattern (linear, linear, linear, full): 4 full-attention heads of 8 (gated), 6 linear value heads
+    of 4 over 2 key heads of 8: layers with different head counts and widths."""
+    vision = dict(depth=1, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=2, patch_size=16,
+                  num_position_embeddings=64)
+    rope = {**_MROPE, "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+    text = _text(T.Qwen3_5TextConfig, tok, rope_parameters=rope, num_hidden_layers=4, linear_num_key_heads=2,
+                 linear_key_head_dim=8, linear_num_value_heads=6, linear_value_head_dim=4, linear_conv_kernel_dim=2)
+    cfg = T.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision)
+    ip = _qwen_ids(cfg, tok)
+    return T.Qwen3_5ForConditionalGeneration(cfg), MiniProcessor(tok, ip, ADAPTERS["qwen3_5"], merge=2, patch=16)
+
+
+def _qwen3_vl_moe(tok):
+    """Qwen3-VL-30B-A3B's layout: every layer sparse, 4 experts of 12 neurons, top-2 (renormalised); DeepStack into
+    layers 0 and 1. Eager experts (the default grouped_mm has no float64 kernel; the neuron site replaces it anyway)."""
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=2, patch_size=16,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    rope = {**_MROPE, "mrope_interleaved": True}
+    text = _text(T.Qwen3VLMoeTextConfig, tok, rope_parameters=rope, num_hidden_layers=3, num_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=12)
+    cfg = T.Qwen3VLMoeConfig(text_config=text.to_dict(), vision_config=vision)
+    ip = _qwen_ids(cfg, tok)
+    model = T.Qwen3VLMoeForConditionalGeneration(cfg)
+    return model, MiniProcessor(tok, ip, ADAPTERS["qwen3_vl_moe"], merge=2, patch=16)
+
+
 def _llava(tok):
     vision = T.CLIPVisionConfig(**_TOWER, projection_dim=32)
     cfg = T.LlavaConfig(text_config=_text(T.LlamaConfig, tok), vision_config=vision,
@@ -217,6 +244,25 @@ def _glm4v(tok):
     return T.Glm4vForConditionalGeneration(cfg), proc
 
 
+def _glm46v(tok):
+    """GLM-4.6V's MoE text model (glm4v_moe_text): layer 0 dense (48 neurons), layers 1-2 with 4 routed experts of 12
+    neurons (top-2, sigmoid router) and a shared expert of 12; 2 heads of 16; 2x2 merged 16 px patches: 4 <|image|>."""
+    ids = tok.convert_tokens_to_ids
+    text = _text(T.Glm4vMoeTextConfig, tok, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=16, rope_parameters={**_MROPE, "partial_rotary_factor": 0.5}, n_routed_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=12, n_shared_experts=1, first_k_dense_replace=1)
+    vision = dict(model_type="glm4v_vision", depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32)
+    cfg = T.Glm46VConfig(text_config=text.to_dict(), vision_config=vision, image_token_id=ids("<|image|>"),
+                         video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
+                         image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
+                         video_end_token_id=ids("<|end_of_video|>"))
+    ip = T.Glm46VImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                   size={"shortest_edge": IMAGE_SIZE**2, "longest_edge": 2 * IMAGE_SIZE**2})
+    proc = without_video(T.Glm46VProcessor)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    return T.Glm46VForConditionalGeneration(cfg), proc
+
+
 def _pixtral_ip():
     return T.PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, patch_size={"height": 16, "width": 16})
 
@@ -271,6 +317,8 @@ TINY: dict[str, Tiny] = {
     "qwen2_vl": Tiny(QWEN, _qwen2_vl),
     "qwen2_5_vl": Tiny(QWEN, _qwen2_5_vl),
     "qwen3_vl": Tiny(QWEN3, _qwen3_vl),
+    "qwen3_5": Tiny(QWEN3, _qwen3_5),
+    "qwen3_vl_moe": Tiny(QWEN3, _qwen3_vl_moe),
     "llava": Tiny(LLAVA, _llava),
     "llava_onevision": Tiny(LLAVA_ONEVISION, _llava_onevision),
     "internvl": Tiny(INTERNVL, _internvl),
@@ -281,6 +329,7 @@ TINY: dict[str, Tiny] = {
     "paligemma": Tiny(PALIGEMMA, _paligemma),
     "aya_vision": Tiny(AYA, _aya_vision),
     "glm4v": Tiny(GLM, _glm4v),
+    "glm46v": Tiny(GLM, _glm46v),
 }
 FAMILIES = tuple(TINY)
 

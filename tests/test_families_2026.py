@@ -1,0 +1,154 @@
+"""The 2026 families' node kinds (docs/families-2026.md): linear-attention heads and MoE expert neurons, checked
+against the model's own weights with plain torch, and the refusals of what the package cannot define."""
+import dataclasses
+
+import pytest
+import torch
+import transformers as T
+
+from conftest import get_tiny
+from modality_circuits.data.pairs import build_pairs
+
+
+def _logits(model, inputs, hooks=()):
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks]
+    try:
+        with torch.no_grad():
+            return model.hf_model(**inputs).logits[0, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_linear_attention_head_is_the_slice_that_reads_its_value_head():
+    """Zero value head h's rows of in_proj_qkv: exactly the head-h slice of out_proj's input vanishes, the others
+    stay as they were (a wrong head width or order would move other slices)."""
+    model = get_tiny("qwen3_5")
+    tc = model.text_config
+    pair = build_pairs("counting", "image", model, n=1)[0]
+    layer = model.layers(model.hf_model)[0]
+    assert tc.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"] and hasattr(layer, "linear_attn")
+    H, d = model.layer_heads[0], model.layer_head_dims[0]
+    assert (H, d) == (tc.linear_num_value_heads, tc.linear_value_head_dim) and model.n_heads == H
+    site, proj = model.head_site(layer), layer.linear_attn.in_proj_qkv
+    assert site is layer.linear_attn.out_proj
+    v0 = 2 * tc.linear_num_key_heads * tc.linear_key_head_dim  # q, k, then the value heads
+    seen = []
+    handle = site.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        _logits(model, pair.inputs)
+        for h in range(H):
+            saved = proj.weight.data.clone()
+            proj.weight.data[v0 + h * d: v0 + (h + 1) * d] = 0
+            _logits(model, pair.inputs)
+            proj.weight.data.copy_(saved)
+    finally:
+        handle.remove()
+    clean = seen[0].view(*seen[0].shape[:2], H, d)
+    assert clean.abs().amin(dim=(0, 1, 3)).min() == 0 or clean.abs().sum(dim=(0, 1, 3)).min() > 0  # every head speaks
+    for h, out in enumerate(seen[1:]):
+        out = out.view_as(clean)
+        assert not out[:, :, h].any(), h
+        others = [g for g in range(H) if g != h]
+        torch.testing.assert_close(out[:, :, others], clean[:, :, others], atol=0, rtol=0)
+
+
+def test_full_attention_layer_of_qwen3_5_keeps_its_own_head_count():
+    """Full-attention layers have fewer heads than the linear ones: their Scores rows beyond them are padding."""
+    model = get_tiny("qwen3_5")
+    tc = model.text_config
+    assert model.layer_heads == (6, 6, 6, 4) and model.layer_head_dims == (4, 4, 4, 8)
+    full = model.layers(model.hf_model)[3]
+    assert model.head_site(full) is full.self_attn.o_proj
+    assert full.self_attn.o_proj.in_features == tc.num_attention_heads * tc.head_dim
+
+
+def test_sited_experts_compute_what_transformers_experts_compute():
+    """The experts' forward with a neuron site (model/experts.py) equals transformers' own (eager) experts."""
+    model = get_tiny("qwen3_vl_moe")
+    experts = model.experts_of(model.layers(model.hf_model)[1])
+    torch.manual_seed(0)
+    hidden = torch.randn(7, model.text_config.hidden_size)
+    top = torch.stack([torch.randperm(experts.num_experts)[:2] for _ in range(7)])
+    weights = torch.rand(7, 2)
+    ours = experts(hidden, top, weights)
+    theirs = type(experts).forward(experts, hidden, top, weights)  # the class's dispatch, no site
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert experts.config._experts_implementation in (None, "eager", "grouped_mm", "batched_mm")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "glm46v"])
+def test_expert_nodes_are_that_experts_neurons(family):
+    """Zeroing all nodes of expert e (units e·I .. (e+1)·I of the site, every position) through the package's site
+    equals zeroing down_proj[e] in plain torch (GLM's shared expert: the units after E·I, its down_proj); and a
+    neuron is zero where its token is not routed to e."""
+    model = get_tiny(family)
+    pair = build_pairs("counting", "image", model, n=1)[0]
+    layers, i = model.layers(), model.n_layers - 1
+    layer = model.layers(model.hf_model)[i]
+    experts = model.experts_of(layer)
+    E, I = experts.num_experts, experts.down_proj.shape[-1]
+    shared = getattr(layer.mlp, "shared_experts", None)
+    assert model.layer_neurons[i] == E * I + (shared.down_proj.in_features if shared is not None else 0) and E >= 4
+    assert model.text_config.num_experts_per_tok == 2
+    weights = [(experts.down_proj, e, slice(e * I, (e + 1) * I)) for e in range(E)]
+    if shared is not None:
+        weights.append((shared.down_proj.weight, slice(None), slice(E * I, None)))
+    for param, index, units in weights:
+        with model.trace(pair.inputs):
+            site = model.neuron_site(layers[i])
+            acts = site.input.clone().save()
+            zeroed = site.input.clone()
+            zeroed[:, units] = 0
+            site.input = zeroed
+            logits = model.nn.output.logits[0, -1].save()
+        saved = param.data[index].clone()
+        param.data[index] = 0
+        try:
+            by_weights = _logits(model, pair.inputs)
+        finally:
+            param.data[index] = saved
+        torch.testing.assert_close(logits, by_weights, atol=1e-6, rtol=1e-5)
+    routed = []
+    handle = experts.register_forward_pre_hook(lambda m, args: routed.append(args[1]))
+    _logits(model, pair.inputs)
+    handle.remove()
+    for e in range(E):
+        off = ~(routed[0] == e).any(-1)  # tokens not routed to e
+        assert not acts[:, :E * I].view(-1, E, I)[off, e].any()
+        assert acts[:, :E * I].view(-1, E, I)[~off, e].abs().sum() > 0
+    if shared is not None:  # the shared expert sees every token
+        assert (acts[:, E * I:].abs().sum(-1) > 0).all()
+
+
+def test_unknown_layer_types_are_refused_by_name():
+    """A decoder whose layer types the package does not know: refused naming the type, before a model is wrapped."""
+    from modality_circuits.model import wrap
+    from modality_circuits.model.adapters import ADAPTERS, layer_heads
+
+    tc = T.Qwen3_5TextConfig(num_hidden_layers=2)
+    tc.layer_types = ["linear_attention", "mamba"]
+    with pytest.raises(ValueError, match=r"unknown decoder layer type\(s\) 'mamba'.*full_attention, linear_attention"):
+        layer_heads(ADAPTERS["qwen3_5"], tc)
+    tiny = get_tiny("qwen3_vl")
+    tc = tiny.text_config
+    tc.layer_types = ["full_attention", "linear_attention", "full_attention"]  # not a Qwen3-VL layer kind
+    try:
+        with pytest.raises(ValueError, match=r"qwen3_vl: unknown decoder layer type\(s\) 'linear_attention'"):
+            wrap(tiny.hf_model, tiny.processor, name="x")
+    finally:
+        tc.layer_types = None
+
+
+def test_moe_refuses_free_routing_and_hosting_before_any_work(tmp_path):
+    from modality_circuits.study.steps import Method, Study
+
+    moe = get_tiny("qwen3_vl_moe")
+    with pytest.raises(ValueError, match=r"mixture-of-experts model \(3 sparse layers\).*routing='held'"):
+        Study(moe, out=str(tmp_path), tasks=("counting",), n=4, resamples=10, method=Method(routing="free"))
+    with pytest.raises(ValueError, match="routing must be 'held' or 'free'"):
+        Study(moe, out=str(tmp_path), tasks=("counting",), n=4, resamples=10, method=Method(routing="clean"))
+    assert Study(moe, out=str(tmp_path), tasks=("counting",), n=4, resamples=10, reference=True).method.routing == "held"
+    Study(get_tiny("llava"), out=str(tmp_path), tasks=("counting",), n=4, resamples=10, method=Method(routing="free"))
+    with pytest.raises(ValueError, match="hosted mixture-of-experts model has no expert-neuron site"):
+        dataclasses.replace(moe, remote="http://localhost:1")
