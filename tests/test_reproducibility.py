@@ -101,3 +101,28 @@ def test_a_study_is_the_same_for_any_budget_and_task_order(tmp_path):
         return round(x, 2) if isinstance(x, float) else x
 
     assert rounded(json.loads((a / "summary.json").read_text())) == rounded(json.loads((b / "summary.json").read_text()))
+    # a later run of one task (other settings) updates only that task's records; the report keeps both tasks
+    counting = (a / "counting" / "text" / "curve.json").read_bytes()
+    main([*args, "--tasks", "sentiment", "--resamples", "30", "--out", str(tmp_path / "a")])
+    assert (a / "counting" / "text" / "curve.json").read_bytes() == counting
+    assert json.loads((a / "sentiment" / "text" / "curve.json").read_text())["settings"]["resamples"] == 30
+    assert set(json.loads((a / "summary.json").read_text())) == {"counting", "sentiment"}
+    assert "| counting |" in (a / "report.md").read_text() and "| sentiment |" in (a / "report.md").read_text()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from modality_circuits.execution.store import LOCK, lock
+
+    with lock(tmp_path):  # a live holder (this process)
+        with pytest.raises(SystemExit, match=f"{tmp_path} is in use by another run \\(pid \\d+"):
+            main(["reproduce", "--model", "tiny-llava", "--tasks", "counting", "--out", str(tmp_path)])
+        assert (tmp_path / LOCK).exists()
+    assert not (tmp_path / LOCK).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": __import__("socket").gethostname(),
+                                             "since": "earlier"}))  # a run killed with -9
+    with lock(tmp_path) as path:
+        assert json.loads(path.read_text())["pid"] == __import__("os").getpid()

@@ -124,6 +124,10 @@ class Study:
                 "wording": self.model.wording, "method": dataclasses.asdict(self.method),
                 "data": fingerprint(data) if data else None}
 
+    def settings_of(self, task: str) -> dict:
+        """`settings` and the task's definition (`task_key`): what the records of one task depend on."""
+        return {**self.settings, "task": task_key(task)}
+
     @property
     def dir(self) -> Path:
         return model_dir(self.out, self.model.name)
@@ -161,13 +165,37 @@ class Study:
         return self._memo[key]
 
 
+def task_key(task: str) -> str:
+    """A hash of a task's definition: the source of its functions and its answer set, and for a task from a file
+    (not this package) the whole file, so that a task edited under the same name is recomputed, not reused."""
+    import inspect
+
+    t = task_defs.get_task(task)
+    parts = [t.name, t.first_token, t.answers()]
+    for f in (t.pair, t.text, t.image, t.answers, t.rows):
+        try:
+            parts.append(inspect.getsource(f) if f is not None else None)
+        except (OSError, TypeError):  # defined interactively: its compiled code
+            parts.append(f.__code__.co_code if hasattr(f, "__code__") else repr(f))
+    source = inspect.getsourcefile(t.pair) if hasattr(t.pair, "__code__") else None
+    if source and Path(source).is_file() and Path(source).resolve() != Path(task_defs.__file__).resolve():
+        parts.append(Path(source).read_bytes())
+    return fingerprint(parts)
+
+
+def _task_of(study: Study, path: Path) -> str:
+    """The task a record under <out>/<model>/<task>/ belongs to."""
+    return path.relative_to(study.dir).parts[0]
+
+
 def _reusable(study: Study, path: Path, settings: dict | None) -> bool:
     """Whether a finished step's file can be reused: it exists, --force is off, and it was made with these settings."""
     if not path.exists() or study.force:
         return False
-    if settings == study.settings:
+    wanted = study.settings_of(_task_of(study, path))
+    if settings == wanted:
         return True
-    changed = sorted(k for k in study.settings if (settings or {}).get(k) != study.settings[k])
+    changed = sorted(k for k in wanted if (settings or {}).get(k) != wanted[k])
     tqdm.write(f"{path} was made with other settings ({', '.join(changed)}): recomputing it")
     return False
 
@@ -177,7 +205,7 @@ def _step(study: Study, path: Path, compute):
     with the settings, and return."""
     if _reusable(study, path, read_json(path).get("settings") if path.exists() else None):
         return read_json(path)
-    result = {**compute(), "settings": study.settings}
+    result = {**compute(), "settings": study.settings_of(_task_of(study, path))}
     write_json(path, result)
     return result
 
@@ -210,7 +238,7 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
     keep = per_pair_bytes <= study.max_per_pair_bytes
     s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False, head_score=study.method.head_score,
                   interpolate=study.method.interpolate)
-    s.meta["settings"] = study.settings
+    s.meta["settings"] = study.settings_of(task)
     cache.unlink(missing_ok=True)  # per-pair values of an older run must not outlive it
     if keep:
         with atomic(cache) as tmp:
@@ -403,6 +431,23 @@ STEPS = {
     "alignment": run_alignment,
     "backpatch": run_backpatch,
 }
+
+
+#: The files a task's finished steps leave: per modality, then per task.
+RECORDS = (("accuracy.json", "curve.json", "position_effect.json", "circuit.safetensors"),
+           ("overlap.json", "interchange.json", "alignment.json", "backpatch.json"))
+
+
+def recorded_tasks(folder: Path) -> tuple[list[str], list[str]]:
+    """(complete, skipped): the tasks under `folder` (<out>/<model>/) with every step's record, whichever run wrote
+    them, and those a run left out (skipped.json); built-in tasks first in their order, then by name."""
+    names = sorted((p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                   key=lambda t: (task_defs.TASKS.index(t) if t in task_defs.TASKS else len(task_defs.TASKS), t)) \
+        if Path(folder).is_dir() else []
+    complete = [t for t in names if all((Path(folder) / t / m / f).is_file() for m in task_defs.MODALITIES
+                                        for f in RECORDS[0]) and all((Path(folder) / t / f).is_file() for f in RECORDS[1])]
+    skipped = [t for t in names if t not in complete and (Path(folder) / t / "skipped.json").is_file()]
+    return complete, skipped
 
 
 def run(study: Study, steps=tuple(STEPS)) -> list[str]:
