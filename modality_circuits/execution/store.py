@@ -113,8 +113,13 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path):
+    """A JSON record; a damaged one is a ValueError naming the file."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): restore it, or delete it and rerun the step that "
+                             "writes it") from None
 
 
 def nan_for_null(obj):

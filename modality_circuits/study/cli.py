@@ -28,6 +28,9 @@ def cmd_evaluate(args) -> None:
     s = _study(args)
     for modality in args.modality:
         curve = steps.run_curve(s, args.task, modality)
+        if curve.get("undefined"):
+            print(f"{args.task}/{modality}: n/a: {curve['undefined']} -> {s.path(args.task, 'curve.json', modality)}")
+            continue
         found = f"{curve['minimal_fraction']:.1%}" if curve["minimal_fraction"] is not None else "not reached"
         print(f"{args.task}/{modality}: faithfulness curve on {curve['n_eval_pairs']} pairs; smallest fraction with "
               f"F >= {curve['threshold']}: {found}; circuit at {curve['circuit_fraction']:.1%}; CPR {curve['cpr']:.3f}, "
@@ -80,7 +83,8 @@ def _study(args):
     for path in args.task_file:
         tasks.load_task_file(path)
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
-    steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples)  # before loading the model
+    steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples, image_size=args.image_size,
+                         data_dir=args.data_dir)  # before loading the model
     _check_writable(Path(args.out))
     if getattr(args, "held", None) is not None:  # one run at a time writes --out (released when the command ends)
         args.held.enter_context(store.lock(args.out))

@@ -35,6 +35,7 @@ def summarize(folder: Path, tasks) -> dict:
         out[t] = {
             "accuracy": acc,
             "minimal_faithful_fraction": {m: curves[m]["minimal_fraction"] for m in curves},
+            "faithfulness_undefined": {m: curves[m].get("undefined") for m in curves},  # the reason, or None
             "faithfulness_at_circuit": {m: nan_for_null(curves[m]["faithfulness_at_circuit"]) for m in curves},
             "niou": {s: ov[s]["niou"] for s in SPANS},
             "interchange": {s: {**ic[s]["score"], "margin": interchange_margin(ic[s]), "interpretable": interchange_readable(ic[s])}
@@ -53,6 +54,8 @@ def _nanmean(values) -> float:
 
 
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+    if not c.get("interpretable", True) and not np.isfinite(c["margin"]):
+        return "n/a (F undefined)"
     if not c.get("interpretable", True):
         return f"n/a (ΔF {c['margin']:.2f})".replace("-0.00", "0.00")
     if not np.isfinite(c["value"]):
@@ -98,9 +101,12 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
               "| task | text | image |", "|---|---|---|"]
     bigger = 0
     for t, n in zip(tasks, names):
-        f, fa = s[t]["minimal_faithful_fraction"], s[t]["faithfulness_at_circuit"]
-        lines.append(f"| {n} | {_pct(f['text'])} (F {_ci(fa['text'])}) | {_pct(f['image'])} (F {_ci(fa['image'])}) |")
+        f, fa, why = s[t]["minimal_faithful_fraction"], s[t]["faithfulness_at_circuit"], s[t]["faithfulness_undefined"]
+        lines.append(f"| {n} | " + " | ".join("n/a (F undefined)" if why[m] else f"{_pct(f[m])} (F {_ci(fa[m])})"
+                                             for m in ("text", "image")) + " |")
         bigger += (f["image"] or 1.0) > (f["text"] or 1.0)
+    lines += [f"\nn/a: {task_name(t)}, {m}: {why}." for t in tasks for m, why in s[t]["faithfulness_undefined"].items()
+              if why]
     lines += ["", f"Visual circuits are larger than textual ones on {bigger} of {len(tasks)} tasks "
               f"(reference: larger on all). ![faithfulness](faithfulness.png)", "", "![position effect](position_effect.png)", ""]
 
@@ -111,7 +117,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
         lines.append(f"| {n} | {_ci(v['D'])} | {_ci(v['Q'])} | {_ci(v['G'])} |")
         order_ok += v["D"]["value"] <= min(v["Q"]["value"], v["G"]["value"])
     if not all(np.isfinite(s[t]["niou"][sp]["value"]) for t in tasks for sp in SPANS):
-        lines += ["", "undefined: neither circuit has a node in that span."]
+        lines += ["", "undefined: neither circuit has a node in that span, or F is undefined (see Circuit size)."]
     lines += ["", f"Reference: little overlap in D, more in Q, most in G. Here D overlaps least on {order_ok} of "
               f"{len(tasks)} tasks. ![overlap](overlap.png)", ""]
 

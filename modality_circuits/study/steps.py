@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from safetensors.torch import load_file, save_file
 
 from ..analyses.alignment import alignment
-from ..analyses.backpatch import backpatch, refusal
+from ..analyses.backpatch import answer_ids, backpatch, refusal
 from ..analyses.interchange import interchange_both, margin, readable
 from ..analyses.overlap import overlap
 from ..circuits.circuit import Circuit, Scores
@@ -32,6 +32,7 @@ from ..circuits.candidates import candidates, certify
 from ..circuits.stats import CI, bootstrap, draws
 from ..data import tasks as task_defs
 from ..data.pairs import SPANS, build_pairs, split
+from ..execution import budget
 from ..execution.budget import parse as parse_budget
 from ..execution.checkpoint import fingerprint
 from ..execution.store import atomic, model_dir, read_json, write_json
@@ -70,15 +71,27 @@ def _portable(config: dict) -> dict:
             if k not in ("_name_or_path", "transformers_version")}
 
 
-def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8) -> None:
-    """Refuse settings no study can run with, before any model is loaded."""
+def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8, image_size=None,
+                   data_dir=None) -> None:
+    """Refuse settings no study can run with, before any model is loaded (a row-based task's data included)."""
     for name, (value, least) in {"n": (n, 4), "steps": (steps, 1), "resamples": (resamples, 10)}.items():
         if not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE):
+        raise ValueError(f"--image-size must be an integer >= {MIN_IMAGE_SIZE} pixels (or left out for the study's "
+                         f"size), got {image_size!r}")
     for task in tasks:
-        task_defs.get_task(task)  # an unknown name: a clear error listing the known ones
+        t = task_defs.get_task(task)  # an unknown name: a clear error listing the known ones
+        if t.rows is not None and data_dir is not None:
+            t.rows(data_dir)  # a missing or malformed CSV fails now, not after another task's steps
+
+
+#: Smallest --image-size (a few patches of any family); the largest is what the memory budget can render.
+MIN_IMAGE_SIZE = 28
+#: Bytes per pixel that rendering and preprocessing an image hold at once (RGB, float32 copies).
+PIXEL_BYTES = 16
 
 
 @dataclass
@@ -105,11 +118,17 @@ class Study:
     _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
 
     def __post_init__(self):
-        check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold)
+        check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold,
+                       image_size=self.image_size, data_dir=self.data_dir)
         if self.reference:
             self.method = REFERENCE
         if self.memory_budget is not None:
             self.model.memory_budget = parse_budget(self.memory_budget)
+        have = budget.resolve(self.model.memory_budget, self.model.device)
+        if self.image_size is not None and self.image_size ** 2 * PIXEL_BYTES > have:
+            raise ValueError(f"--image-size {self.image_size}: rendering and preprocessing one image needs about "
+                             f"{self.image_size ** 2 * PIXEL_BYTES / 2**30:.1f} GiB, more than the memory budget "
+                             f"({have / 2**30:.1f} GiB); give at most {int((have / PIXEL_BYTES) ** 0.5)} pixels")
 
     @cached_property
     def settings(self) -> dict:
@@ -117,7 +136,8 @@ class Study:
         config = _portable(self.model.hf_model.config.to_dict())
         data = sorted(p.name + ":" + fingerprint(p.read_bytes()) for p in Path(self.data_dir).rglob("*")
                       if p.is_file()) if self.data_dir else None
-        return {"model": self.model.name, "model_config": fingerprint(config), "n": self.n, "steps": self.steps,
+        return {"model": self.model.name, "model_config": fingerprint(config), "weights": self.model.weights_id,
+                "n": self.n, "steps": self.steps,
                 "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
                 "position_probes": self.position_probes,
                 "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
@@ -143,6 +163,17 @@ class Study:
             pairs = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir,
                                 positions=self.method.positions,
                                 image_size=self.image_size)
+            need, have = (budget.row_bytes(self.model, pairs[0].length, backward=True),
+                          budget.resolve(self.model.memory_budget, self.model.device))
+            if need > have:  # one attribution row must fit, or the first backward runs out of memory
+                raise ValueError(f"{task}/{modality}: one attribution row of {pairs[0].length} tokens needs about "
+                                 f"{need / 2**30:.2f} GiB, more than the memory budget ({have / 2**30:.2f} GiB): give a "
+                                 "smaller --image-size or a larger --memory-budget")
+            try:  # back-patching scores over the answer set: a word that is no answer token fails now, not there
+                answer_ids(self.model, pairs[:1])
+            except ValueError as err:
+                raise ValueError(f"task {task!r}: a word of its answers() cannot be scored as an answer ({err}): "
+                                 "fix the task's answers()") from None
             (start, end), size = pairs[0].spans["D"], self.image_size or self.model.image_size
             shown = f"{end - start} image tokens ({size} px images)" if modality == "image" else f"{end - start} tokens"
             tqdm.write(f"{task}/{modality}: {len(pairs)} pairs of {pairs[0].length} tokens; D = {shown}")
@@ -167,7 +198,7 @@ class Study:
 
 def task_key(task: str) -> str:
     """A hash of a task's definition: the source of its functions and its answer set, and for a task from a file
-    (not this package) the whole file, so that a task edited under the same name is recomputed, not reused."""
+    the whole file that registered it, so that a task edited under the same name is recomputed, not reused."""
     import inspect
 
     t = task_defs.get_task(task)
@@ -177,7 +208,7 @@ def task_key(task: str) -> str:
             parts.append(inspect.getsource(f) if f is not None else None)
         except (OSError, TypeError):  # defined interactively: its compiled code
             parts.append(f.__code__.co_code if hasattr(f, "__code__") else repr(f))
-    source = inspect.getsourcefile(t.pair) if hasattr(t.pair, "__code__") else None
+    source = task_defs.ORIGINS.get(t.name)  # the file that registered it
     if source and Path(source).is_file() and Path(source).resolve() != Path(task_defs.__file__).resolve():
         parts.append(Path(source).read_bytes())
     return fingerprint(parts)
@@ -257,8 +288,19 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
         c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg, progress=False)
         cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
                          resamples=study.resamples).as_dict() for ld in c.ld_circuits]
-        chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.argmax(c.values))]
-        Circuit.from_scores(s, fraction=chosen).save(study.path(task, "circuit.safetensors", modality))
+        path = study.path(task, "circuit.safetensors", modality)
+        if not np.isfinite(c.values).any():  # m(M) = m(∅): F is 0/0 at every fraction, so no circuit can be chosen
+            why = (f"F undefined: the full model's mean LD equals the fully patched one's ({float(c.ld_full.mean()):.3g}) "
+                   f"on {task}/{modality}, so p' changes nothing the model reads (e.g. an image that ignores the "
+                   "task's facts): no circuit fraction, overlap or interchange")
+            tqdm.write(why)
+            Circuit.from_scores(s, count=0).save(path)  # an empty circuit: later steps read `undefined`, not its nodes
+            none = CI(float("nan"), float("nan"), float("nan")).as_dict()
+            return {"fractions": c.fractions, "faithfulness": c.values, "ci": cis, "threshold": c.threshold,
+                    "minimal_fraction": None, "circuit_fraction": None, "faithfulness_at_circuit": none,
+                    "cpr": c.cpr, "cmd": c.cmd, "n_eval_pairs": len(evaluation), "undefined": why}
+        chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.nanargmax(c.values))]
+        Circuit.from_scores(s, fraction=chosen).save(path)
         at = c.fractions.index(chosen)
         return {"fractions": c.fractions, "faithfulness": c.values, "ci": cis, "threshold": c.threshold,
                 "minimal_fraction": c.minimal_fraction, "circuit_fraction": chosen, "faithfulness_at_circuit": cis[at],
@@ -301,9 +343,24 @@ def run_position_effect(study: Study, task: str, modality: str) -> dict:
     return _step(study, study.path(task, "position_effect.json", modality), compute)
 
 
+def _undefined(study: Study, task: str) -> str | None:
+    """Why a task's circuits cannot be compared (F undefined in a modality), or None."""
+    for m in task_defs.MODALITIES:
+        run_curve(study, task, m)
+        why = read_json(study.path(task, "curve.json", m)).get("undefined")
+        if why:
+            return why
+    return None
+
+
 def run_overlap(study: Study, task: str) -> dict:
     """nIoU of the textual and visual circuits per span; CI by resampling discovery pairs of both modalities."""
     def compute():
+        why = _undefined(study, task)
+        if why:  # n/a with the reason, never a number
+            none = CI(float("nan"), float("nan"), float("nan")).as_dict()
+            return {s: {"niou": none, "niou_heads": None, "niou_neurons": None, "iou_heads": None, "iou_neurons": None,
+                        "niou_from": [], "niou_reason": why} for s in SPANS}
         text, image = (load_circuit(study, task, m) for m in ("text", "image"))
         point = overlap(text, image, niou_formula=study.method.niou)
         st, si = run_scores(study, task, "text"), run_scores(study, task, "image")
@@ -365,6 +422,12 @@ def _candidate_scores(study: Study, task: str, modality: str, scores: Scores, fr
 def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
     """Swap each span between the two circuits, both directions; score averaged over directions."""
     def compute():
+        why = _undefined(study, task)
+        if why:  # n/a with the reason, never a number
+            none = CI(float("nan"), float("nan"), float("nan")).as_dict()
+            return {s: {"score": none, "reason": why, **{f"{d}_{k}": v for d in ("visual", "text") for k, v in
+                        (("score", None), ("f_original", None), ("f_swapped", None), ("f_random", [None]),
+                         ("score_draws", [None]))}} for s in SPANS}
         text, image = (load_circuit(study, task, m) for m in ("text", "image"))
         ev_text, ev_image = study.pairs(task, "text")[1], study.pairs(task, "image")[1]
         result = {}
