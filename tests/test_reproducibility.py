@@ -81,11 +81,15 @@ def test_a_checkpoint_resumes_under_any_budget(llava, budget, tmp_path, monkeypa
     assert torch.equal(resumed.heads, whole.heads) and torch.equal(resumed.neurons, whole.neurons)
 
 
-def test_a_study_is_the_same_for_any_budget_and_task_order(tmp_path):
-    """Two runs, tasks in either order, one forward row at a time or as many as fit: the same scores and circuits
-    (bit for bit) and the same summary after the report's rounding."""
+def test_a_study_is_the_same_for_any_budget_and_task_order(llava, tmp_path):
+    """Two runs, tasks in either order, about one attribution row at a time or as many as fit: the same scores and
+    circuits (bit for bit) and the same summary after the report's rounding."""
+    from modality_circuits.execution.budget import row_bytes
+
+    one_row = max(row_bytes(llava, build_pairs(t, m, llava, n=1, seed=0)[0].length, backward=True)
+                  for t in ("counting", "sentiment") for m in ("text", "image"))
     args = ["reproduce", "--model", "tiny-llava", "--n", "8", "--resamples", "20", "--all-prompts"]
-    main([*args, "--tasks", "counting", "sentiment", "--memory-budget", "1", "--out", str(tmp_path / "a")])
+    main([*args, "--tasks", "counting", "sentiment", "--memory-budget", str(one_row + 1), "--out", str(tmp_path / "a")])
     main([*args, "--tasks", "sentiment", "counting", "--out", str(tmp_path / "b")])
     a, b = tmp_path / "a" / "tiny-llava", tmp_path / "b" / "tiny-llava"
     files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors") if ".cache" not in p.parts)
@@ -101,3 +105,28 @@ def test_a_study_is_the_same_for_any_budget_and_task_order(tmp_path):
         return round(x, 2) if isinstance(x, float) else x
 
     assert rounded(json.loads((a / "summary.json").read_text())) == rounded(json.loads((b / "summary.json").read_text()))
+    # a later run of one task (other settings) updates only that task's records; the report keeps both tasks
+    counting = (a / "counting" / "text" / "curve.json").read_bytes()
+    main([*args, "--tasks", "sentiment", "--resamples", "30", "--out", str(tmp_path / "a")])
+    assert (a / "counting" / "text" / "curve.json").read_bytes() == counting
+    assert json.loads((a / "sentiment" / "text" / "curve.json").read_text())["settings"]["resamples"] == 30
+    assert set(json.loads((a / "summary.json").read_text())) == {"counting", "sentiment"}
+    assert "| counting |" in (a / "report.md").read_text() and "| sentiment |" in (a / "report.md").read_text()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from modality_circuits.execution.store import LOCK, lock
+
+    with lock(tmp_path):  # a live holder (this process)
+        with pytest.raises(SystemExit, match=f"{tmp_path} is in use by another run \\(pid \\d+"):
+            main(["reproduce", "--model", "tiny-llava", "--tasks", "counting", "--out", str(tmp_path)])
+        assert (tmp_path / LOCK).exists()
+    assert not (tmp_path / LOCK).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": __import__("socket").gethostname(),
+                                             "since": "earlier"}))  # a run killed with -9
+    with lock(tmp_path) as path:
+        assert json.loads(path.read_text())["pid"] == __import__("os").getpid()

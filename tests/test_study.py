@@ -182,7 +182,7 @@ def test_a_rerun_with_other_settings_recomputes_instead_of_mixing(study_dir):
 @pytest.mark.parametrize("bad, message", [(["--resamples", "0"], "resamples must be"), (["--n", "0"], "n must be"),
                                           (["--steps", "0"], "steps must be")])
 def test_settings_are_refused_before_any_work(bad, message, tmp_path):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit, match=message):
         main(["reproduce", "--model", "tiny-llava", *bad, "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
@@ -222,5 +222,5 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path, signal_name):
 def test_an_unusable_out_folder_is_refused_before_any_work(tmp_path):
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a folder")
-    with pytest.raises(NotADirectoryError, match="is a file"):
+    with pytest.raises(SystemExit, match="is a file"):
         main(["reproduce", "--model", "tiny-llava", "--out", str(a_file / "sub")])

@@ -140,6 +140,8 @@ def interchange(model, target: Circuit, source: Circuit, pairs: list[Pair], span
     """Swap `span` of `target` (evaluated on `pairs`, the target's modality) for `source`'s mapped sub-circuit."""
     if span not in SPANS:
         raise ValueError(f"span must be one of {', '.join(SPANS)}, got {span!r}")
+    if not isinstance(n_random, int) or n_random < 1:
+        raise ValueError(f"n_random must be an integer >= 1 (the random baseline needs a draw), got {n_random!r}")
     rest = target - target.restrict(span)
     mapped = map_span(source, target, span)
     gen = torch.Generator().manual_seed(seed)

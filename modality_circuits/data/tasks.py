@@ -7,8 +7,10 @@ same seed gives the same underlying items in both modalities (aligned textual/vi
 from __future__ import annotations
 
 import csv
+import os
 import random
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -284,6 +286,8 @@ class Task:
 
 #: Every task by name: the five built-ins, and what `register` (or `--task-file`) adds.
 REGISTRY: dict[str, Task] = {}
+#: The file that registered each task (a task file's path; this module for the built-ins).
+ORIGINS: dict[str, str] = {}
 
 
 def register(task: Task) -> Task:
@@ -292,7 +296,11 @@ def register(task: Task) -> Task:
         raise ValueError(f"task name {task.name!r} must be a Python identifier (letters, digits, underscores)")
     if task.name in TASKS and task.name in REGISTRY:
         raise ValueError(f"{task.name!r} is a built-in task; give yours another name")
-    REGISTRY[task.name] = task
+    origin = os.path.abspath(sys._getframe(1).f_code.co_filename)  # the registering file (it may do so again)
+    if task.name in REGISTRY and ORIGINS.get(task.name) != origin:
+        raise ValueError(f"task {task.name!r} is registered twice, by {ORIGINS.get(task.name)} and by {origin}: "
+                         "rename one")
+    REGISTRY[task.name], ORIGINS[task.name] = task, origin
     return task
 
 
@@ -322,10 +330,20 @@ def load_task_file(path: str | Path) -> list[str]:
 
 
 def _prompt(task: Task, modality: str, meta: dict, size: int, wording: str) -> Prompt:
-    data, query, answer = task.text(meta, wording, modality)
+    """One prompt; what a task's functions return is checked here, so a task file's slip is named as such."""
+    parts = task.text(meta, wording, modality)
+    if not (isinstance(parts, tuple) and len(parts) == 3 and all(isinstance(x, str) for x in parts)):
+        raise ValueError(f"task {task.name!r}: text(meta, wording, modality) must return three strings (data, query, "
+                         f"answer), got {parts!r}")
+    data, query, answer = parts
+    if not answer.strip():
+        raise ValueError(f"task {task.name!r}: text() gave an empty answer for {meta}: every prompt needs an answer word")
     if modality == "text":
         return Prompt(task.name, modality, data, None, query, answer, meta)
-    return Prompt(task.name, modality, None, task.image(meta, size), query, answer, meta)
+    image = task.image(meta, size)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"task {task.name!r}: image(meta, size) must return a PIL image, got {type(image).__name__}")
+    return Prompt(task.name, modality, None, image, query, answer, meta)
 
 
 def sample_pairs(task: "str | Task", modality: str, n: int, *, seed: int = 0, image_size: int = 64,

@@ -311,8 +311,11 @@ def call(model, fn: Callable, *args, **kwargs):
         try:
             return fn(model, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - classified below
-            if attempt + 1 == attempts or not transient(err):
+            if not transient(err):
                 raise
+            if attempt + 1 == attempts:  # a server error (e.g. HTTP 500) after every retry: one clear error
+                raise RemoteUnavailable(f"the remote server failed {attempts} times ({type(err).__name__}: {err}); "
+                                        "try again later, raise VLM.retries, or run without --remote") from err
             wait = model.retry_backoff * 2**attempt
             warnings.warn(f"remote request failed ({type(err).__name__}: {err}); retry {attempt + 1}/{model.retries} "
                           f"in {wait:g}s", RuntimeWarning, stacklevel=2)

@@ -5,8 +5,17 @@ import contextlib
 import json
 import math
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+#: The file a run holds in its --out folder while it writes there (`lock`).
+LOCK = ".modality_circuits.lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another live run holds the results folder's lock."""
 
 
 @contextlib.contextmanager
@@ -25,6 +34,57 @@ def atomic(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def lock(folder):
+    """Hold <folder>/.modality_circuits.lock (this process's pid, host and start time) while a run writes `folder`.
+
+    A second run on the same folder is refused (FolderInUse) while the holder lives; a lock whose process
+    is gone (killed, crashed) is stale and taken over. Released on exit, errors and Ctrl-C included."""
+    path = Path(folder) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is None:  # stale: its process is gone
+                path.unlink(missing_ok=True)
+                continue
+            raise FolderInUse(f"{folder} is in use by another run (pid {holder.get('pid')} on {holder.get('host')} "
+                              f"since {holder.get('since')}): wait for it to finish or give another --out "
+                              f"(if no such run exists, delete {path})") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+
+
+def _holder(path: Path) -> dict | None:
+    """The lock's holder, or None when the lock is stale (its process no longer runs on this host)."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):  # being written right now, or garbage: stale only once it is old
+        try:
+            return None if time.time() - path.stat().st_mtime > 60 else {"pid": "?", "host": "?", "since": "now"}
+        except OSError:
+            return None
+    if holder.get("host") != socket.gethostname():
+        return holder  # another machine's process cannot be checked from here
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except (ProcessLookupError, KeyError, TypeError, ValueError):  # gone, or not a lock this package wrote
+        return None
+    except PermissionError:  # another user's live process
+        return holder
+    return holder
 
 
 def _umask() -> int:
@@ -53,8 +113,13 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path):
+    """A JSON record; a damaged one is a ValueError naming the file."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): restore it, or delete it and rerun the step that "
+                             "writes it") from None
 
 
 def nan_for_null(obj):

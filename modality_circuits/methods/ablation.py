@@ -163,9 +163,12 @@ def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows:
     `model.chunks_per_request` chunks of circuits per request, masks sent as bits, only LDs back.
     """
     check_layout(pairs)
+    want = ((model.n_layers, model.n_heads, pairs[0].length), (model.n_layers, model.d_mlp, pairs[0].length))
     for c in circuits:
-        if c.heads.shape[-1] != pairs[0].length:
-            raise ValueError(f"circuit covers {c.heads.shape[-1]} positions, pairs have {pairs[0].length}")
+        if (tuple(c.heads.shape), tuple(c.neurons.shape)) != want:
+            raise ValueError(f"circuit of layout heads {tuple(c.heads.shape)}, neurons {tuple(c.neurons.shape)} does not "
+                             f"fit {model.name} on these pairs (heads {want[0]}, neurons {want[1]}: layers, units, "
+                             "positions): use a circuit found on this model for pairs of this layout")
     keys = [_digest(c) for c in circuits]
     first = {k: i for i, k in reversed(list(enumerate(keys)))}
     unique = sorted(set(first.values()))

@@ -171,7 +171,7 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
     store = None
     if checkpoint is not None:  # keyed on what the sums depend on; never on the chunk size (free memory)
         store = Checkpoint(checkpoint, fingerprint(
-            "attribute", model.name, model.n_layers, model.n_heads, model.d_mlp, steps, head_score, interpolate,
+            "attribute", model.name, model.weights_id, model.n_layers, model.n_heads, model.d_mlp, steps, head_score, interpolate,
             per_pair if isinstance(per_pair, tuple) else bool(per_pair),
             [(p.inputs, p.cf_inputs, p.answer_id, p.cf_answer_id) for p in pairs]))
         state = store.load() or state

@@ -58,6 +58,7 @@ class VLM:
     chunks_per_request: int = 8
     memory_budget: int | str = "auto"
     wording: str = "study"  # prompt wording of the built-in tasks: the study's, or "toy" (docs/method.md section 1)
+    weights_id: str | None = None  # fingerprint of the weight files (`weights_fingerprint`); None: built in memory
 
     def __post_init__(self):
         self.remote = _remote.normalize(self.remote)
@@ -271,8 +272,72 @@ def load_pretrained(hub_id: str, *, name: str, device=None, dtype=None, device_m
     kwargs = {"dtype": dtype or "auto"}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    hf_model = model_cls.from_pretrained(hub_id, **kwargs)
+    folder = _local_folder(hub_id)
+    weights_id = weights_fingerprint(folder, config) if folder is not None else None  # refuses int-stored weights
+    hf_model, info = model_cls.from_pretrained(hub_id, output_loading_info=True, **kwargs)
+    if info.get("missing_keys"):  # transformers would run them on random initial values
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{hub_id}: the weight files lack {len(missing)} tensors ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): the model would run on random values; restore them")
     if device is not None and device_map is None:
         hf_model.to(device)
     processor = load_processor(hub_id, adapter)
-    return wrap(hf_model, processor, name=name, hub_id=hub_id, remote=remote, wording=wording)
+    model = wrap(hf_model, processor, name=name, hub_id=hub_id, remote=remote, wording=wording)
+    model.weights_id = weights_id
+    return model
+
+
+def _local_folder(hub_id: str):
+    """The folder holding a checkpoint's files: the path itself, or the hub cache's snapshot (None if neither)."""
+    from pathlib import Path
+
+    if Path(hub_id).expanduser().is_dir():
+        return Path(hub_id).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=["*.json"]))
+    except Exception:  # noqa: BLE001 - not cached (or no hub library): no fingerprint, records keyed on the config
+        return None
+
+
+#: Weight files up to this size are hashed whole by `weights_fingerprint`; larger ones are sampled.
+FULL_HASH_BYTES = 256 * 2**20
+#: safetensors dtypes of floating-point tensors.
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def weights_fingerprint(folder, config) -> str | None:
+    """A fast fingerprint of a folder's *.safetensors: names, sizes, JSON headers (every tensor's name, dtype,
+    shape and offsets) and the data: all of it for files up to FULL_HASH_BYTES, else 64 blocks of 64 KiB spread
+    over it (a retrained or replaced checkpoint changes them; an edit of a few values in a large file may not);
+    None without such files.
+
+    Refuses a weight (".weight"/".bias") stored as an integer type in a model without a quantization_config:
+    transformers would cast it to floats without a word."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    quantised = getattr(config, "quantization_config", None) is not None
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"{f} is not a safetensors file (header of {n} bytes in {size}): restore it")
+            header = fh.read(n)
+            digest.update(f"{f.name}:{size}:".encode() + header)
+            if size <= FULL_HASH_BYTES:  # small files: every byte
+                digest.update(fh.read())
+            for i in range(64 if size > FULL_HASH_BYTES else 0):  # large ones: 64 blocks spread over the data
+                fh.seek(8 + n + (size - 8 - n) * i // 64)
+                digest.update(fh.read(65536))
+        for name, t in json.loads(header).items():
+            if name != "__metadata__" and name.endswith((".weight", ".bias")) and t["dtype"] not in FLOAT_DTYPES \
+                    and not quantised:
+                raise ValueError(f"{f}: weight {name} is stored as {t['dtype']}, not floating point (and the model has "
+                                 "no quantization_config): it would be cast without a word; re-save it as floats")
+    return digest.hexdigest() if files else None

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 import time
 
 from ..data import tasks
-from ..execution import budget
+from ..execution import budget, store
+from ..execution.remote import RemoteUnavailable
 from . import steps
 
 
@@ -26,6 +28,9 @@ def cmd_evaluate(args) -> None:
     s = _study(args)
     for modality in args.modality:
         curve = steps.run_curve(s, args.task, modality)
+        if curve.get("undefined"):
+            print(f"{args.task}/{modality}: n/a: {curve['undefined']} -> {s.path(args.task, 'curve.json', modality)}")
+            continue
         found = f"{curve['minimal_fraction']:.1%}" if curve["minimal_fraction"] is not None else "not reached"
         print(f"{args.task}/{modality}: faithfulness curve on {curve['n_eval_pairs']} pairs; smallest fraction with "
               f"F >= {curve['threshold']}: {found}; circuit at {curve['circuit_fraction']:.1%}; CPR {curve['cpr']:.3f}, "
@@ -58,6 +63,7 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     p.add_argument("--reference", action="store_true",
                    help="reproduce the study's code: its head score, interpolation, 1-D positions, mean of ratios, "
                         "nIoU formula, random draw and back-patching selection (docs/method.md section 11)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error, not one line")
     p.add_argument("--position-probes", type=int, default=64,
                    help="positions the exact position effect probes at most: every Q and G position and evenly spaced "
                         "D positions (0: all)")
@@ -78,13 +84,20 @@ def _study(args):
     for path in args.task_file:
         tasks.load_task_file(path)
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
-    steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples)  # before loading the model
+    steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples, image_size=args.image_size,
+                         data_dir=args.data_dir)  # before loading the model
     _check_writable(Path(args.out))
+    if getattr(args, "held", None) is not None:  # one run at a time writes --out (released when the command ends)
+        args.held.enter_context(store.lock(args.out))
     model = load_model(args.model, remote=args.remote)
-    return steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
-                       resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir, force=args.force,
-                       image_size=args.image_size, memory_budget=args.memory_budget,
-                       position_probes=args.position_probes or None, reference=args.reference)
+    study = steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
+                        resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir,
+                        force=args.force, image_size=args.image_size, memory_budget=args.memory_budget,
+                        position_probes=args.position_probes or None, reference=args.reference)
+    for folder, _, _ in os.walk(study.dir):  # a read-only record folder fails here, not after the work
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"--out {args.out}: {folder} is not writable (make it writable or give another --out)")
+    return study
 
 
 def experiment(doc: str, names: tuple[str, ...], draw, argv=None, *, study: bool = False) -> None:
@@ -93,9 +106,13 @@ def experiment(doc: str, names: tuple[str, ...], draw, argv=None, *, study: bool
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _study_args(p)
     args = p.parse_args(argv)
-    s = _study(args)
-    done = steps.run(s, names)
-    print(draw(s, done) if study else draw(s.dir, done))
+
+    def body(args):
+        s = _study(args)
+        done = steps.run(s, names)
+        print(draw(s, done) if study else draw(s.dir, done))
+
+    _guarded(args, body)
 
 
 def cmd_reproduce(args) -> None:
@@ -105,13 +122,26 @@ def cmd_reproduce(args) -> None:
     s = _study(args)
     start = time.perf_counter()
     print(f"reproducing the study on {s.model.name} for {', '.join(s.tasks)} -> {s.dir}")
-    done = steps.run(s)
-    figures.gallery(s.model, s.dir, s.tasks, seed=s.seed, data_dir=s.data_dir, image_size=s.image_size)
-    figures.circuit_maps(s.model, s.dir, done, data_dir=s.data_dir)
+    steps.run(s)
+    # the report and figures show every task recorded in the folder, not only this run's: a run of one task (or a
+    # task file) adds or updates its records and never drops the others' from the report
+    shown, skipped = steps.recorded_tasks(s.dir)
+    if not shown:
+        raise steps.TooFewPairs(f"no task of {', '.join(s.tasks)} could be run on {s.model.name}: see "
+                                f"{s.dir}/<task>/skipped.json")
+    earlier = [t for t in shown if t not in s.tasks]
+    if earlier:
+        print(f"the report and figures also show {', '.join(earlier)}: recorded in {s.dir} by earlier runs")
+    # the gallery and circuit maps build prompts: only tasks defined now, with records of this run's settings
+    same = [t for t in shown if t in tasks.REGISTRY and steps.read_json(s.path(t, "curve.json", "text")).get(
+        "settings") == s.settings_of(t)]
+    if same:
+        figures.gallery(s.model, s.dir, same, seed=s.seed, data_dir=s.data_dir, image_size=s.image_size)
+        figures.circuit_maps(s.model, s.dir, same, data_dir=s.data_dir)
     for draw in (figures.position_effect_bars, figures.faithfulness_curves, figures.overlap_heatmap,
                  figures.interchange_bars, figures.alignment_lines, figures.backpatch_bars):
-        draw(s.dir, done)
-    report = write_report(s.dir, done, s.model.name, s.resamples, skipped=[t for t in s.tasks if t not in done])
+        draw(s.dir, shown)
+    report = write_report(s.dir, shown, s.model.name, s.resamples, skipped=skipped)
     print(f"done in {time.perf_counter() - start:.0f}s: {report}, {s.dir / 'summary.json'} and figures in {s.dir}")
 
 
@@ -168,13 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+#: Errors that say what is wrong with an input in their message: shown as one line (others also name their type).
+USER_ERRORS = (ValueError, OSError, steps.TooFewPairs, store.FolderInUse, RemoteUnavailable)
+
+
+def _guarded(args, func) -> None:
+    """Run func(args) holding --out's lock; an error is one line on stderr (exit 1) unless --debug."""
     try:
-        args.func(args)
+        with contextlib.ExitStack() as held:
+            args.held = held
+            func(args)
     except KeyboardInterrupt:  # every result file is written atomically: what finished is kept, nothing is half
         print(f"interrupted: finished steps are kept under {args.out}; the same command resumes", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as err:  # noqa: BLE001 - every error ends the command the same way
+        if getattr(args, "debug", False):
+            raise
+        text = " ".join(str(err).split()) or type(err).__name__
+        if not isinstance(err, USER_ERRORS):
+            text = f"{type(err).__name__}: {text} (an unexpected error: --debug shows where)"
+        raise SystemExit(f"modality-circuits: error: {text}") from None
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    _guarded(args, args.func)
 
 
 if __name__ == "__main__":

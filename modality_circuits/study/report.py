@@ -37,6 +37,7 @@ def summarize(folder: Path, tasks) -> dict:
         out[t] = {
             "accuracy": acc,
             "minimal_faithful_fraction": {m: curves[m]["minimal_fraction"] for m in curves},
+            "faithfulness_undefined": {m: curves[m].get("undefined") for m in curves},  # the reason, or None
             "faithfulness_at_circuit": {m: nan_for_null(curves[m]["faithfulness_at_circuit"]) for m in curves},
             "niou": {s: {**ov[s]["niou"], "unclipped": ov[s].get("niou_unclipped", float("nan")),
                          "reason": ov[s].get("niou_reason")} for s in SPANS},
@@ -65,6 +66,8 @@ def _niou(c: dict) -> str:
 
 
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
+    if not c.get("interpretable", True) and not np.isfinite(c["margin"]):
+        return "n/a (F undefined)"
     if not c.get("interpretable", True):
         return f"n/a (ΔF {c['margin']:.2f})".replace("-0.00", "0.00")
     if not np.isfinite(c["value"]):
@@ -117,9 +120,12 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
               "| task | text | image |", "|---|---|---|"]
     bigger = 0
     for t, n in zip(tasks, names):
-        f, fa = s[t]["minimal_faithful_fraction"], s[t]["faithfulness_at_circuit"]
-        lines.append(f"| {n} | {_pct(f['text'])} (F {_ci(fa['text'])}) | {_pct(f['image'])} (F {_ci(fa['image'])}) |")
+        f, fa, why = s[t]["minimal_faithful_fraction"], s[t]["faithfulness_at_circuit"], s[t]["faithfulness_undefined"]
+        lines.append(f"| {n} | " + " | ".join("n/a (F undefined)" if why[m] else f"{_pct(f[m])} (F {_ci(fa[m])})"
+                                             for m in ("text", "image")) + " |")
         bigger += (f["image"] or 1.0) > (f["text"] or 1.0)
+    lines += [f"\nn/a: {task_name(t)}, {m}: {why}." for t in tasks for m, why in s[t]["faithfulness_undefined"].items()
+              if why]
     lines += ["", f"Visual circuits are larger than textual ones on {bigger} of {len(tasks)} tasks "
               f"(reference: larger on all). ![faithfulness](faithfulness.png)", "",
               "Position effect: the exact change of LD when every node at a position is patched at once, averaged "

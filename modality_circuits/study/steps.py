@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from safetensors.torch import load_file, save_file
 
 from ..analyses.alignment import alignment
-from ..analyses.backpatch import backpatch, refusal
+from ..analyses.backpatch import answer_ids, backpatch, refusal
 from ..analyses.interchange import interchange_both, margin, readable
 from ..analyses.overlap import overlap, resampled_niou
 from ..circuits.circuit import Circuit, Scores
@@ -33,6 +33,7 @@ from ..circuits.candidates import candidates, certify
 from ..circuits.stats import CI, bootstrap, bootstrap_mean, index_matrices, interval
 from ..data import tasks as task_defs
 from ..data.pairs import SPANS, build_pairs, split
+from ..execution import budget
 from ..execution.budget import parse as parse_budget
 from ..execution.checkpoint import fingerprint
 from ..execution.store import atomic, model_dir, read_json, write_json
@@ -75,15 +76,27 @@ def _portable(config: dict) -> dict:
             if k not in ("_name_or_path", "transformers_version")}
 
 
-def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8) -> None:
-    """Refuse settings no study can run with, before any model is loaded."""
+def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8, image_size=None,
+                   data_dir=None) -> None:
+    """Refuse settings no study can run with, before any model is loaded (a row-based task's data included)."""
     for name, (value, least) in {"n": (n, 4), "steps": (steps, 1), "resamples": (resamples, 10)}.items():
         if not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE):
+        raise ValueError(f"--image-size must be an integer >= {MIN_IMAGE_SIZE} pixels (or left out for the study's "
+                         f"size), got {image_size!r}")
     for task in tasks:
-        task_defs.get_task(task)  # an unknown name: a clear error listing the known ones
+        t = task_defs.get_task(task)  # an unknown name: a clear error listing the known ones
+        if t.rows is not None and data_dir is not None:
+            t.rows(data_dir)  # a missing or malformed CSV fails now, not after another task's steps
+
+
+#: Smallest --image-size (a few patches of any family); the largest is what the memory budget can render.
+MIN_IMAGE_SIZE = 28
+#: Bytes per pixel that rendering and preprocessing an image hold at once (RGB, float32 copies).
+PIXEL_BYTES = 16
 
 
 def check_routing(model, routing: str) -> None:
@@ -122,12 +135,18 @@ class Study:
     _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
 
     def __post_init__(self):
-        check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold)
+        check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold,
+                       image_size=self.image_size, data_dir=self.data_dir)
         if self.reference:
             self.method = REFERENCE
         check_routing(self.model, self.method.routing)
         if self.memory_budget is not None:
             self.model.memory_budget = parse_budget(self.memory_budget)
+        have = budget.resolve(self.model.memory_budget, self.model.device)
+        if self.image_size is not None and self.image_size ** 2 * PIXEL_BYTES > have:
+            raise ValueError(f"--image-size {self.image_size}: rendering and preprocessing one image needs about "
+                             f"{self.image_size ** 2 * PIXEL_BYTES / 2**30:.1f} GiB, more than the memory budget "
+                             f"({have / 2**30:.1f} GiB); give at most {int((have / PIXEL_BYTES) ** 0.5)} pixels")
 
     @cached_property
     def settings(self) -> dict:
@@ -135,12 +154,17 @@ class Study:
         config = _portable(self.model.hf_model.config.to_dict())
         data = sorted(p.name + ":" + fingerprint(p.read_bytes()) for p in Path(self.data_dir).rglob("*")
                       if p.is_file()) if self.data_dir else None
-        return {"model": self.model.name, "model_config": fingerprint(config), "n": self.n, "steps": self.steps,
+        return {"model": self.model.name, "model_config": fingerprint(config), "weights": self.model.weights_id,
+                "n": self.n, "steps": self.steps,
                 "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
                 "position_probes": self.position_probes,
                 "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
                 "wording": self.model.wording, "method": dataclasses.asdict(self.method),
                 "data": fingerprint(data) if data else None}
+
+    def settings_of(self, task: str) -> dict:
+        """`settings` and the task's definition (`task_key`): what the records of one task depend on."""
+        return {**self.settings, "task": task_key(task)}
 
     @property
     def dir(self) -> Path:
@@ -157,6 +181,17 @@ class Study:
             pairs = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir,
                                 positions=self.method.positions,
                                 image_size=self.image_size)
+            need, have = (budget.row_bytes(self.model, pairs[0].length, backward=True),
+                          budget.resolve(self.model.memory_budget, self.model.device))
+            if need > have:  # one attribution row must fit, or the first backward runs out of memory
+                raise ValueError(f"{task}/{modality}: one attribution row of {pairs[0].length} tokens needs about "
+                                 f"{need / 2**30:.2f} GiB, more than the memory budget ({have / 2**30:.2f} GiB): give a "
+                                 "smaller --image-size or a larger --memory-budget")
+            try:  # back-patching scores over the answer set: a word that is no answer token fails now, not there
+                answer_ids(self.model, pairs[:1])
+            except ValueError as err:
+                raise ValueError(f"task {task!r}: a word of its answers() cannot be scored as an answer ({err}): "
+                                 "fix the task's answers()") from None
             (start, end), size = pairs[0].spans["D"], self.image_size or self.model.image_size
             shown = f"{end - start} image tokens ({size} px images)" if modality == "image" else f"{end - start} tokens"
             tqdm.write(f"{task}/{modality}: {len(pairs)} pairs of {pairs[0].length} tokens; D = {shown}")
@@ -179,13 +214,37 @@ class Study:
         return self._memo[key]
 
 
+def task_key(task: str) -> str:
+    """A hash of a task's definition: the source of its functions and its answer set, and for a task from a file
+    the whole file that registered it, so that a task edited under the same name is recomputed, not reused."""
+    import inspect
+
+    t = task_defs.get_task(task)
+    parts = [t.name, t.first_token, t.answers()]
+    for f in (t.pair, t.text, t.image, t.answers, t.rows):
+        try:
+            parts.append(inspect.getsource(f) if f is not None else None)
+        except (OSError, TypeError):  # defined interactively: its compiled code
+            parts.append(f.__code__.co_code if hasattr(f, "__code__") else repr(f))
+    source = task_defs.ORIGINS.get(t.name)  # the file that registered it
+    if source and Path(source).is_file() and Path(source).resolve() != Path(task_defs.__file__).resolve():
+        parts.append(Path(source).read_bytes())
+    return fingerprint(parts)
+
+
+def _task_of(study: Study, path: Path) -> str:
+    """The task a record under <out>/<model>/<task>/ belongs to."""
+    return path.relative_to(study.dir).parts[0]
+
+
 def _reusable(study: Study, path: Path, settings: dict | None) -> bool:
     """Whether a finished step's file can be reused: it exists, --force is off, and it was made with these settings."""
     if not path.exists() or study.force:
         return False
-    if settings == study.settings:
+    wanted = study.settings_of(_task_of(study, path))
+    if settings == wanted:
         return True
-    changed = sorted(k for k in study.settings if (settings or {}).get(k) != study.settings[k])
+    changed = sorted(k for k in wanted if (settings or {}).get(k) != wanted[k])
     tqdm.write(f"{path} was made with other settings ({', '.join(changed)}): recomputing it")
     return False
 
@@ -197,7 +256,7 @@ def _step(study: Study, path: Path, compute):
         return read_json(path)
     wall, cpu = time.perf_counter(), time.process_time()
     result = compute()
-    result = {**result, "settings": study.settings,
+    result = {**result, "settings": study.settings_of(_task_of(study, path)),
               "time": {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}}
     write_json(path, result)
     return result
@@ -231,7 +290,7 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
     keep = per_pair_bytes <= study.max_per_pair_bytes
     s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False, head_score=study.method.head_score,
                   interpolate=study.method.interpolate)
-    s.meta["settings"] = study.settings
+    s.meta["settings"] = study.settings_of(task)
     cache.unlink(missing_ok=True)  # per-pair values of an older run must not outlive it
     if keep:
         with atomic(cache) as tmp:
@@ -250,8 +309,19 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
         c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg, progress=False)
         cis = [bootstrap(lambda i, ld=ld: faithfulness_values(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
                          resamples=study.resamples, vectorised=True).as_dict() for ld in c.ld_circuits]
-        chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.argmax(c.values))]
-        Circuit.from_scores(s, fraction=chosen).save(study.path(task, "circuit.safetensors", modality))
+        path = study.path(task, "circuit.safetensors", modality)
+        if not np.isfinite(c.values).any():  # m(M) = m(∅): F is 0/0 at every fraction, so no circuit can be chosen
+            why = (f"F undefined: the full model's mean LD equals the fully patched one's ({float(c.ld_full.mean()):.3g}) "
+                   f"on {task}/{modality}, so p' changes nothing the model reads (e.g. an image that ignores the "
+                   "task's facts): no circuit fraction, overlap or interchange")
+            tqdm.write(why)
+            Circuit.from_scores(s, count=0).save(path)  # an empty circuit: later steps read `undefined`, not its nodes
+            none = CI(float("nan"), float("nan"), float("nan")).as_dict()
+            return {"fractions": c.fractions, "faithfulness": c.values, "ci": cis, "threshold": c.threshold,
+                    "minimal_fraction": None, "circuit_fraction": None, "faithfulness_at_circuit": none,
+                    "cpr": c.cpr, "cmd": c.cmd, "n_eval_pairs": len(evaluation), "undefined": why}
+        chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.nanargmax(c.values))]
+        Circuit.from_scores(s, fraction=chosen).save(path)
         at = c.fractions.index(chosen)
         return {"fractions": c.fractions, "faithfulness": c.values, "ci": cis, "threshold": c.threshold,
                 "minimal_fraction": c.minimal_fraction, "circuit_fraction": chosen, "faithfulness_at_circuit": cis[at],
@@ -299,9 +369,24 @@ def run_position_effect(study: Study, task: str, modality: str) -> dict:
     return _step(study, study.path(task, "position_effect.json", modality), compute)
 
 
+def _undefined(study: Study, task: str) -> str | None:
+    """Why a task's circuits cannot be compared (F undefined in a modality), or None."""
+    for m in task_defs.MODALITIES:
+        run_curve(study, task, m)
+        why = read_json(study.path(task, "curve.json", m)).get("undefined")
+        if why:
+            return why
+    return None
+
+
 def run_overlap(study: Study, task: str) -> dict:
     """nIoU of the textual and visual circuits per span; CI by resampling discovery pairs of both modalities."""
     def compute():
+        why = _undefined(study, task)
+        if why:  # n/a with the reason, never a number
+            none = CI(float("nan"), float("nan"), float("nan")).as_dict()
+            return {s: {"niou": none, "niou_heads": None, "niou_neurons": None, "iou_heads": None, "iou_neurons": None,
+                        "niou_from": [], "niou_reason": why} for s in SPANS}
         text, image = (load_circuit(study, task, m) for m in ("text", "image"))
         point = overlap(text, image, niou_formula=study.method.niou)
         clipped = study.method.niou == "normalised"  # its unclipped value goes beside it (a point value)
@@ -371,6 +456,12 @@ def _candidate_scores(study: Study, task: str, modality: str, scores: Scores, fr
 def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
     """Swap each span between the two circuits, both directions; score averaged over directions."""
     def compute():
+        why = _undefined(study, task)
+        if why:  # n/a with the reason, never a number
+            none = CI(float("nan"), float("nan"), float("nan")).as_dict()
+            return {s: {"score": none, "reason": why, **{f"{d}_{k}": v for d in ("visual", "text") for k, v in
+                        (("score", None), ("f_original", None), ("f_swapped", None), ("f_random", [None]),
+                         ("score_draws", [None]))}} for s in SPANS}
         text, image = (load_circuit(study, task, m) for m in ("text", "image"))
         ev_text, ev_image = study.pairs(task, "text")[1], study.pairs(task, "image")[1]
         result = {}
@@ -438,6 +529,23 @@ STEPS = {
     "alignment": run_alignment,
     "backpatch": run_backpatch,
 }
+
+
+#: The files a task's finished steps leave: per modality, then per task.
+RECORDS = (("accuracy.json", "curve.json", "position_effect.json", "circuit.safetensors"),
+           ("overlap.json", "interchange.json", "alignment.json", "backpatch.json"))
+
+
+def recorded_tasks(folder: Path) -> tuple[list[str], list[str]]:
+    """(complete, skipped): the tasks under `folder` (<out>/<model>/) with every step's record, whichever run wrote
+    them, and those a run left out (skipped.json); built-in tasks first in their order, then by name."""
+    names = sorted((p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                   key=lambda t: (task_defs.TASKS.index(t) if t in task_defs.TASKS else len(task_defs.TASKS), t)) \
+        if Path(folder).is_dir() else []
+    complete = [t for t in names if all((Path(folder) / t / m / f).is_file() for m in task_defs.MODALITIES
+                                        for f in RECORDS[0]) and all((Path(folder) / t / f).is_file() for f in RECORDS[1])]
+    skipped = [t for t in names if t not in complete and (Path(folder) / t / "skipped.json").is_file()]
+    return complete, skipped
 
 
 def run(study: Study, steps=tuple(STEPS)) -> list[str]:

@@ -65,9 +65,18 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     hub_id = SHORT_NAMES.get(path.lower(), path)
     if hub_id == path and not Path(path).expanduser().exists():
         _refuse_missing(path)
-    wording = wording or ("toy" if name_or_path == "toy" else "study")  # the toy knows the wording it was trained on
+    # the embedded model knows the wording it was trained on, and so does a copy (or retraining) of it: its vocabulary
+    wording = wording or ("toy" if name_or_path == "toy" or _toy_vocabulary(path) else "study")
     return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote,
                            wording=wording)
+
+
+def _toy_vocabulary(path: str) -> bool:
+    """Whether the model folder `path` has the toy's own tokenizer (so it reads only the toy's wording)."""
+    from .toy import TOY_DIR
+
+    mine, toy = Path(path).expanduser() / "tokenizer.json", TOY_DIR / "tokenizer.json"
+    return mine.is_file() and toy.is_file() and mine.read_bytes() == toy.read_bytes()
 
 
 #: A hub id: "owner/name" (letters, digits, "-", "_", ".").
