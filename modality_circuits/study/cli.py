@@ -8,12 +8,14 @@ from pathlib import Path
 import time
 
 from ..data import tasks
-from ..execution import budget
-from . import steps
+
+# torch, transformers and nnsight load inside the commands (`steps`, `budget`), so `--help` answers at once.
 
 
 def cmd_discover(args) -> None:
     """The study's attribution step (IG on the discovery split) -> <out>/<model>/<task>/<modality>/scores.safetensors."""
+    from . import steps
+
     s = _study(args)
     for modality in args.modality:
         scores = steps.run_scores(s, args.task, modality)
@@ -23,6 +25,8 @@ def cmd_discover(args) -> None:
 
 def cmd_evaluate(args) -> None:
     """The study's curve step: faithfulness curve on the evaluation split, and the discovered circuit."""
+    from . import steps
+
     s = _study(args)
     for modality in args.modality:
         curve = steps.run_curve(s, args.task, modality)
@@ -51,7 +55,7 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     p.add_argument("--force", action="store_true", help="recompute finished steps instead of reusing them")
     p.add_argument("--image-size", type=int, default=None,
                    help="side of the rendered images in pixels; None: the study's size for the model's family")
-    p.add_argument("--memory-budget", default="auto", type=budget.parse,
+    p.add_argument("--memory-budget", default="auto", type=_budget,
                    help="memory every forward may use: bytes, e.g. 40GB, or 'auto' (80%% of the free GPU memory, "
                         "50%% of the available RAM on CPU)")
     p.add_argument("--reference", action="store_true",
@@ -60,6 +64,13 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     p.add_argument("--position-probes", type=int, default=64,
                    help="positions the exact position effect probes at most: every Q and G position and evenly spaced "
                         "D positions (0: all)")
+
+
+def _budget(text: str):
+    """--memory-budget parsed by execution.budget (imported here: it needs torch)."""
+    from ..execution import budget
+
+    return budget.parse(text)
 
 
 def _check_writable(out: Path) -> None:
@@ -73,6 +84,7 @@ def _check_writable(out: Path) -> None:
 
 def _study(args):
     from ..zoo import load_model
+    from . import steps
 
     for path in args.task_file:
         tasks.load_task_file(path)
@@ -92,13 +104,15 @@ def experiment(doc: str, names: tuple[str, ...], draw, argv=None, *, study: bool
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _study_args(p)
     args = p.parse_args(argv)
+    from . import steps
+
     s = _study(args)
     done = steps.run(s, names)
     print(draw(s, done) if study else draw(s.dir, done))
 
 
 def cmd_reproduce(args) -> None:
-    from . import figures
+    from . import figures, steps
     from .report import write_report
 
     s = _study(args)
@@ -117,6 +131,8 @@ def cmd_reproduce(args) -> None:
 def cmd_analysis(args) -> None:
     """overlap / interchange / alignment / backpatch of one task: run (or reuse) the step and print its JSON."""
     import json
+
+    from . import steps
 
     s = _study(args)
     print(json.dumps(steps.STEPS[args.command](s, args.task), indent=1))
