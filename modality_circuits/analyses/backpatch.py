@@ -181,11 +181,17 @@ class Backpatch:
 
     config: Config  # chosen on the selection split
     selection: dict  # config -> selection accuracy ("base" for no patching)
-    base: CI  # test accuracy without patching
-    patched: CI  # test accuracy with the chosen config
-    gain: CI  # patched − base on the test split (paired bootstrap)
+    base: CI  # test accuracy without patching (a fraction)
+    patched: CI  # test accuracy with the chosen config (a fraction)
+    gain: CI  # patched − base on the test split, in accuracy points (paired bootstrap)
     n_selection: int
     n_test: int
+
+    def __repr__(self) -> str:
+        src, dst, window = self.config
+        return (f"Backpatch(gain {self.gain.value:+.1f} points [{self.gain.low:+.1f}, {self.gain.high:+.1f}]: accuracy "
+                f"{self.base.value:.3f} -> {self.patched.value:.3f} on {self.n_test} test prompts; src {src}, dst {dst}, "
+                f"window {window} chosen on {self.n_selection} selection prompts)")
 
 
 SELECTIONS = ("split", "reported")
@@ -223,6 +229,6 @@ def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, 
         configs[best], {"base": float(base_sel), **{str(c): float(a) for c, a in zip(configs, acc)}},
         bootstrap(lambda i: float(ok[0, i].mean()), n, resamples=resamples, seed=seed),
         bootstrap(lambda i: float(ok[1, i].mean()), n, resamples=resamples, seed=seed),
-        bootstrap(lambda i: float((ok[1, i] - ok[0, i]).mean()), n, resamples=resamples, seed=seed),
+        bootstrap(lambda i: 100 * float((ok[1, i] - ok[0, i]).mean()), n, resamples=resamples, seed=seed),
         len(selection), n,
     )

@@ -186,6 +186,7 @@ def faithfulness(model, circuit: Circuit, pairs: list[Pair], *, aggregation: str
     """Faithfulness of `circuit` under counterfactual ablation of every node outside it."""
     if circuit.model != model.name:
         raise ValueError(f"circuit was found on {circuit.model!r}, not {model.name!r}")
+    circuit.check_match(pairs[0], "pairs")
     lds = ablation_lds(model, [circuit, Circuit.full(circuit, True), Circuit.full(circuit, False)], pairs)
     return Faithfulness(faithfulness_value(*lds, aggregation), *lds, aggregation)
 
@@ -239,6 +240,11 @@ class PositionEffect:
     per_position: torch.Tensor  # (T,)
     per_span: dict[str, float]
     per_pair: torch.Tensor | None = None  # (T, P) exact effects, for bootstrapping
+
+    def __repr__(self) -> str:
+        spans = ", ".join(f"{s} {v:+.3f}" for s, v in self.per_span.items())
+        how = f"exact over {self.per_pair.shape[1]} pairs" if self.per_pair is not None else "attributed"
+        return f"PositionEffect({len(self.per_position)} positions, {how}; mean Δ LD per span: {spans})"
 
 
 def position_effect(model, pairs: list[Pair], scores=None, *, positions=None, max_rows: int | None = None,

@@ -39,7 +39,7 @@ def summarize(folder: Path, tasks) -> dict:
             "niou": {s: ov[s]["niou"] for s in SPANS},
             "interchange": {s: {**ic[s]["score"], "margin": interchange_margin(ic[s]), "interpretable": interchange_readable(ic[s])}
                             for s in SPANS},
-            "backpatch_gain": {"image": bp["image"]["gain"], "text": bp["text"]["gain"]},
+            "backpatch_gain_points": {"image": bp["image"]["gain_points"], "text": bp["text"]["gain_points"]},
             "alignment_first_last": [al["per_layer"][0], al["per_layer"][-1]],
         }
     write_json(folder / "summary.json", out)
@@ -145,8 +145,8 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
                   f"{m}: " + " ".join(f"{v:+.1f}" for v in g.values())
                   for m, g in REFERENCE["backpatch_gain_points"].items()) + " (counting, arithmetic, colour, factual, "
               "sentiment) — about a third of the text–image gap; textual controls gain much less.", ""]
-    closed = [f"{task_name(t)} {100 * s[t]['backpatch_gain']['image']['value'] / gaps[t]:.0%}"
-              for t in tasks if gaps[t] > 1 and np.isfinite(s[t]['backpatch_gain']['image']['value'])]
+    closed = [f"{task_name(t)} {s[t]['backpatch_gain_points']['image']['value'] / gaps[t]:.0%}"
+              for t in tasks if gaps[t] > 1 and np.isfinite(s[t]['backpatch_gain_points']['image']['value'])]
     lines += [("Share of the text–image gap closed here: " + ", ".join(closed) + ".") if closed else
               "No task has a positive text–image gap of more than one point, so no share of a gap is reported.",
               "![back-patching](backpatch.png)", ""]
@@ -167,7 +167,7 @@ def backpatch_table(folder: Path, tasks) -> str:
         for m in ("image", "text"):
             r = d[m]
             c = r["config"]
-            g = r["gain"]
+            g = r["gain_points"]
             rows.append(f"| {task_name(t)} | {m} | ({c['src']}, {c['dst']}, {c['window']}) | {100 * r['base']['value']:.1f} | "
-                        f"{100 * r['patched']['value']:.1f} | {100 * g['value']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] |")
+                        f"{100 * r['patched']['value']:.1f} | {g['value']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}] |")
     return "\n".join(rows) + "\n"

@@ -369,7 +369,7 @@ def run_backpatch(study: Study, task: str) -> dict:
         why = refusal(study.model)
         if why:
             none = CI(float("nan"), float("nan"), float("nan")).as_dict()
-            row = {"config": None, "base": none, "patched": none, "gain": none, "n_selection": 0, "n_test": 0,
+            row = {"config": None, "base": none, "patched": none, "gain_points": none, "n_selection": 0, "n_test": 0,
                    "selection": {}}
             tqdm.write(f"{task}: back-patching skipped: {why}")
             return {"skipped": why, "image": row, "text": dict(row)}
@@ -378,10 +378,13 @@ def run_backpatch(study: Study, task: str) -> dict:
             r = backpatch(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed,
                           select_on=study.method.backpatch_selection, progress=False)
             result[modality] = {"config": {"src": r.config[0], "dst": r.config[1], "window": r.config[2]},
-                                "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain": r.gain.as_dict(),
+                                "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain_points": r.gain.as_dict(),
                                 "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection}
         return result
-    return _step(study, study.path(task, "backpatch.json"), compute)
+    path = study.path(task, "backpatch.json")
+    if path.exists() and "gain_points" not in read_json(path).get("image", {}):  # gains were fractions before
+        path.unlink()
+    return _step(study, path, compute)
 
 
 def interchange_margin(record: dict) -> float:
