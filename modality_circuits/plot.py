@@ -300,3 +300,19 @@ def circuit_map(circuit, pair, scores=None, *, model=None, axes=None, title: str
     if title:
         fig.suptitle(title)
     return fig
+
+
+def view(text: tuple, image: tuple, path=None, *, model=None, title: str | None = None) -> str:
+    """The interactive circuit viewer (`modality_circuits.viewer`) of a task's textual and visual circuits: one
+    self-contained HTML page (no server, no network). text, image: (circuit, pair, scores or None) each;
+    model: for tiled layouts' patch regions. Writes it to `path` (atomically) when given; returns the HTML."""
+    from .execution.store import atomic
+    from .viewer import page, panel_data
+
+    panels = [panel_data(c, p, s, _regions(p, model) if p.grid[2] else {}) for c, p, s in (text, image)]
+    circuit = text[0]
+    html = page(panels, title or f"{circuit.task or 'circuits'}: textual and visual circuits ({circuit.model})")
+    if path is not None:
+        with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(html)
+    return html

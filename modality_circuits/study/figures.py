@@ -31,7 +31,8 @@ def _save(fig, folder: Path, name: str) -> Path:
     return folder / f"{name}.png"
 
 
-def gallery(model, folder: Path, tasks, seed: int = 0, *, data_dir=None, image_size: int | None = None) -> Path:
+def gallery(model, folder: Path, tasks, seed: int = 0, *, data_dir=None, image_size: int | None = None,
+            to: Path | None = None) -> Path:
     """Each task's textual prompt (as the model sees it, chat template included) beside its framed image prompt,
     from the run's data folder and image size.
 
@@ -52,7 +53,7 @@ def gallery(model, folder: Path, tasks, seed: int = 0, *, data_dir=None, image_s
         row[1].set_title(f"image prompt → {image.answer}", fontsize=8)
         _frame(row[1])
     fig.suptitle(f"Textual and visual prompts of each task ({model.name})")
-    return _save(fig, folder, "gallery")
+    return _save(fig, to or folder, "gallery")
 
 
 def _frame(ax) -> None:
@@ -71,49 +72,49 @@ def _panels(tasks, draw, figsize, **kw):
     return fig
 
 
-def position_effect_bars(folder: Path, tasks) -> Path:
+def position_effect_bars(folder: Path, tasks, *, to: Path | None = None) -> Path:
     """Mean exact effect on the logit difference of patching all components at a position, per span."""
     fig = _panels(tasks, lambda t, ax: plot.position_effect(
         {m: nan_for_null(read_json(folder / t / m / "position_effect.json")) for m in ("text", "image")}, ax=ax,
         title=task_name(t)), (3.2, 3))
     fig.suptitle("Where each modality does its work: effect of patching a whole position, mean per span (95% CI)")
-    return _save(fig, folder, "position_effect")
+    return _save(fig, to or folder, "position_effect")
 
 
-def faithfulness_curves(folder: Path, tasks) -> Path:
+def faithfulness_curves(folder: Path, tasks, *, to: Path | None = None) -> Path:
     """Faithfulness of the top-f circuit over f, textual vs visual prompts."""
     fig = _panels(tasks, lambda t, ax: plot.faithfulness(
         {m: nan_for_null(read_json(folder / t / m / "curve.json")) for m in ("text", "image")}, ax=ax,
         title=task_name(t)), (3.2, 3.2), sharey=True)
     fig.suptitle("Faithfulness curves (dotted: smallest circuit with F ≥ the threshold, dashed; band: 95% CI)")
-    return _save(fig, folder, "faithfulness")
+    return _save(fig, to or folder, "faithfulness")
 
 
 def _records(folder: Path, tasks, name: str) -> dict:
     return {t: nan_for_null(read_json(folder / t / f"{name}.json")) for t in tasks}
 
 
-def overlap_heatmap(folder: Path, tasks) -> Path:
+def overlap_heatmap(folder: Path, tasks, *, to: Path | None = None) -> Path:
     """nIoU of textual and visual circuits per task and span, annotated with the CI."""
-    return _save(plot.overlap(_records(folder, tasks, "overlap")), folder, "overlap")
+    return _save(plot.overlap(_records(folder, tasks, "overlap")), to or folder, "overlap")
 
 
-def interchange_bars(folder: Path, tasks) -> Path:
+def interchange_bars(folder: Path, tasks, *, to: Path | None = None) -> Path:
     """Interchange score per span and task (1: the swapped-in sub-circuit works like the original, 0: like random)."""
-    return _save(plot.interchange(_records(folder, tasks, "interchange")), folder, "interchange")
+    return _save(plot.interchange(_records(folder, tasks, "interchange")), to or folder, "interchange")
 
 
-def alignment_lines(folder: Path, tasks) -> Path:
+def alignment_lines(folder: Path, tasks, *, to: Path | None = None) -> Path:
     """Per layer (0-based), how text-like the image tokens are."""
-    return _save(plot.alignment(_records(folder, tasks, "alignment")), folder, "alignment")
+    return _save(plot.alignment(_records(folder, tasks, "alignment")), to or folder, "alignment")
 
 
-def backpatch_bars(folder: Path, tasks) -> Path:
+def backpatch_bars(folder: Path, tasks, *, to: Path | None = None) -> Path:
     """Accuracy gain (points) from back-patching on visual prompts vs the textual control."""
-    return _save(plot.backpatch(_records(folder, tasks, "backpatch")), folder, "backpatch")
+    return _save(plot.backpatch(_records(folder, tasks, "backpatch")), to or folder, "backpatch")
 
 
-def _example_pair(model, circuit: Circuit, task: str, modality: str, settings: dict, data_dir=None):
+def example_pair(model, circuit: Circuit, task: str, modality: str, settings: dict, data_dir=None):
     """The first pair built with the study's settings (seed, image size; defaults where a record has none) that has
     the circuit's token layout: the first candidate, or else the first of the study's 3n candidates that fits."""
     for n in (1, 3 * settings.get("n", 48)):
@@ -132,10 +133,10 @@ def load_cell(model, folder: Path, task: str, modality: str, data_dir=None):
     settings = read_json(folder / task / modality / "curve.json").get("settings", {})
     path = folder / task / modality / "scores.safetensors"
     scores = Scores.load(path) if path.exists() else None
-    return circuit, _example_pair(model, circuit, task, modality, settings, data_dir), scores
+    return circuit, example_pair(model, circuit, task, modality, settings, data_dir), scores
 
 
-def circuit_maps(model, folder: Path, tasks, *, data_dir=None) -> Path:
+def circuit_maps(model, folder: Path, tasks, *, data_dir=None, to: Path | None = None) -> Path:
     """Per task and modality, where the circuit sits (`plot.circuit_map`): heads and neurons per layer and token of
     an example prompt, each on its own colour scale (Σ |score| of the circuit's nodes), and the visual prompt's
     image, untinted, with each patch's heads and neurons marked.
@@ -153,4 +154,39 @@ def circuit_maps(model, folder: Path, tasks, *, data_dir=None) -> Path:
         if modality == "text":
             row[2].axis("off")
     fig.suptitle(f"Where the circuits sit: heads and neurons per layer and position of an example prompt ({model.name})")
-    return _save(fig, folder, "circuit_map")
+    return _save(fig, to or folder, "circuit_map")
+
+
+def draw_all(study, tasks, *, to: Path | None = None) -> list[Path]:
+    """Every figure of `tasks` from a study's records into `to` (default: the study's folder), with a progress bar
+    that moves per figure; the PNG paths."""
+    from tqdm.auto import tqdm
+
+    folder = study.dir
+    jobs = {
+        "gallery": lambda: gallery(study.model, folder, tasks, seed=study.seed, data_dir=study.data_dir,
+                                   image_size=study.image_size, to=to),
+        "circuit_map": lambda: circuit_maps(study.model, folder, tasks, data_dir=study.data_dir, to=to),
+        **{draw.__name__: (lambda draw=draw: draw(folder, tasks, to=to)) for draw in (
+            position_effect_bars, faithfulness_curves, overlap_heatmap, interchange_bars, alignment_lines,
+            backpatch_bars)},
+    }
+    paths = []
+    bar = tqdm(jobs.items(), desc="figures", total=len(jobs))
+    for name, job in bar:
+        bar.set_postfix_str(name)
+        paths.append(job())
+    return paths
+
+
+def view_folder(model, folder: Path, tasks, *, to: Path | None = None, data_dir=None) -> list[Path]:
+    """The interactive viewer (`plot.view`) of each task of a study folder: <to or folder>/<task>.html."""
+    from tqdm.auto import tqdm
+
+    paths = []
+    for task in tqdm(tasks, desc="viewer pages"):
+        cells = [load_cell(model, folder, task, m, data_dir) for m in ("text", "image")]
+        paths.append(Path(to or folder) / f"{task}.html")
+        Path(paths[-1]).parent.mkdir(parents=True, exist_ok=True)
+        plot.view(*cells, paths[-1], model=model, title=f"{task_name(task)}: textual and visual circuits ({model.name})")
+    return paths
