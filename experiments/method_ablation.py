@@ -34,12 +34,12 @@ def findings(folder: Path, task: str) -> dict:
     curve = {m: read_json(folder / task / m / "curve.json") for m in ("text", "image")}
     overlap = nan_for_null(read_json(folder / task / "overlap.json"))
     inter = nan_for_null(read_json(folder / task / "interchange.json"))
-    gain = nan_for_null(read_json(folder / task / "backpatch.json"))["image"]["gain"]
+    gain = nan_for_null(read_json(folder / task / "backpatch.json"))["image"]["gain_points"]
     return {"fraction": {m: curve[m]["circuit_fraction"] for m in curve},
             "niou": {s: overlap[s]["niou"] for s in SPANS},
             "interchange": {s: {**inter[s]["score"], "margin": steps.interchange_margin(inter[s]),
                                 "interpretable": steps.interchange_readable(inter[s])} for s in SPANS},
-            "gain": {k: 100 * v for k, v in gain.items()}}
+            "gain": gain}
 
 
 def _ci(c: dict) -> str:

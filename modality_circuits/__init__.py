@@ -1,25 +1,37 @@
 """modality_circuits: find and compare the circuits VLMs use for a task given as text and as an image.
 
 Layers, each importing only those below it: study/ -> analyses/, methods/ -> data/, circuits/ -> model/, execution/
-(zoo/ names models: the embedded toy, the tiny test families, hub short names).
-"""
-from .analyses.alignment import alignment
-from .analyses.backpatch import backpatch
-from .analyses.interchange import interchange, interchange_both
-from .analyses.overlap import overlap
-from .circuits.circuit import Circuit, Scores
-from .data.pairs import Pair, split
-from .methods.ablation import faithfulness, faithfulness_curve, logit_diffs, position_effect
-from .methods.attribution import attribute
-from .methods.patching import exact_patching
-from .methods.predict import keep_correct
-from .model import ADAPTERS, VLM
-from .tasks import build_pairs
-from .zoo import load_model
+(zoo/ names models: the embedded toy, the tiny test families, hub short names; plot draws every figure from objects).
 
-__all__ = [
-    "ADAPTERS", "Circuit", "Pair", "Scores", "VLM", "alignment", "attribute", "backpatch", "build_pairs",
-    "exact_patching", "faithfulness", "faithfulness_curve", "interchange", "interchange_both", "keep_correct",
-    "load_model", "logit_diffs", "overlap", "position_effect", "split",
-]
+The names below are imported on first use (module `__getattr__`), so `import modality_circuits` loads neither
+torch, transformers, nnsight nor matplotlib (experiments/bench_import.py measures it).
+"""
+from importlib import import_module
+
+#: public name -> the module (relative to this package) that defines it.
+_LAZY = {
+    "alignment": ".analyses.alignment", "backpatch": ".analyses.backpatch", "interchange": ".analyses.interchange",
+    "interchange_both": ".analyses.interchange", "overlap": ".analyses.overlap", "Circuit": ".circuits.circuit",
+    "Scores": ".circuits.circuit", "Pair": ".data.pairs", "split": ".data.pairs", "faithfulness": ".methods.ablation",
+    "faithfulness_curve": ".methods.ablation", "logit_diffs": ".methods.ablation", "position_effect": ".methods.ablation",
+    "attribute": ".methods.attribution", "exact_patching": ".methods.patching", "keep_correct": ".methods.predict",
+    "ADAPTERS": ".model", "VLM": ".model", "build_pairs": ".tasks", "load_model": ".zoo",
+}
+_SUBMODULES = ("plot",)
+
+__all__ = sorted([*_LAZY, *_SUBMODULES])
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY, *_SUBMODULES])

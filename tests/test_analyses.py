@@ -120,7 +120,7 @@ def test_backpatch_split_is_disjoint_and_config_from_selection(llava):
     res = backpatch(llava, pairs, configs=default_configs(llava.n_layers), resamples=50)
     assert res.n_selection + res.n_test <= len(pairs)
     assert str(res.config) in res.selection
-    assert res.gain.value == pytest.approx(res.patched.value - res.base.value)
+    assert res.gain.value == pytest.approx(100 * (res.patched.value - res.base.value))  # points
 
 
 @pytest.mark.parametrize("accuracy", ["answer_set", "top1"])

@@ -160,7 +160,7 @@ def test_paligemma_backpatching_refuses_prefix_attention_unless_allowed(tmp_path
     study = Study(model, out=str(tmp_path), tasks=("arithmetic",), n=4, resamples=10)
     assert "prefix-LM attention" in run_backpatch(study, "arithmetic")["skipped"]
     stored = read_json(study.path("arithmetic", "backpatch.json"))  # the numbers: undefined (null)
-    assert "prefix-LM attention" in stored["skipped"] and stored["image"]["gain"]["value"] is None
+    assert "prefix-LM attention" in stored["skipped"] and stored["image"]["gain_points"]["value"] is None
     assert get_tiny("gemma3").adapter.attention == "image_blocks"  # blocks inside D only: back-patching still holds
 
 
@@ -193,7 +193,7 @@ def test_reproduce_completes_on_qwen3_vl(tmp_path):
 
     main(["reproduce", "--model", "tiny-qwen3_vl", "--all-prompts", "--tasks", "counting", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "tiny-qwen3_vl" / "summary.json").read_text())
-    assert {"accuracy", "niou", "interchange", "backpatch_gain", "alignment_first_last"} <= set(summary["counting"])
+    assert {"accuracy", "niou", "interchange", "backpatch_gain_points", "alignment_first_last"} <= set(summary["counting"])
 
 
 def test_idefics3_tiles_plus_global_view_at_its_fixed_size():

@@ -102,7 +102,14 @@ def test_reprs_are_short(llava):
     curve = mc.faithfulness_curve(llava, scores, pairs, fractions=[0.1, 0.5])
     shown = {"VLM": llava, "Pair": pairs[0], "Scores": scores, "Circuit": circuit, "Curve": curve,
              "Faithfulness": mc.faithfulness(llava, circuit, pairs),
-             "Interchange": mc.interchange(llava, circuit, circuit, pairs, "Q", n_random=2, resamples=10)}
+             "Interchange": mc.interchange(llava, circuit, circuit, pairs, "Q", n_random=2, resamples=10),
+             "PositionEffect": mc.position_effect(llava, pairs, progress=False),
+             "Alignment": mc.alignment(llava, pairs, build_pairs("counting", "text", llava, n=2), resamples=10,
+                                       progress=False),
+             "Backpatch": mc.backpatch(llava, build_pairs("sentiment", "image", llava, n=6), resamples=10,
+                                       progress=False),
+             "CrossInterchange": mc.interchange_both(llava, circuit, circuit, pairs, pairs, "G", n_random=2,
+                                                     resamples=10, progress=False)}
     for name, obj in shown.items():
         text = repr(obj)
         assert text.startswith(f"{name}(") and len(text.splitlines()) <= 5 and "tensor(" not in text, text

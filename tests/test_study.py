@@ -22,10 +22,10 @@ def study_dir(tmp_path_factory):
 def test_reproduce_writes_summary_report_and_figures(study_dir):
     summary = json.loads((study_dir / "summary.json").read_text())
     assert set(summary) == {"counting", "sentiment"}
-    for key in ("accuracy", "minimal_faithful_fraction", "niou", "interchange", "backpatch_gain"):
+    for key in ("accuracy", "minimal_faithful_fraction", "niou", "interchange", "backpatch_gain_points"):
         assert key in summary["counting"]
     assert set(summary["counting"]["niou"]) == {"D", "Q", "G"}
-    assert {"low", "high", "value"} <= set(summary["counting"]["backpatch_gain"]["image"])
+    assert {"low", "high", "value"} <= set(summary["counting"]["backpatch_gain_points"]["image"])
     report = (study_dir / "report.md").read_text()
     assert "## Back-patching" in report and "nIoU" in report
     for name in ("gallery", "position_effect", "faithfulness", "overlap", "interchange", "alignment", "backpatch",

@@ -66,6 +66,13 @@ class Alignment:
     per_prompt: torch.Tensor  # (P, L)
     ci: list[CI]  # per layer, bootstrap over prompts
 
+    def __repr__(self) -> str:
+        values = self.per_layer.tolist()
+        shown = " ".join(f"{v:.2f}" for v in values) if len(values) <= 12 else (
+            " ".join(f"{v:.2f}" for v in values[:5]) + " ... " + " ".join(f"{v:.2f}" for v in values[-5:]))
+        return (f"Alignment({len(values)} layers (0-based), {len(self.per_prompt)} prompts; max cosine per layer: "
+                f"{shown})")
+
 
 TEXT_TOKENS = ("data", "all")
 IMAGE_TOKENS = ("span", "image")

@@ -196,12 +196,18 @@ class Backpatch:
 
     config: Config  # chosen on the selection split
     selection: dict  # config -> selection accuracy ("base" for no patching)
-    base: CI  # test accuracy without patching
-    patched: CI  # test accuracy with the chosen config
-    gain: CI  # patched − base on the test split (paired bootstrap)
+    base: CI  # test accuracy without patching (a fraction)
+    patched: CI  # test accuracy with the chosen config (a fraction)
+    gain: CI  # patched − base on the test split, in accuracy points (paired bootstrap)
     n_selection: int
     n_test: int
     accuracy: str = "answer_set"  # what the accuracies count (`ACCURACIES`)
+
+    def __repr__(self) -> str:
+        src, dst, window = self.config
+        return (f"Backpatch(gain {self.gain.value:+.1f} points [{self.gain.low:+.1f}, {self.gain.high:+.1f}]: accuracy "
+                f"{self.base.value:.3f} -> {self.patched.value:.3f} on {self.n_test} test prompts; src {src}, dst {dst}, "
+                f"window {window} chosen on {self.n_selection} selection prompts)")
 
 
 SELECTIONS = ("split", "reported")
@@ -242,6 +248,6 @@ def backpatch(model, pairs: list[Pair], *, configs: list[Config] | None = None, 
     n = len(test)
     return Backpatch(
         configs[best], {"base": float(base_sel), **{str(c): float(a) for c, a in zip(configs, acc)}},
-        *(bootstrap_mean(x, resamples=resamples, seed=seed) for x in (ok[0], ok[1], ok[1] - ok[0])),
+        *(bootstrap_mean(x, resamples=resamples, seed=seed) for x in (ok[0], ok[1], 100 * (ok[1] - ok[0]))),
         len(selection), n, accuracy,
     )

@@ -38,7 +38,8 @@ def map_span(source: Circuit, target: Circuit, span: str) -> Circuit:
         n = min(s1 - s0, t1 - t0)
         heads[..., t1 - n:t1] = source.heads[..., s1 - n:s1]
         neurons[..., t1 - n:t1] = source.neurons[..., s1 - n:s1]
-    return Circuit(heads, neurons, target.spans, target.model, {"mapped_from": source.meta, "span": span})
+    return Circuit(heads, neurons, target.spans, target.model, {"mapped_from": source.meta, "span": span}, target.task,
+                   target.modality)
 
 
 DRAWS = ("uniform", "reference")
@@ -69,7 +70,7 @@ def random_like(sub: Circuit, span: str, generator: torch.Generator, draw: str =
             inside = (li < layers) & (ui < units) & (ti < length)
             full[li[inside], ui[inside], start + ti[inside]] = True
         out.append(full)
-    return Circuit(*out, sub.spans, sub.model)
+    return Circuit(*out, sub.spans, sub.model, task=sub.task, modality=sub.modality)
 
 
 @dataclass

@@ -38,6 +38,8 @@ class Scores:
     per_pair: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     kept: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     square_sums: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    task: str | None = None  # the task and modality of the pairs they were computed on (None: not recorded)
+    modality: str | None = None
 
     def resample(self, idx) -> "Scores":
         """Scores averaged over the pairs `idx` (with repeats) of per_pair: one bootstrap draw.
@@ -45,7 +47,7 @@ class Scores:
         With `kept` indices, nodes outside them score 0 (circuits/candidates.py certifies that no
         resampled circuit would have picked them)."""
         h, n = (v[0] for v in self.resampled(torch.as_tensor(idx)[None]))
-        return Scores(h, n, self.spans, self.model, len(idx), self.meta)
+        return Scores(h, n, self.spans, self.model, len(idx), self.meta, task=self.task, modality=self.modality)
 
     def resampled(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """(heads (B, L, H, T), neurons (B, L, I, T)): the mean scores over the pairs of each row of the (B, P')
@@ -69,7 +71,7 @@ class Scores:
         return heads.sum((0, 1)) + neurons.sum((0, 1))
 
     def __repr__(self) -> str:
-        return (f"Scores({self.model}, {self.n_pairs} pairs, heads {tuple(self.heads.shape)}, neurons "
+        return (f"Scores({_origin(self)}, {self.n_pairs} pairs, heads {tuple(self.heads.shape)}, neurons "
                 f"{tuple(self.neurons.shape)}, {_span_text(self.spans)})")
 
     def save(self, path: str) -> None:
@@ -79,14 +81,15 @@ class Scores:
         _save(path, tensors, self._header())
 
     def _header(self) -> dict:
-        return {"kind": "scores", "spans": self.spans, "model": self.model, "n_pairs": self.n_pairs, "meta": self.meta}
+        return {"kind": "scores", "spans": self.spans, "model": self.model, "n_pairs": self.n_pairs, "meta": self.meta,
+                "task": self.task, "modality": self.modality}
 
     @classmethod
     def load(cls, path: str) -> "Scores":
         tensors, h = _load(path, "scores")
         squares = (tensors["heads_square_sums"], tensors["neurons_square_sums"]) if "heads_square_sums" in tensors else None
         return cls(tensors["heads"], tensors["neurons"], _spans(h), h["model"], h["n_pairs"], h["meta"],
-                   square_sums=squares)
+                   square_sums=squares, task=h.get("task"), modality=h.get("modality"))
 
 
 def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tensor:
@@ -103,13 +106,17 @@ def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tens
 
 @dataclass
 class Circuit:
-    """Head and neuron node sets (boolean masks) with the token spans they refer to."""
+    """Head and neuron node sets (boolean masks) with the token spans they refer to, and where they come from:
+    model, task and modality (None: not recorded); meta: the selection (fraction or count) and the scores' settings.
+    Combining or labelling with another model's, task's or modality's circuit, scores or pair is a ValueError."""
 
     heads: torch.Tensor  # bool (L, H, T)
     neurons: torch.Tensor  # bool (L, I, T)
     spans: dict[str, tuple[int, int]]
     model: str
     meta: dict = field(default_factory=dict)
+    task: str | None = None
+    modality: str | None = None
 
     @classmethod
     def from_scores(cls, scores: Scores, *, fraction: float | None = None, count: int | None = None) -> "Circuit":
@@ -126,9 +133,9 @@ class Circuit:
         def k(t):
             return min(count, t.numel()) if count is not None else int(fraction * t.numel())
 
-        meta = {"fraction": fraction, "count": count}
+        meta = {"fraction": fraction, "count": count, "scores": scores.meta}
         return cls(_top_mask(scores.heads, k(scores.heads)), _top_mask(scores.neurons, k(scores.neurons)),
-                   scores.spans, scores.model, meta)
+                   scores.spans, scores.model, meta, scores.task, scores.modality)
 
     @classmethod
     def resampled(cls, scores: Scores, idx, *, fraction: float) -> "Circuit":
@@ -139,14 +146,14 @@ class Circuit:
             finite(t, f"Circuit.resampled (scores of {scores.model})")
         return cls(_top_mask(h, int(fraction * scores.heads.numel()), batched=True),
                    _top_mask(n, int(fraction * scores.neurons.numel()), batched=True), scores.spans, scores.model,
-                   {"fraction": fraction, "count": None})
+                   {"fraction": fraction, "count": None, "scores": scores.meta}, scores.task, scores.modality)
 
     @classmethod
     def full(cls, like: "Circuit | Scores", value: bool = True) -> "Circuit":
         """Every node (value=True) or no node (value=False) of the layout of `like`."""
         heads = torch.full(like.heads.shape, value, dtype=torch.bool)
         neurons = torch.full(like.neurons.shape, value, dtype=torch.bool)
-        return cls(heads, neurons, like.spans, like.model)
+        return cls(heads, neurons, like.spans, like.model, task=like.task, modality=like.modality)
 
     @property
     def n_heads(self) -> int:
@@ -156,10 +163,27 @@ class Circuit:
     def n_neurons(self) -> int:
         return int(self.neurons.sum())
 
+    def check_match(self, other, what: str = "circuit") -> None:
+        """Refuse `other` (a Circuit, Scores or Pair) of another model, task or modality, or of another token
+        layout (positions, spans); a field either side left unrecorded (None) is not compared."""
+        prompt = getattr(other, "prompt", None)  # a Pair names its task and modality in its prompt
+        theirs = {"model": getattr(other, "model", None), "task": (prompt or other).task,
+                  "modality": (prompt or other).modality}
+        for name, value in theirs.items():
+            mine = getattr(self, name)
+            if mine is not None and value is not None and mine != value:
+                raise ValueError(f"{what} is of {name} {value!r}, this circuit of {mine!r} ({self!r})")
+        T = other.length if prompt is not None else other.heads.shape[-1]
+        if T != self.heads.shape[-1] or dict(other.spans) != dict(self.spans):
+            raise ValueError(f"{what} has {T} positions (tokens), spans {_span_text(other.spans)}; this circuit "
+                             f"{self.heads.shape[-1]}, {_span_text(self.spans)}")
+
     def _combine(self, other: "Circuit", op) -> "Circuit":
         if self.heads.shape != other.heads.shape or self.neurons.shape != other.neurons.shape:
             raise ValueError(f"circuits have different layouts: {tuple(self.heads.shape)} vs {tuple(other.heads.shape)}")
-        return Circuit(op(self.heads, other.heads), op(self.neurons, other.neurons), self.spans, self.model)
+        self.check_match(other)
+        return Circuit(op(self.heads, other.heads), op(self.neurons, other.neurons), self.spans, self.model,
+                       task=self.task or other.task, modality=self.modality or other.modality)
 
     def __and__(self, other):
         return self._combine(other, torch.logical_and)
@@ -183,7 +207,8 @@ class Circuit:
     def restrict(self, span: str) -> "Circuit":
         """Only the nodes at positions of `span`."""
         m = self.span_mask(span)
-        return Circuit(self.heads & m, self.neurons & m, self.spans, self.model, dict(self.meta, span=span))
+        return Circuit(self.heads & m, self.neurons & m, self.spans, self.model, dict(self.meta, span=span), self.task,
+                       self.modality)
 
     def span_of(self, position: int) -> str | None:
         """The span ("D", "Q" or "G") holding `position`; None for the template around them."""
@@ -195,11 +220,13 @@ class Circuit:
         With `pair` (a data.pairs.Pair of this layout) also its token (`Pair.tokens`) and patch ((row, col)
         of an image-patch token, else None); with `scores` also its score, and the records sorted by |score|,
         largest first (else by kind, layer, unit, position). One dict per node: for a circuit of millions of
-        neurons, restrict it to a span or take a `count` first.
+        neurons, restrict it to a span or take a `count` first. A pair or scores of another model, task,
+        modality or token layout is refused (`check_match`).
         """
-        T = self.heads.shape[-1]
-        if pair is not None and pair.length != T:
-            raise ValueError(f"pair has {pair.length} tokens, the circuit {T} positions")
+        if pair is not None:
+            self.check_match(pair, "pair")
+        if scores is not None:
+            self.check_match(scores, "scores")
         if scores is not None and (scores.heads.shape, scores.neurons.shape) != (self.heads.shape, self.neurons.shape):
             raise ValueError(f"scores of layout {tuple(scores.heads.shape)} do not fit the circuit's "
                              f"{tuple(self.heads.shape)}")
@@ -233,11 +260,12 @@ class Circuit:
         fraction = self.meta.get("fraction")
         at = f" (top {fraction:.1%})" if fraction is not None else ""
         L, _, T = self.heads.shape
-        return (f"Circuit({self.model}, {self.n_heads}/{self.heads.numel()} heads + {self.n_neurons}/"
+        return (f"Circuit({_origin(self)}, {self.n_heads}/{self.heads.numel()} heads + {self.n_neurons}/"
                 f"{self.neurons.numel()} neurons{at}, {L} layers x {T} positions, {_span_text(self.spans)})")
 
     def save(self, path: str) -> None:
-        header = {"kind": "circuit", "spans": self.spans, "model": self.model, "meta": self.meta}
+        header = {"kind": "circuit", "spans": self.spans, "model": self.model, "meta": self.meta, "task": self.task,
+                  "modality": self.modality}
         _save(path, {"heads": self.heads.to(torch.uint8), "neurons": self.neurons.to(torch.uint8)}, header)
 
     @classmethod
@@ -246,7 +274,13 @@ class Circuit:
         tensors, h = _load(path, "circuit")
         if model is not None and h["model"] != model:
             raise ValueError(f"{path} holds a circuit for {h['model']!r}, not {model!r}")
-        return cls(tensors["heads"].bool(), tensors["neurons"].bool(), _spans(h), h["model"], h["meta"])
+        return cls(tensors["heads"].bool(), tensors["neurons"].bool(), _spans(h), h["model"], h["meta"], h.get("task"),
+                   h.get("modality"))
+
+
+def _origin(obj) -> str:
+    """"toy, counting/image" (model, and task/modality where recorded)."""
+    return obj.model + (f", {obj.task or '?'}/{obj.modality or '?'}" if obj.task or obj.modality else "")
 
 
 def _span_text(spans: dict) -> str:

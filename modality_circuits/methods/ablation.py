@@ -138,7 +138,8 @@ def _ablate(model, pairs: list[Pair], n_circuits: int, masks, *, max_rows: int |
         P = len(part)
         both = model.prepare(batch([p.cf_inputs for p in part] + [p.inputs for p in part]))
         work = []
-        for idx in requests.chunked(torch.arange(n_circuits), max(1, size // P - 1)):  # P p' rows + P rows a circuit
+        # P p' rows + P rows a circuit; at least 4 chunks where there are 4 circuits, so progress moves during a curve
+        for idx in requests.chunked(torch.arange(n_circuits), max(1, min(size // P - 1, -(-n_circuits // 4)))):
             heads, neurons = masks(idx)
             work.append((len(idx), (pack(heads), pack(neurons)), torch.arange(len(idx)).repeat_interleave(P)))
         lds = requests.run(model, _ablate_session, work, both, answers(part), model.adapter.vision_inputs,
@@ -202,6 +203,7 @@ def faithfulness(model, circuit: Circuit, pairs: list[Pair], *, aggregation: str
     """Faithfulness of `circuit` under counterfactual ablation of every node outside it."""
     if circuit.model != model.name:
         raise ValueError(f"circuit was found on {circuit.model!r}, not {model.name!r}")
+    circuit.check_match(pairs[0], "pairs")
     lds = ablation_lds(model, [circuit, Circuit.full(circuit, True), Circuit.full(circuit, False)], pairs)
     return Faithfulness(faithfulness_value(*lds, aggregation), *lds, aggregation)
 
@@ -255,6 +257,11 @@ class PositionEffect:
     per_position: torch.Tensor  # (T,)
     per_span: dict[str, float]
     per_pair: torch.Tensor | None = None  # (T, P) exact effects, for bootstrapping
+
+    def __repr__(self) -> str:
+        spans = ", ".join(f"{s} {v:+.3f}" for s, v in self.per_span.items())
+        how = f"exact over {self.per_pair.shape[1]} pairs" if self.per_pair is not None else "attributed"
+        return f"PositionEffect({len(self.per_position)} positions, {how}; mean Δ LD per span: {spans})"
 
 
 def position_effect(model, pairs: list[Pair], scores=None, *, positions=None, max_rows: int | None = None,

@@ -195,7 +195,8 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
 
     meta = {"steps": steps, "head_score": head_score, "interpolate": interpolate}
     scores = Scores(layout(state["heads"] / n), layout(state["neurons"] / n), dict(pairs[0].spans), model.name, n,
-                    meta, square_sums=(layout(state["heads_sq"]), layout(state["neurons_sq"])))
+                    meta, square_sums=(layout(state["heads_sq"]), layout(state["neurons_sq"])),
+                    task=pairs[0].prompt.task, modality=pairs[0].prompt.modality)
     if per_pair is True or isinstance(per_pair, tuple):
         scores.per_pair = (torch.cat([h for h, _ in state["kept"]]), torch.cat([n for _, n in state["kept"]]))
         scores.kept = per_pair if isinstance(per_pair, tuple) else None

@@ -9,36 +9,58 @@ from pathlib import Path
 import time
 
 from ..data import tasks
-from ..execution import budget, store
-from ..execution.remote import RemoteUnavailable
-from . import steps
+
+# torch, transformers and nnsight load inside the commands (`steps`, `budget`), so `--help` answers at once.
 
 
 def cmd_discover(args) -> None:
     """The study's attribution step (IG on the discovery split) -> <out>/<model>/<task>/<modality>/scores.safetensors."""
+    from . import steps
+
     s = _study(args)
     for modality in args.modality:
         scores = steps.run_scores(s, args.task, modality)
-        print(f"{args.task}/{modality}: IG scores (k={s.steps}) of {scores.n_pairs} discovery pairs -> "
-              f"{s.path(args.task, 'scores.safetensors', modality)}")
+        path = s.path(args.task, "scores.safetensors", modality)
+        _show(args, {"task": args.task, "modality": modality, "steps": s.steps, "n_pairs": scores.n_pairs,
+                     "path": str(path)},
+              f"{args.task}/{modality}: IG scores (k={s.steps}) of {scores.n_pairs} discovery pairs -> {path}")
 
 
 def cmd_evaluate(args) -> None:
     """The study's curve step: faithfulness curve on the evaluation split, and the discovered circuit."""
+    from . import steps, tables
+
     s = _study(args)
     for modality in args.modality:
         curve = steps.run_curve(s, args.task, modality)
         if curve.get("undefined"):
-            print(f"{args.task}/{modality}: n/a: {curve['undefined']} -> {s.path(args.task, 'curve.json', modality)}")
+            _show(args, curve, f"{args.task}/{modality}: n/a: {curve['undefined']} -> "
+                  f"{s.path(args.task, 'curve.json', modality)}")
             continue
-        found = f"{curve['minimal_fraction']:.1%}" if curve["minimal_fraction"] is not None else "not reached"
-        print(f"{args.task}/{modality}: faithfulness curve on {curve['n_eval_pairs']} pairs; smallest fraction with "
-              f"F >= {curve['threshold']}: {found}; circuit at {curve['circuit_fraction']:.1%}; CPR {curve['cpr']:.3f}, "
-              f"CMD {curve['cmd']:.3f} -> {s.path(args.task, 'curve.json', modality)}")
+        _show(args, curve, tables.curve(curve, args.task, modality) + f"\n-> {s.path(args.task, 'curve.json', modality)}")
 
 
-def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
+def _show(args, record, text: str) -> None:
+    """Print the human-readable `text`, or with --json the record as strict JSON."""
+    if getattr(args, "json", False):
+        import json
+
+        from ..execution.store import _strict
+
+        print(json.dumps(_strict(record), indent=1, allow_nan=False))
+    else:
+        print(text)
+
+
+def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True, *, threshold: bool = True, json: bool = False) -> None:
     p.add_argument("--model", default="toy", help="'toy' (embedded default), 'tiny-<family>', a short name, hub id or path")
+    p.add_argument("--wording", choices=("study", "toy"), default=None,
+                   help="prompt wording: the study's or the toy's short one (default: the model's own)")
+    if threshold:
+        p.add_argument("--threshold", type=float, default=0.8,
+                       help="faithfulness the discovered circuit must reach (its smallest fraction with F >= this)")
+    if json:
+        p.add_argument("--json", action="store_true", help="print the result as JSON (for machines) instead of a table")
     if tasks_arg:
         p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
                        help="built-in tasks (" + ", ".join(tasks.TASKS) + ") or ones a --task-file registers")
@@ -57,16 +79,23 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True) -> None:
     p.add_argument("--force", action="store_true", help="recompute finished steps instead of reusing them")
     p.add_argument("--image-size", type=int, default=None,
                    help="side of the rendered images in pixels; None: the study's size for the model's family")
-    p.add_argument("--memory-budget", default="auto", type=budget.parse,
+    p.add_argument("--memory-budget", default="auto", type=_budget,
                    help="memory every forward may use: bytes, e.g. 40GB, or 'auto' (80%% of the free GPU memory, "
                         "50%% of the available RAM on CPU)")
     p.add_argument("--reference", action="store_true",
                    help="reproduce the study's code: its head score, interpolation, 1-D positions, mean of ratios, "
                         "nIoU formula, random draw and back-patching selection (docs/method.md section 11)")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error, not one line")
     p.add_argument("--position-probes", type=int, default=64,
                    help="positions the exact position effect probes at most: every Q and G position and evenly spaced "
                         "D positions (0: all)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error, not one line")
+
+
+def _budget(text: str):
+    """--memory-budget parsed by execution.budget (imported here: it needs torch)."""
+    from ..execution import budget
+
+    return budget.parse(text)
 
 
 def _check_writable(out: Path) -> None:
@@ -80,20 +109,27 @@ def _check_writable(out: Path) -> None:
 
 def _study(args):
     from ..zoo import load_model
+    from . import steps
 
     for path in args.task_file:
         tasks.load_task_file(path)
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
-    steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples, image_size=args.image_size,
-                         data_dir=args.data_dir)  # before loading the model
+    threshold = getattr(args, "threshold", 0.8)
+    steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples, threshold=threshold,
+                         image_size=args.image_size, data_dir=args.data_dir)  # before loading the model
     _check_writable(Path(args.out))
     if getattr(args, "held", None) is not None:  # one run at a time writes --out (released when the command ends)
+        from ..execution import store
+
         args.held.enter_context(store.lock(args.out))
     model = load_model(args.model, remote=args.remote)
+    if args.wording:
+        model.wording = args.wording
     study = steps.Study(model, out=args.out, tasks=chosen, n=args.n, steps=args.steps, seed=args.seed,
-                        resamples=args.resamples, all_prompts=args.all_prompts, data_dir=args.data_dir,
-                        force=args.force, image_size=args.image_size, memory_budget=args.memory_budget,
-                        position_probes=args.position_probes or None, reference=args.reference)
+                        threshold=threshold, resamples=args.resamples, all_prompts=args.all_prompts,
+                        data_dir=args.data_dir, force=args.force, image_size=args.image_size,
+                        memory_budget=args.memory_budget, position_probes=args.position_probes or None,
+                        reference=args.reference)
     for folder, _, _ in os.walk(study.dir):  # a read-only record folder fails here, not after the work
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(f"--out {args.out}: {folder} is not writable (make it writable or give another --out)")
@@ -108,6 +144,8 @@ def experiment(doc: str, names: tuple[str, ...], draw, argv=None, *, study: bool
     args = p.parse_args(argv)
 
     def body(args):
+        from . import steps
+
         s = _study(args)
         done = steps.run(s, names)
         print(draw(s, done) if study else draw(s.dir, done))
@@ -116,7 +154,7 @@ def experiment(doc: str, names: tuple[str, ...], draw, argv=None, *, study: bool
 
 
 def cmd_reproduce(args) -> None:
-    from . import figures
+    from . import figures, steps
     from .report import write_report
 
     s = _study(args)
@@ -135,33 +173,71 @@ def cmd_reproduce(args) -> None:
     # the gallery and circuit maps build prompts: only tasks defined now, with records of this run's settings
     same = [t for t in shown if t in tasks.REGISTRY and steps.read_json(s.path(t, "curve.json", "text")).get(
         "settings") == s.settings_of(t)]
-    if same:
-        figures.gallery(s.model, s.dir, same, seed=s.seed, data_dir=s.data_dir, image_size=s.image_size)
-        figures.circuit_maps(s.model, s.dir, same, data_dir=s.data_dir)
-    for draw in (figures.position_effect_bars, figures.faithfulness_curves, figures.overlap_heatmap,
-                 figures.interchange_bars, figures.alignment_lines, figures.backpatch_bars):
-        draw(s.dir, shown)
+    figures.draw_all(s, shown, prompted=same)
     report = write_report(s.dir, shown, s.model.name, s.resamples, skipped=skipped)
     print(f"done in {time.perf_counter() - start:.0f}s: {report}, {s.dir / 'summary.json'} and figures in {s.dir}")
 
 
 def cmd_analysis(args) -> None:
-    """overlap / interchange / alignment / backpatch of one task: run (or reuse) the step and print its JSON."""
-    import json
-
-    from ..data.pairs import SPANS
-    from ..execution.store import nan_for_null
+    """overlap / interchange / alignment / backpatch of one task: run (or reuse) the step; print a table (or JSON)."""
+    from . import steps, tables
 
     s = _study(args)
     record = steps.STEPS[args.command](s, args.task)
-    print(json.dumps(record, indent=1))
-    if args.command == "interchange":  # the scores as the report reads them: n/a where the denominator is noise
-        for span in SPANS:
-            r = nan_for_null(record[span])
-            c, m = r["score"], steps.interchange_margin(r)
-            shown = (f"{c['value']:.2f} [{c['low']:.2f}, {c['high']:.2f}]" if steps.interchange_readable(r)
-                     else "n/a (the denominator is noise)")
-            print(f"interchange {span}: {shown}; margin ΔF {m:.2f}")
+    _show(args, record, f"{args.task}: {args.command} ({s.dir / args.task / (args.command + '.json')})\n"
+          + tables.ANALYSES[args.command](record))
+
+
+def cmd_nodes(args) -> None:
+    """A circuit's nodes with their layer, unit, position, span, token (or image patch) and score."""
+    from ..circuits.circuit import Circuit
+    from . import figures, steps, tables
+
+    s = _study(args)
+    scores = steps.run_scores(s, args.task, args.modality)
+    circuit = (steps.load_circuit(s, args.task, args.modality) if args.fraction is None else
+               Circuit.from_scores(scores, fraction=args.fraction))
+    if args.span:
+        circuit = circuit.restrict(args.span)
+    pair = figures.example_pair(s.model, circuit, args.task, args.modality, s.settings, s.data_dir)
+    records = circuit.nodes(pair, scores)
+    shown = records if args.top == 0 else records[:args.top]
+    more = f"\n... {len(records) - len(shown)} more (--top 0: all)" if len(shown) < len(records) else ""
+    _show(args, shown, f"{circuit!r}\nlabelled with the prompt {pair!r}; largest |score| first\n"
+          + tables.nodes(shown) + more)
+
+
+def cmd_draw(args) -> None:
+    """One task's figures (running the steps they need) into <out>/<model>/<task>/."""
+    from . import figures, steps
+
+    s = _study(args)
+    if not steps.run(s):
+        raise SystemExit(f"{args.task}: the model answers too few pairs correctly to draw its figures "
+                         f"({s.path(args.task, 'skipped.json')})")
+    for path in figures.draw_all(s, [args.task], to=s.dir / args.task):
+        print(path)
+
+
+def cmd_view(args) -> None:
+    """The interactive viewer of every task of a results folder: one self-contained HTML file per task."""
+    folder = Path(args.results_dir)
+    found = sorted(p.parent.parent.name for p in folder.glob("*/text/circuit.safetensors")
+                   if (p.parent.parent / "image" / "circuit.safetensors").exists())
+    chosen = args.tasks or found
+    if not found or set(chosen) - set(found):
+        raise SystemExit(f"{folder}: no textual and visual circuits of {', '.join(sorted(set(chosen) - set(found))) or 'any task'}"
+                         f" (a results folder <out>/<model>/ written by `reproduce` or `evaluate`; found: {found or 'none'})")
+    for path in args.task_file:
+        tasks.load_task_file(path)
+    from ..circuits.circuit import Circuit
+    from ..zoo import load_model
+    from . import figures
+
+    model = load_model(args.model or Circuit.load(folder / chosen[0] / "text" / "circuit.safetensors").model)
+    for path in figures.view_folder(model, folder, chosen, to=Path(args.out) if args.out else None,
+                                    data_dir=args.data_dir):
+        print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (text, func) in per_step.items():
         p = sub.add_parser(name, help=text, description=text + " (the same files and settings as `reproduce`)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        _study_args(p, tasks_arg=False)
+        _study_args(p, tasks_arg=False, threshold=name == "evaluate", json=True)
         p.add_argument("--task", required=True, help="a built-in task or one a --task-file registers")
         p.add_argument("--modality", nargs="+", default=list(tasks.MODALITIES), choices=tasks.MODALITIES)
         p.set_defaults(func=func)
@@ -188,9 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        _study_args(p, tasks_arg=False)
+        _study_args(p, tasks_arg=False, threshold=name in ("overlap", "interchange"), json=True)
         p.add_argument("--task", required=True, help="a built-in task or one a --task-file registers")
         p.set_defaults(func=cmd_analysis)
+    text = "list a circuit's nodes: kind, layer, unit, position, span, token or image patch, score"
+    p = sub.add_parser("nodes", help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _study_args(p, tasks_arg=False, json=True)
+    p.add_argument("--task", required=True, help="a built-in task or one a --task-file registers")
+    p.add_argument("--modality", required=True, choices=tasks.MODALITIES)
+    p.add_argument("--fraction", type=float, default=None,
+                   help="the top fraction of heads and of neurons (default: the discovered circuit)")
+    p.add_argument("--span", choices=("D", "Q", "G"), default=None, help="only the nodes at this span's positions")
+    p.add_argument("--top", type=int, default=40, help="rows to print, largest |score| first (0: all)")
+    p.set_defaults(func=cmd_nodes)
+    text = "draw one task's figures (running the steps they need) into <out>/<model>/<task>/"
+    p = sub.add_parser("draw", help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _study_args(p, tasks_arg=False)
+    p.add_argument("--task", required=True, help="a built-in task or one a --task-file registers")
+    p.set_defaults(func=cmd_draw)
+    text = "write an interactive circuit viewer per task: one self-contained HTML file (no server, no network)"
+    p = sub.add_parser("view", help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="a study's model folder, e.g. results/toy")
+    p.add_argument("--out", default=None, help="folder for the <task>.html files (default: RESULTS_DIR)")
+    p.add_argument("--tasks", nargs="+", default=None, help="tasks to show (default: every task with both circuits)")
+    p.add_argument("--model", default=None, help="the model to label prompts with (default: the one the circuits name)")
+    p.add_argument("--data-dir", default=None, help="the study's data folder, for tasks read from user files")
+    p.add_argument("--task-file", action="append", default=[], help="a Python file registering your own task")
+    p.set_defaults(func=cmd_view)
     p = sub.add_parser("reproduce", help="the whole study: circuits, analyses, figures, summary.json and report.md",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _study_args(p)
@@ -198,8 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Errors that say what is wrong with an input in their message: shown as one line (others also name their type).
-USER_ERRORS = (ValueError, OSError, steps.TooFewPairs, store.FolderInUse, RemoteUnavailable)
+def _user_errors() -> tuple:
+    """Errors that say what is wrong with an input in their message: shown as one line (others also name their type)."""
+    from ..execution import store
+    from ..execution.remote import RemoteUnavailable
+    from . import steps
+
+    return ValueError, OSError, steps.TooFewPairs, store.FolderInUse, RemoteUnavailable
 
 
 def _guarded(args, func) -> None:
@@ -209,13 +314,14 @@ def _guarded(args, func) -> None:
             args.held = held
             func(args)
     except KeyboardInterrupt:  # every result file is written atomically: what finished is kept, nothing is half
-        print(f"interrupted: finished steps are kept under {args.out}; the same command resumes", file=sys.stderr)
+        print(f"interrupted: finished steps are kept under {getattr(args, 'out', '.')}; the same command resumes",
+              file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:  # noqa: BLE001 - every error ends the command the same way
         if getattr(args, "debug", False):
             raise
         text = " ".join(str(err).split()) or type(err).__name__
-        if not isinstance(err, USER_ERRORS):
+        if not isinstance(err, _user_errors()):
             text = f"{type(err).__name__}: {text} (an unexpected error: --debug shows where)"
         raise SystemExit(f"modality-circuits: error: {text}") from None
 

@@ -43,7 +43,7 @@ def summarize(folder: Path, tasks) -> dict:
                          "reason": ov[s].get("niou_reason")} for s in SPANS},
             "interchange": {s: {**ic[s]["score"], "margin": interchange_margin(ic[s]), "interpretable": interchange_readable(ic[s])}
                             for s in SPANS},
-            "backpatch_gain": {"image": bp["image"]["gain"], "text": bp["text"]["gain"]},
+            "backpatch_gain_points": {"image": bp["image"]["gain_points"], "text": bp["text"]["gain_points"]},
             "alignment_first_last": [al["per_layer"][0], al["per_layer"][-1]],
         }
     write_json(folder / "summary.json", out)
@@ -177,13 +177,13 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
                   f"{m}: " + " ".join(f"{v:+.1f}" for v in g.values())
                   for m, g in REFERENCE["backpatch_gain_points"].items()) + " (counting, arithmetic, colour, factual, "
               "sentiment) — about a third of the text–image gap; textual controls gain much less.", ""]
-    closed = []  # gain over the gap, both in answer-set accuracy (the base accuracies of the back-patching table)
+    closed = []  # gain over the gap, both in answer-set accuracy points (the back-patching table's "before" columns)
     for t in tasks:
         bp = nan_for_null(read_json(folder / t / "backpatch.json"))
         gap = 100 * (bp["text"]["base"]["value"] - bp["image"]["base"]["value"])
-        gain = s[t]["backpatch_gain"]["image"]["value"]
+        gain = s[t]["backpatch_gain_points"]["image"]["value"]
         if np.isfinite(gap) and gap > 1 and np.isfinite(gain):
-            closed.append(f"{task_name(t)} {100 * gain / gap:.0%}")
+            closed.append(f"{task_name(t)} {gain / gap:.0%}")
     lines += [("Share of the text–image gap closed here (answer-set accuracy, the table's \"before\" columns): "
                + ", ".join(closed) + ".") if closed else
               "No task has a positive answer-set text–image gap of more than one point, so no share of a gap is "
@@ -210,9 +210,9 @@ def backpatch_table(folder: Path, tasks) -> str:
         for m in ("image", "text"):
             r = d[m]
             c = r["config"]
-            g = r["gain"]
+            g = r["gain_points"]
             rows.append(f"| {task_name(t)} | {m} | ({c['src']}, {c['dst']}, {c['window']}) | {100 * r['base']['value']:.1f} | "
-                        f"{100 * r['patched']['value']:.1f} | {_ci(g, 100, '+.1f')} |")
+                        f"{100 * r['patched']['value']:.1f} | {_ci(g, 1.0, '+.1f')} |")
     return "\n".join(rows) + "\n"
 
 
