@@ -61,11 +61,15 @@ def overlap(record: dict) -> str:
 
 
 def interchange(record: dict) -> str:
-    from .steps import interchange_readable
+    from ..execution.store import nan_for_null
+    from .steps import interchange_margin, interchange_readable
 
-    rows = [[SPAN_NAMES[s], ci(record[s]["score"]), record[s]["visual_score"], record[s]["text_score"],
-             "yes" if interchange_readable(record[s]) else "no"] for s in SPANS]
-    return table(["swapped span", "score [95% CI]", "visual circuit", "textual circuit", "interpretable"], rows)
+    def score(r: dict) -> str:  # n/a where the denominator is noise, the margin beside it (as the report shows it)
+        return ci(r["score"]) if interchange_readable(r) else f"n/a (ΔF {interchange_margin(r):.2f})"
+
+    rows = [[SPAN_NAMES[s], score(nan_for_null(record[s])), record[s]["visual_score"], record[s]["text_score"],
+             f"{interchange_margin(nan_for_null(record[s])):.2f}"] for s in SPANS]
+    return table(["swapped span", "score [95% CI]", "visual circuit", "textual circuit", "margin ΔF"], rows)
 
 
 def alignment(record: dict) -> str:
