@@ -10,6 +10,7 @@ import torch
 
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
+from ..execution.bodies import add_to_output, embed_pass, logit_diff, repeat_rows
 from ..execution.checks import finite
 from ..execution.remote import server_body
 from .ablation import answers, logit_diffs
@@ -29,20 +30,12 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
-        with root.trace(**both, **opts) as embed:
-            if inject:  # features added after the first layers (docs/method.md section 13), read before layer 0
-                kwargs = stack.inputs[1]
-                feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
-            e = layers[0].input.clone()  # (2P, T, d): p' rows, then p rows
-            if inject:  # (n, 2P, T, d), zero off the image positions
-                g = e.new_zeros(len(feats), *e.shape)
-                g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
-            embed.stop()
+        e, g = embed_pass(root, both, opts, layers, stack, keys, inject)  # (2P, T, d) p' rows, then p; g (n, 2P, T, d)
         effects = []
         for n, plan in chunks:
-            rows_in = {key: torch.cat([value[:P]] + [value[P:]] * n) for key, value in decoder.items()}
+            rows_in = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
             with root.trace(**rows_in, **opts):
-                layers[0].input = torch.cat([e[:P]] + [e[P:]] * n)
+                layers[0].input = repeat_rows(e, P, n)
                 for i in range(len(sites)):
                     for j, rows, src, t, u in plan[i]:  # heads before neurons: execution order
                         a = sites[i][j].input.clone()
@@ -51,12 +44,10 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
                         view[rows, t, u] = view[src, t, u]
                         sites[i][j].input = a
                     if inject and i < len(g):  # each row gets its own prompt's injected features
-                        out = layers[i].output  # its device: a model spread over devices (device_map)
-                        layers[i].output = out + torch.cat([g[i, :P]] + [g[i, P:]] * n).to(out.device)
-                logits = root.output.logits[P:, -1].float()
-                ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
-            effects.append(((ld[:, 0] - ld[:, 1]).cpu().view(n, P) - base).mean(1))
-            del a, view, logits  # the next chunk must not hold these too
+                        add_to_output(layers[i], repeat_rows(g[i], P, n))
+                ld = logit_diff(root.output.logits[P:, -1], ids.repeat(n, 1))
+            effects.append((ld.cpu().view(n, P) - base).mean(1))
+            del a, view  # the next chunk must not hold these too
         result = nnsight.save(effects)
     return result
 
