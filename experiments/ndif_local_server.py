@@ -104,17 +104,16 @@ def main(argv=None) -> int:
 
     nnsight.CONFIG.APP.REMOTE_LOGGING = args.verbose
     from modality_circuits.analyses.alignment import alignment
-    from modality_circuits.methods.attribution import attribute
     from modality_circuits.analyses.backpatch import backpatch, backpatch_logits
-    from modality_circuits.circuits.circuit import Circuit
     from modality_circuits.analyses.interchange import interchange
-    from modality_circuits.zoo import load_model
+    from modality_circuits.circuits.circuit import Circuit
     from modality_circuits.data.pairs import build_pairs
-from modality_circuits.methods.predict import predictions
-    from modality_circuits.methods.ablation import faithfulness, faithfulness_curve
-    from modality_circuits.methods.patching import exact_patching
-
     from modality_circuits.execution.remote import RemoteUnavailable
+    from modality_circuits.methods.ablation import faithfulness, faithfulness_curve
+    from modality_circuits.methods.attribution import attribute
+    from modality_circuits.methods.patching import exact_patching
+    from modality_circuits.methods.predict import predictions
+    from modality_circuits.zoo import load_model
 
     try:  # the remote side first: a missing key or a dead host fails before anything is loaded
         remote = load_model(model_name, remote=host) if host != "local" else None

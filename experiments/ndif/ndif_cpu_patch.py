@@ -14,6 +14,7 @@ the installed ndif / nnsight files is edited.
 """
 import os
 
+
 def _patch_nnsight():
     try:
         from nnsight.modeling import huggingface as hf

@@ -11,9 +11,9 @@ import random
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageOps
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 from ..data import tasks
 from ..execution import budget
