@@ -112,8 +112,8 @@ def stepwise_ig(model, pairs, steps):
 
 def _setup(args):
     from modality_circuits import load_model
-    from modality_circuits.methods.attribution import attribute
     from modality_circuits.data.pairs import build_pairs
+    from modality_circuits.methods.attribution import attribute
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

@@ -2,9 +2,9 @@
 import argparse
 
 from modality_circuits import tasks
+from modality_circuits.execution.store import model_dir
 from modality_circuits.study import figures
 from modality_circuits.zoo import load_model
-from modality_circuits.execution.store import model_dir
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

@@ -95,6 +95,7 @@ def compare(model_name: str, host: str, args) -> dict:
     from modality_circuits.analyses.interchange import interchange
     from modality_circuits.circuits.circuit import Circuit
     from modality_circuits.data.pairs import build_pairs
+    from modality_circuits.execution.remote import RemoteUnavailable
     from modality_circuits.methods.ablation import faithfulness, faithfulness_curve
     from modality_circuits.methods.attribution import attribute
     from modality_circuits.methods.patching import exact_patching
@@ -102,7 +103,11 @@ def compare(model_name: str, host: str, args) -> dict:
     from modality_circuits.zoo import load_model
 
     began = time.perf_counter()
-    remote = load_model(model_name, remote=host, wording=args.wording) if host != "local" else None
+    try:  # the remote side first: a missing key or a dead host fails before anything is loaded
+        remote = load_model(model_name, remote=host, wording=args.wording) if host != "local" else None
+    except RemoteUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     local = load_model(model_name, dtype=getattr(torch, args.dtype) if args.dtype else None, wording=args.wording)
     remote = remote or local.with_remote("local")
     for m in (local, remote):

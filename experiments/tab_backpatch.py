@@ -1,7 +1,7 @@
 """Table: back-patching results per task (config chosen on the selection split, accuracy on the test split), as markdown."""
-from modality_circuits.study.report import backpatch_table
-from modality_circuits.study.cli import experiment
 from modality_circuits.execution.store import atomic
+from modality_circuits.study.cli import experiment
+from modality_circuits.study.report import backpatch_table
 
 
 def draw(folder, tasks):

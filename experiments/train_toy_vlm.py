@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modality_circuits.model import wrap
-from modality_circuits.zoo import load_model
-from modality_circuits.data.pairs import answer_token, chat_text, encode
-from modality_circuits.tasks import MODALITIES, TASKS, get_task, sample_pairs
 from modality_circuits.circuits.stats import bootstrap
+from modality_circuits.data.pairs import answer_token, chat_text, encode
 from modality_circuits.execution.store import write_json
 from modality_circuits.methods.predict import correct as answered
+from modality_circuits.model import wrap
+from modality_circuits.tasks import MODALITIES, TASKS, get_task, sample_pairs
+from modality_circuits.zoo import load_model
 from modality_circuits.zoo.toy import IMAGE_SIZE, TOY_DIR, build_toy
 
 ROOT = Path(__file__).resolve().parents[1]

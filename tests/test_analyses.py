@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from modality_circuits.analyses.alignment import alignment
-from modality_circuits.methods.attribution import attribute
 from modality_circuits.analyses.backpatch import backpatch, backpatch_logits, default_configs
-from modality_circuits.circuits.circuit import Circuit
 from modality_circuits.analyses.interchange import interchange, map_span
 from modality_circuits.analyses.overlap import overlap
+from modality_circuits.circuits.circuit import Circuit
 from modality_circuits.circuits.metrics import expected_iou, iou, niou
-from modality_circuits.data.pairs import build_pairs, prompt_key, split
-from modality_circuits.methods.predict import predictions
 from modality_circuits.circuits.stats import bootstrap
+from modality_circuits.data.pairs import build_pairs, prompt_key, split
+from modality_circuits.methods.attribution import attribute
+from modality_circuits.methods.predict import predictions
 
 
 def test_iou_and_niou_by_hand():

@@ -2,6 +2,7 @@
 in the adapter table and the zoo, and server bodies that reference nothing of this package."""
 import ast
 import importlib
+import inspect
 import pkgutil
 from pathlib import Path
 
@@ -97,8 +98,24 @@ def test_every_trace_body_is_marked_and_references_nothing_of_the_package():
             if isinstance(node, ast.FunctionDef) and any(
                     isinstance(n, ast.Attribute) and n.attr in ("session", "trace") and isinstance(n.value, ast.Name)
                     and n.value.id in ("model", "root") for n in ast.walk(node)):
-                assert f"{module}.{node.name}" in bodies or module.endswith(("model.vlm", "execution.remote")), \
+                shipped = module in {m.__name__ for m in remote.SHIPPED}  # helpers the bodies call, shipped with them
+                assert f"{module}.{node.name}" in bodies or shipped or module.endswith(("model.vlm", "execution.remote")), \
                     f"{module}.{node.name} opens a trace but is not marked @server_body"
+
+
+def test_shipped_helpers_are_torch_only():
+    """The helpers shipped by value (execution/bodies.py) import only torch and reach nothing else of the package."""
+    for module in remote.SHIPPED:
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] if node.level == 0 else "." for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom)}
+        assert imported <= {"torch", "__future__"}, f"{module.__name__} imports {sorted(imported)}"
+        functions = [f for f in vars(module).values() if inspect.isfunction(f) and f.__module__ == module.__name__]
+        assert len(functions) >= 4
+        for fn in functions:
+            assert not remote.check_server_body(fn), f"{fn.__name__} reads {remote.check_server_body(fn)}"
 
 
 def test_a_body_that_calls_a_package_helper_is_caught():

@@ -1,13 +1,13 @@
 """Attribution, exact patching and faithfulness against independent plain-torch hook implementations."""
+import hooks
 import pytest
 import torch
 
-import hooks
-from modality_circuits.methods.attribution import attribute
 from modality_circuits.circuits.circuit import Circuit, Scores
-from modality_circuits.data.pairs import LayoutError, build_pairs
 from modality_circuits.circuits.metrics import faithfulness_value
+from modality_circuits.data.pairs import LayoutError, build_pairs
 from modality_circuits.methods.ablation import faithfulness
+from modality_circuits.methods.attribution import attribute
 from modality_circuits.methods.patching import exact_patching
 
 

@@ -161,3 +161,144 @@ def test_method_quotes_the_budget_model():
         return re.findall(r"^[ \t]*((?:forward|backward):)[ \t]+(.*?)(?:[ \t]{2,}|$)", text, re.MULTILINE)
     assert len(formulas(budget.__doc__)) == 2
     assert formulas(METHOD.read_text()) == formulas(budget.__doc__)
+
+
+# ---------------------------------------------------------------- snippets, paths and names
+
+FENCE = re.compile(r"^([ \t]*)```(\w*)[^\n]*\n(.*?)^\1```[ \t]*$", re.MULTILINE | re.DOTALL)
+NO_RUN = re.compile(r"<!--\s*no-run:\s*(\S.*?)\s*-->")
+#: Paths the docs name that a command creates (not in a clone).
+MADE_BY_COMMANDS = {".venv/"}
+#: Names the docs use as variables in prose (`model.memory_budget`), not as modules of the package.
+VARIABLES = {"model", "p", "pair", "pairs", "circuit", "scores", "curve"}
+FILE_SUFFIXES = (".py", ".md", ".json", ".sh", ".yml", ".yaml", ".toml", ".png", ".pdf", ".csv", ".safetensors",
+                 ".jinja", ".txt")
+
+
+def _snippets() -> list:
+    """(id, code, no-run reason or None) of every ```python block of README.md and docs/*.md."""
+    out = []
+    for path in DOCS:
+        text = path.read_text()
+        for m in FENCE.finditer(text):
+            if m.group(2) != "python":
+                continue
+            line = text.count("\n", 0, m.start()) + 1
+            before = text[:m.start()].rstrip().rsplit("\n", 1)[-1]
+            reason = NO_RUN.search(before)
+            code = "\n".join(l[len(m.group(1)):] for l in m.group(3).splitlines())
+            out.append((f"{path.relative_to(ROOT)}:{line}", code, reason.group(1) if reason else None))
+    return out
+
+
+SNIPPETS = _snippets()
+
+
+RUNNABLE = {c: n for n, c, r in reversed(SNIPPETS) if r is None}  # a block repeated on two pages runs once
+
+
+@pytest.mark.parametrize("name,code", [(n, c) for c, n in RUNNABLE.items()], ids=list(RUNNABLE.values()))
+def test_snippet_runs_as_written(name, code, monkeypatch):
+    """Every Python block of the README and the docs runs as written, in a fresh namespace, from the repository root
+    (the same block on two pages runs once)."""
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, name, "exec"), {"__name__": "__snippet__"})
+
+
+def test_snippets_that_do_not_run_are_few_and_compile():
+    """A block marked <!-- no-run: REASON --> (hub weights, a GPU, a server) still compiles; there are few of them."""
+    marked = [(n, c) for n, c, r in SNIPPETS if r is not None]
+    for name, code in marked:
+        compile(code, name, "exec")
+    assert len(marked) <= 6, f"{len(marked)} snippets do not run: {[n for n, _ in marked]}"
+    assert len(SNIPPETS) - len(marked) >= 8
+
+
+def _inline_code(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every `inline code` span outside fenced blocks."""
+    text = FENCE.sub(lambda m: "\n" * m.group().count("\n"), path.read_text())
+    return [(n, span) for n, line in enumerate(text.splitlines(), 1) for span in re.findall(r"`([^`\n]+)`", line)]
+
+
+def _looks_like_path(span: str) -> bool:
+    return (re.fullmatch(r"[\w.\-/]+", span) is not None and not span.startswith(("/", "http"))
+            and ("/" in span or span.endswith(FILE_SUFFIXES)) and not re.fullmatch(r"[\w.]+\(\)?", span))
+
+
+def _path_exists(span: str) -> bool:
+    if span in MADE_BY_COMMANDS:
+        return True
+    if (ROOT / span).exists() or (ROOT / "modality_circuits" / span).exists():
+        return True
+    if "/" not in span.rstrip("/"):  # a bare file name: somewhere in the repository
+        return any(p for p in ROOT.rglob(span) if ".git" not in p.parts and ".venv" not in p.parts)
+    return False
+
+
+def _package_index() -> dict:
+    """Short name -> objects of the package it may mean: every module and subpackage, every module-level class."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import modality_circuits
+
+    index = {"modality_circuits": [modality_circuits]}
+    for info in pkgutil.walk_packages(modality_circuits.__path__, "modality_circuits."):
+        if ".zoo.toy_vlm" in info.name or info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        index.setdefault(info.name.rsplit(".", 1)[-1], []).append(module)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and getattr(obj, "__module__", "").startswith("modality_circuits"):
+                index.setdefault(name, []).append(obj)
+    return index
+
+
+_ABSENT = object()
+
+
+def _has(obj, name: str):
+    """obj.name, a dataclass field or an annotated attribute of obj (a class), or a submodule; _ABSENT if none."""
+    import importlib
+
+    if hasattr(obj, name):
+        return getattr(obj, name)
+    if name in getattr(obj, "__dataclass_fields__", {}) or name in getattr(obj, "__annotations__", {}):
+        return name
+    if hasattr(obj, "__path__"):
+        try:
+            return importlib.import_module(f"{obj.__name__}.{name}")
+        except ImportError:
+            return _ABSENT
+    return _ABSENT
+
+
+def _resolves(start, rest: list[str]) -> bool:
+    obj = start
+    for part in rest:
+        obj = _has(obj, part)
+        if obj is _ABSENT:
+            return False
+    return True
+
+
+def test_backticked_paths_and_names_exist():
+    """Every `path` (a/b.py, dir/, name.json) names a file of the repository (or of the package), and every dotted
+    `name` of the package (modality_circuits.x.y, VLM.FORWARD, zoo.SHORT_NAMES) resolves: a rename breaks this test."""
+    index = _package_index()
+    missing = []
+    for path in DOCS:
+        for line, span in _inline_code(path):
+            where = f"{path.relative_to(ROOT)}:{line}: `{span}`"
+            if _looks_like_path(span):
+                if not _path_exists(span):
+                    missing.append(where)
+                continue
+            name = re.match(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", span)
+            if name is None or name.group().split(".")[0] in VARIABLES:
+                continue
+            first, *rest = name.group().split(".")
+            if first in index and not any(_resolves(obj, rest) for obj in index[first]):
+                missing.append(where)
+    assert not missing, "backticked paths or names that do not exist:\n" + "\n".join(missing)

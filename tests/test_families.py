@@ -2,8 +2,8 @@
 import pytest
 import torch
 import transformers as T
-
 from conftest import get_tiny
+
 from modality_circuits.analyses.alignment import alignment
 from modality_circuits.analyses.backpatch import backpatch_logits
 from modality_circuits.data.pairs import build_pairs

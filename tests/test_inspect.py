@@ -4,9 +4,9 @@ import dataclasses
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from conftest import get_tiny
 
 import modality_circuits as mc
-from conftest import get_tiny
 from modality_circuits.data.pairs import LayoutError, build_pairs, patch_grid
 
 #: The tiny families' patch grids: 64 px images in 16 px patches, merged 2x2 where the family merges.

@@ -1,14 +1,13 @@
 """Foundation: every family loads offline, traces read heads/neurons, pairs align with correct spans."""
 import pytest
 import torch
-from PIL import Image
 
 import modality_circuits as mc
 from modality_circuits import tasks
-from modality_circuits.model import ADAPTERS, family_of
-from modality_circuits.zoo import SHORT_NAMES
 from modality_circuits.data.pairs import LayoutError, batch, build_pairs, make_pair
+from modality_circuits.model import ADAPTERS, family_of
 from modality_circuits.tasks import Prompt
+from modality_circuits.zoo import SHORT_NAMES
 
 
 def test_trace_reads_heads_and_neurons_at_all_positions(tiny):

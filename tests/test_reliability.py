@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 
 import modality_circuits
 from modality_circuits import Circuit, Scores, load_model
-from modality_circuits.data.tasks import load_image_data
-from modality_circuits.execution import remote
 from modality_circuits.analyses.alignment import alignment
 from modality_circuits.analyses.backpatch import backpatch_logits
+from modality_circuits.data.tasks import load_image_data
+from modality_circuits.execution import remote
 from modality_circuits.execution.store import atomic, nan_for_null, read_json, write_json
 from modality_circuits.methods.ablation import ablation_lds, logit_diffs
 from modality_circuits.tasks import build_pairs

@@ -12,21 +12,21 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
+from conftest import get_tiny
 from safetensors import safe_open
 
-from conftest import get_tiny
-from modality_circuits.execution import remote
 from modality_circuits.analyses.alignment import alignment
-from modality_circuits.methods.attribution import attribute
 from modality_circuits.analyses.backpatch import backpatch, backpatch_logits
-from modality_circuits.circuits.circuit import Circuit
 from modality_circuits.analyses.interchange import interchange
-from modality_circuits.zoo import load_model
+from modality_circuits.circuits.circuit import Circuit
 from modality_circuits.data.pairs import build_pairs
+from modality_circuits.execution import remote
+from modality_circuits.methods.ablation import faithfulness, faithfulness_curve, position_effect
+from modality_circuits.methods.attribution import attribute
+from modality_circuits.methods.patching import exact_patching
 from modality_circuits.methods.predict import predictions
 from modality_circuits.testing import FAMILIES
-from modality_circuits.methods.ablation import faithfulness, faithfulness_curve, position_effect
-from modality_circuits.methods.patching import exact_patching
+from modality_circuits.zoo import load_model
 
 ATOL = 1e-6
 
@@ -110,7 +110,6 @@ def test_dry_run_refuses_trace_bodies_that_need_this_package():
 
     dry = get_tiny("llava").with_remote("local")
     pair = build_pairs("counting", "text", dry, n=1)[0]
-    answers = torch.tensor([[pair.answer_id, pair.cf_answer_id]])
     root = dry.nn
     with pytest.raises(ModuleNotFoundError, match="modality_circuits"):
         with dry.trace(batch([pair.inputs])):
@@ -332,8 +331,8 @@ def test_hosted_model_is_named_by_id_and_runs_on_the_model_its_key_rebuilds(fami
 
 
 def test_cli_remote_local_writes_the_local_scores(tmp_path):
-    from modality_circuits.study import cli
     from modality_circuits.circuits.circuit import Scores
+    from modality_circuits.study import cli
 
     args = ["discover", "--model", "tiny-llava", "--task", "counting", "--modality", "text", "--n", "4",
             "--all-prompts", "--steps", "1"]

@@ -29,8 +29,9 @@ def test_lazy_names_are_the_modules_own():
 @pytest.fixture(scope="module")
 def found():
     """Scores and a circuit of the tiny LLaVA on 4 visual counting pairs, and a textual pair of the same length."""
-    import modality_circuits as mc
     from conftest import get_tiny
+
+    import modality_circuits as mc
 
     model = get_tiny("llava")
     pairs = mc.build_pairs("counting", "image", model, n=4)

@@ -7,8 +7,15 @@ from PIL import Image
 
 from modality_circuits.data import render
 from modality_circuits.data.tasks import (
-    ENTITIES, MODALITIES, ORDINALS, TASKS, _entity_icon, answer_set, load_image_data,
-    sample_pairs, vocabulary,
+    ENTITIES,
+    MODALITIES,
+    ORDINALS,
+    TASKS,
+    _entity_icon,
+    answer_set,
+    load_image_data,
+    sample_pairs,
+    vocabulary,
 )
 
 N = 40

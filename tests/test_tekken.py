@@ -10,6 +10,12 @@ import warnings
 
 import numpy as np
 import pytest
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers import image as mistral_image
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 import modality_circuits as mc
@@ -17,13 +23,6 @@ from modality_circuits.data import tasks
 from modality_circuits.data.pairs import answer_token, build_pairs, chat_text, check_layout, encode
 from modality_circuits.model.adapters import STUDY_IMAGE_SIZE
 from modality_circuits.zoo.tekken import NAME, tekken_path, tekken_pixtral
-
-from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
-from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers import image as mistral_image
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 #: The study's candidates per task and modality: 3n with n = 48 (`study.steps.Study.candidates`).
 STUDY_CANDIDATES = 3 * 48

@@ -1,9 +1,9 @@
 """The embedded toy VLM: loading through the adapter, size, and a regression guard on accuracy."""
 import pytest
 
-from modality_circuits.zoo import toy
 from modality_circuits.methods.predict import correct
 from modality_circuits.tasks import TASKS, sample_pairs
+from modality_circuits.zoo import toy
 
 TEST_SEED = 31_337  # never used for training (training streams use seeds >= 1e9) nor for the report
 

@@ -20,6 +20,7 @@ from ..circuits.stats import CI, bootstrap_mean
 from ..data import tasks
 from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
 from ..execution import budget, requests
+from ..execution.bodies import decoder_inputs
 from ..execution.checks import finite
 from ..execution.remote import server_body
 
@@ -75,13 +76,7 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     stack, inject, keys = model.decoder_stack(), model.injects(inputs), model.adapter.injections
     with model.session():
         with root.trace(**inputs, **opts):  # cache pass
-            if inject:  # features added after the first layers (docs/method.md section 13), read before layer 0
-                kwargs = stack.inputs[1]
-                feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
-            e = layers[0].input.clone()
-            if inject:  # (n, P, T, d), zero off the image positions
-                g = e.new_zeros(len(feats), *e.shape)
-                g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
+            e, g = decoder_inputs(layers, stack, keys, inject)  # (P, T, d); g (n, P, T, d) or None
             cache, below = [], {}
             for i, layer in enumerate(layers):
                 h = layer.output[0] if tuple_out else layer.output

@@ -13,9 +13,9 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageOps
 

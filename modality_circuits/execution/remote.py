@@ -11,10 +11,11 @@
 
 THE REMOTE RULE. The functions marked `@server_body` (the `*_session` bodies of methods/ and
 analyses/) are shipped to a server that does not have this package: their trace blocks may use
-torch, nnsight, builtins, envoys and plain data, never a function, class or constant object of
-this package, and they save only aggregated results. So a body writes, e.g., the logit difference
-inline rather than calling a helper; `server_body` records each body and `check_server_body`
-(run over all of them by the tests) names any package object a body reaches. Several traces go in
+torch, nnsight, builtins, envoys, plain data and the helpers of execution/bodies.py, never another
+function, class or constant object of this package, and they save only aggregated results.
+execution/bodies.py (torch only) is registered with `nnsight.register`, so its functions travel with
+every request by value (as source); `server_body` records each body and `check_server_body` (run over
+all of them, and over the helpers, by the tests) names any other package object one reaches. Several traces go in
 one request through an nnsight session (`VLM.chunks_per_request` chunks per request, the loop of
 execution/requests.py), and each request is retried with exponential backoff when the connection
 drops (`VLM.retries`, `VLM.retry_backoff`).
@@ -34,7 +35,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import nnsight
 import torch
+
+from . import bodies
+
+#: Modules whose functions travel with every request by value (their source), so a server runs them without this
+#: package: registered with nnsight.register (cloudpickle's register_pickle_by_value, which nnsight's serialiser honours).
+SHIPPED = (bodies,)
+for _module in SHIPPED:
+    nnsight.register(_module)
 
 #: Root modules an NDIF server has installed (nnsight's own list for its local simulation).
 SERVER_MODULES = frozenset({"torch", "numpy", "transformers", "accelerate", "diffusers", "einops", "peft", "nnsight"})
@@ -132,7 +142,7 @@ def server_body(fn: Callable) -> Callable:
 
 def check_server_body(fn: Callable) -> list[str]:
     """Names `fn` (and the code nested in it) reads, as globals or closure variables, that resolve to an object
-    of this package: what a server could not deserialise."""
+    of this package outside the SHIPPED modules: what a server could not deserialise."""
     closure = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
     def names_read(code):
@@ -143,11 +153,12 @@ def check_server_body(fn: Callable) -> list[str]:
             if hasattr(const, "co_code"):
                 yield from names_read(const)
 
+    shipped = {module.__name__ for module in SHIPPED}
     found = set()
     for op, name in names_read(fn.__code__):
         obj = closure.get(name) if op == "LOAD_DEREF" else fn.__globals__.get(name)
         owner = getattr(obj, "__module__", None) or (obj.__name__ if isinstance(obj, type(sys)) else None)
-        if isinstance(owner, str) and owner.split(".")[0] == _PACKAGE:
+        if isinstance(owner, str) and owner.split(".")[0] == _PACKAGE and owner not in shipped:
             found.add(name)
     return sorted(found)
 

@@ -17,6 +17,7 @@ from ..circuits.circuit import Circuit
 from ..circuits.metrics import faithfulness_value
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
+from ..execution.bodies import add_to_output, embed_pass, logit_diff, repeat_rows, route_as_held
 from ..execution.checks import finite
 from ..execution.remote import server_body
 
@@ -42,9 +43,8 @@ def _ld_session(model, chunks: list) -> list:
         lds = []
         for inputs, ids in chunks:
             with root.trace(**inputs, **opts):
-                logits = root.output.logits[:, -1].float()
-                ld = logits.gather(-1, ids.to(logits.device))  # LD inline: a server body calls no package helper
-            lds.append((ld[:, 0] - ld[:, 1]).cpu())
+                ld = logit_diff(root.output.logits[:, -1], ids)
+            lds.append(ld.cpu())
         result = nnsight.save(lds)
     return result
 
@@ -73,38 +73,23 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
     heads_at, moe = model.layer_heads, [model.experts_of(layer) for layer in layers]
-    held = [None] * len(layers)  # per sparse layer, p's routing (P·T, k) indices and weights: docs/families-2026.md
     bits = torch.arange(8, dtype=torch.uint8)
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
-        with root.trace(**both, **opts) as embed:
-            if inject:  # features added after the first layers (docs/method.md section 13), read before layer 0
-                kwargs = stack.inputs[1]
-                feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
-            e = layers[0].input.clone()  # (2P, T, d): p' rows, then p rows
-            if inject:  # (n, 2P, T, d), zero off the image positions
-                g = e.new_zeros(len(feats), *e.shape)
-                g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
-            for i in range(len(layers)):  # a sparse model runs on: the routing of the clean prompts p
-                if moe[i] is not None:
-                    (_, top, w), _ = moe[i].inputs
-                    held[i] = (top[P * e.shape[1]:].clone(), w[P * e.shape[1]:].detach().clone())
-            if not any(t is not None for t in moe):
-                embed.stop()
+        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # (2P, T, d) p' rows, then p;
+        # g (n, 2P, T, d); held: the p rows' routing per sparse layer
         lds = []
         for n, masks, circ_of_row in chunks:
             keeps = [((packed[:, None] >> bits) & 1).bool().flatten()[:size].view(shape) for packed, shape, size in masks]
-            rows = {key: torch.cat([value[:P]] + [value[P:]] * n) for key, value in decoder.items()}
+            rows = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
             src = torch.arange(len(circ_of_row)) % P
             with root.trace(**rows, **opts):
-                layers[0].input = torch.cat([e[:P]] + [e[P:]] * n)
+                layers[0].input = repeat_rows(e, P, n)
                 for i in range(len(sites)):
                     for j in range(2):  # heads, then neurons
                         if j == 1 and moe[i] is not None:  # every row routed as its prompt p, before the neurons
-                            (h, top, w), kw = moe[i].inputs
-                            moe[i].inputs = ((h, *(v.view(P, -1, v.shape[-1]).repeat(n + 1, 1, 1).view(-1, v.shape[-1])
-                                                   .to(h.device) for v in held[i])), kw)
+                            route_as_held(moe[i], held[i], P, n)
                         site = sites[i][j].input
                         a = site.view(-1, e.shape[1], site.shape[-1])  # a sparse layer's site is (rows·T, E·I)
                         own, cf = a[P:], a[:P][src.to(a.device)]
@@ -115,12 +100,10 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
                         k = k[:, :, :own.shape[2]]  # a layer with fewer units than the widest: its own
                         sites[i][j].input = torch.cat([a[:P], torch.where(k, own, cf).flatten(2)]).view(site.shape)
                     if inject and i < len(g):  # each row gets its own prompt's injected features
-                        out = layers[i].output  # its device: a model spread over devices (device_map)
-                        layers[i].output = out + torch.cat([g[i, :P]] + [g[i, P:]] * n).to(out.device)
-                logits = root.output.logits[P:, -1].float()
-                ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
-            lds.append((ld[:, 0] - ld[:, 1]).cpu())
-            del a, own, cf, k, logits  # the next chunk must not hold these too
+                        add_to_output(layers[i], repeat_rows(g[i], P, n))
+                ld = logit_diff(root.output.logits[P:, -1], ids.repeat(n, 1))
+            lds.append(ld.cpu())
+            del a, own, cf, k  # the next chunk must not hold these too
         result = nnsight.save(lds)
     return result
 

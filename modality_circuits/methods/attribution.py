@@ -12,6 +12,7 @@ import torch
 from ..circuits.circuit import Scores
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
+from ..execution.bodies import add_to_output, embed_pass, logit_diff
 from ..execution.checkpoint import Checkpoint, fingerprint
 from ..execution.checks import finite
 from ..execution.remote import server_body
@@ -56,15 +57,7 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
         kept = []
         for both, rows, ids in chunks:
             P = len(ids)
-            with root.trace(**both, **opts) as embed:
-                if inject:  # (n, 2P, T, d) injected features, zero off the image positions; read before layer 0
-                    kwargs = stack.inputs[1]
-                    feats, where = torch.stack(kwargs[keys[0]]).float(), kwargs[keys[1]]
-                e0 = layers[0].input.float()  # (2P, T, d): e' rows, then e rows
-                if inject:
-                    g0 = e0.new_zeros(len(feats), *e0.shape)
-                    g0[:, where.to(e0.device)] = feats.to(e0.device)
-                embed.stop()
+            e0, g0 = embed_pass(root, both, opts, layers, stack, keys, inject, torch.float32)  # e', e rows; float32
             with root.trace(**rows, **opts):
                 e_cf, e = e0[:P].unsqueeze(1), e0[P:].unsqueeze(1)
                 a = alpha.to(e.device)
@@ -92,11 +85,9 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                         moe[i].inputs = ((h, top, w.detach()), kw)
                     neurons.append(mlp[i].input)
                     if inject and i < len(g_rows):
-                        out = layers[i].output  # its device: a model spread over devices (device_map)
-                        layers[i].output = out + g_rows[i].to(out.device)
-                logits = root.output.logits[:, -1].float().view(P, k + 1, -1)[:, 1:]
-                ld = logits.gather(-1, ids.to(logits.device).view(P, 1, 2).expand(P, k, 2))  # LD inline (server body)
-                metric = (ld[..., 0] - ld[..., 1]).sum()
+                        add_to_output(layers[i], g_rows[i])
+                logits = root.output.logits[:, -1].view(P, k + 1, -1)[:, 1:]
+                metric = logit_diff(logits, ids.view(P, 1, 2).expand(P, k, 2)).sum()
                 # per kind (0 heads, 1 neurons) and layer: sum over pairs, sum of squares, per-pair values if kept
                 sums, squares, each = [[None] * L, [None] * L], [[None] * L, [None] * L], [[None] * L, [None] * L]
                 with metric.backward():
@@ -119,9 +110,9 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                             sums[j][i], squares[j][i] = run, run_sq
                             if keep_all or index is not None:
                                 each[j][i] = s
-            del e0, e_cf, e, a, x, heads, neurons, logits, ld, metric  # the next chunk must not hold these too
+            del e0, e_cf, e, a, x, heads, neurons, logits, metric  # the next chunk must not hold these too
             if inject:
-                del g0, g_cf, g, g_rows, feats
+                del g0, g_cf, g, g_rows
             if keep_all:  # (L, P, T, units) -> (P, L, units, T)
                 kept.append(tuple(torch.stack(v).permute(1, 0, 3, 2).cpu() for v in each))
             elif index is not None:  # (P, n_kept) at flat indices of the (L, units, T) layout

@@ -10,6 +10,7 @@ import torch
 
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
+from ..execution.bodies import add_to_output, embed_pass, logit_diff, repeat_rows, route_as_held
 from ..execution.checks import finite
 from ..execution.remote import server_body
 from .ablation import answers, logit_diffs
@@ -27,36 +28,21 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
     heads_at, moe = model.layer_heads, [model.experts_of(layer) for layer in layers]
-    held = [None] * len(layers)  # per sparse layer, p's routing (P·T, k) indices and weights: docs/families-2026.md
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
-        with root.trace(**both, **opts) as embed:
-            if inject:  # features added after the first layers (docs/method.md section 13), read before layer 0
-                kwargs = stack.inputs[1]
-                feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
-            e = layers[0].input.clone()  # (2P, T, d): p' rows, then p rows
-            if inject:  # (n, 2P, T, d), zero off the image positions
-                g = e.new_zeros(len(feats), *e.shape)
-                g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
-            for i in range(len(layers)):  # a sparse model runs on: the routing of the clean prompts p
-                if moe[i] is not None:
-                    (_, top, w), _ = moe[i].inputs
-                    held[i] = (top[P * e.shape[1]:].clone(), w[P * e.shape[1]:].detach().clone())
-            if not any(t is not None for t in moe):
-                embed.stop()
+        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # (2P, T, d) p' rows, then p;
+        # g (n, 2P, T, d); held: the p rows' routing per sparse layer
         effects = []
         for n, plan in chunks:
-            rows_in = {key: torch.cat([value[:P]] + [value[P:]] * n) for key, value in decoder.items()}
+            rows_in = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
             with root.trace(**rows_in, **opts):
-                layers[0].input = torch.cat([e[:P]] + [e[P:]] * n)
+                layers[0].input = repeat_rows(e, P, n)
                 for i in range(len(sites)):
                     for j, rows, src, t, u in plan[i] if moe[i] is None else [w for w in plan[i] if w[0] == 0] + [
                             (2, None, None, None, None)] + [w for w in plan[i] if w[0] == 1]:  # execution order
                         if j == 2:  # every row routed as its prompt p, p' rows too; before the expert neurons
-                            (h, top, w), kw = moe[i].inputs
-                            moe[i].inputs = ((h, *(v.view(P, -1, v.shape[-1]).repeat(n + 1, 1, 1).view(-1, v.shape[-1])
-                                                   .to(h.device) for v in held[i])), kw)
+                            route_as_held(moe[i], held[i], P, n)
                             continue
                         a = sites[i][j].input.clone()
                         # (rows, T, heads, width) or (rows, T, neurons); a sparse layer's site is (rows·T, E·I)
@@ -65,12 +51,10 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
                         view[rows, t, u] = view[src, t, u]
                         sites[i][j].input = a
                     if inject and i < len(g):  # each row gets its own prompt's injected features
-                        out = layers[i].output  # its device: a model spread over devices (device_map)
-                        layers[i].output = out + torch.cat([g[i, :P]] + [g[i, P:]] * n).to(out.device)
-                logits = root.output.logits[P:, -1].float()
-                ld = logits.gather(-1, ids.repeat(n, 1).to(logits.device))  # LD inline (server body)
-            effects.append(((ld[:, 0] - ld[:, 1]).cpu().view(n, P) - base).mean(1))
-            del a, view, logits  # the next chunk must not hold these too
+                        add_to_output(layers[i], repeat_rows(g[i], P, n))
+                ld = logit_diff(root.output.logits[P:, -1], ids.repeat(n, 1))
+            effects.append((ld.cpu().view(n, P) - base).mean(1))
+            del a, view  # the next chunk must not hold these too
         result = nnsight.save(effects)
     return result
 

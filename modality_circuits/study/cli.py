@@ -5,8 +5,8 @@ import argparse
 import contextlib
 import os
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 from ..data import tasks
 

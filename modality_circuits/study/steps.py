@@ -18,18 +18,16 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
-
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..analyses.alignment import alignment
 from ..analyses.backpatch import answer_ids, backpatch, refusal
 from ..analyses.interchange import interchange_both, margin, readable
 from ..analyses.overlap import overlap, resampled_niou
+from ..circuits.candidates import candidates, certify
 from ..circuits.circuit import Circuit, Scores
 from ..circuits.metrics import faithfulness_values
-from ..circuits.candidates import candidates, certify
 from ..circuits.stats import CI, bootstrap, bootstrap_mean, index_matrices, interval
 from ..data import tasks as task_defs
 from ..data.pairs import SPANS, build_pairs, split
