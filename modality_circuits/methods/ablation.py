@@ -77,8 +77,7 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
-        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # (2P, T, d) p' rows, then p;
-        # g (n, 2P, T, d); held: the p rows' routing per sparse layer
+        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # e (2P, T, d), g, held routing
         lds = []
         for n, masks, circ_of_row in chunks:
             keeps = [((packed[:, None] >> bits) & 1).bool().flatten()[:size].view(shape) for packed, shape, size in masks]

@@ -31,8 +31,7 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
     with model.session():
-        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # (2P, T, d) p' rows, then p;
-        # g (n, 2P, T, d); held: the p rows' routing per sparse layer
+        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # e (2P, T, d), g, held routing
         effects = []
         for n, plan in chunks:
             rows_in = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
