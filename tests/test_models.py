@@ -129,6 +129,19 @@ def test_adapter_table_and_short_names():
     assert SHORT_NAMES["llava-onevision-7b"] == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 
 
+@pytest.mark.parametrize("field,typo", [("patch_grid", "sqaure"), ("attention", "prefix-lm"), ("image_expansion", "row")])
+def test_adapter_kind_fields_refuse_a_typo(field, typo):
+    """A kind-naming string field takes one of its listed values; a typo is an error naming the field, not a default."""
+    from modality_circuits.model.adapters import KINDS, Adapter
+
+    with pytest.raises(ValueError, match=f"{field}='{typo}' is not one of"):
+        Adapter("x", "XForConditionalGeneration", **{field: typo})
+    for row in ADAPTERS.values():
+        assert all(getattr(row, f) in allowed for f, allowed in KINDS.items())
+    for value in KINDS[field]:  # every listed value is accepted
+        assert getattr(Adapter("x", "XForConditionalGeneration", **{field: value}), field) == value
+
+
 def test_load_model_from_saved_checkpoint(tmp_path, tiny):
     """A checkpoint on disk loads through load_model, the same path as a hub id."""
     tiny.hf_model.save_pretrained(tmp_path)
