@@ -106,8 +106,8 @@ class Study:
         check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold)
         if self.reference:
             self.method = REFERENCE
-        if self.memory_budget is not None:
-            self.model.memory_budget = parse_budget(self.memory_budget)
+        if self.memory_budget is not None:  # a copy with this budget: the caller's model is left as it was
+            self.model = dataclasses.replace(self.model, memory_budget=parse_budget(self.memory_budget))
 
     @cached_property
     def settings(self) -> dict:
