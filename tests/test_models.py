@@ -129,6 +129,19 @@ def test_adapter_table_and_short_names():
     assert SHORT_NAMES["llava-onevision-7b"] == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 
 
+@pytest.mark.parametrize("field,typo", [("patch_grid", "sqaure"), ("attention", "prefix-lm"), ("image_expansion", "row")])
+def test_adapter_kind_fields_refuse_a_typo(field, typo):
+    """A kind-naming string field takes one of its listed values; a typo is an error naming the field, not a default."""
+    from modality_circuits.model.adapters import KINDS, Adapter
+
+    with pytest.raises(ValueError, match=f"{field}='{typo}' is not one of"):
+        Adapter("x", "XForConditionalGeneration", **{field: typo})
+    for row in ADAPTERS.values():
+        assert all(getattr(row, f) in allowed for f, allowed in KINDS.items())
+    for value in KINDS[field]:  # every listed value is accepted
+        assert getattr(Adapter("x", "XForConditionalGeneration", **{field: value}), field) == value
+
+
 def test_load_model_from_saved_checkpoint(tmp_path, tiny):
     """A checkpoint on disk loads through load_model, the same path as a hub id."""
     tiny.hf_model.save_pretrained(tmp_path)
@@ -143,3 +156,25 @@ def test_load_model_from_saved_checkpoint(tmp_path, tiny):
         a = tiny.hf_model(**pair.inputs).logits
         b = loaded.hf_model(**pair.inputs).logits
     torch.testing.assert_close(a, b)
+
+
+def test_run_settings_are_one_object():
+    """remote, retries, retry_backoff, chunks_per_request and memory_budget live in VLM.settings; the keywords and
+    attributes of older code still work, a copy with other settings shares the weights, and bad values are refused."""
+    import dataclasses
+
+    from modality_circuits.execution.settings import Settings
+
+    model = mc.load_model("tiny-llava")
+    assert model.settings == Settings() and model.memory_budget == "auto" and model.remote is False
+    copy = dataclasses.replace(model, memory_budget="1GB", chunks_per_request=2)
+    assert copy.settings == Settings(memory_budget=2**30, chunks_per_request=2) and copy.nn is model.nn
+    assert model.settings == Settings()
+    dry = model.with_remote("local")
+    assert dry.settings.remote == "local" and dry.settings.chunks_per_request == 8
+    dry.retries = 0
+    assert dry.settings == Settings(remote="local", retries=0)
+    for bad in ({"retries": -1}, {"chunks_per_request": 0}, {"retry_backoff": -1.0}, {"memory_budget": "lots"},
+                {"remote": "ftp://x"}):
+        with pytest.raises(ValueError):
+            dataclasses.replace(model, **bad)

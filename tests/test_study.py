@@ -225,3 +225,30 @@ def test_an_unusable_out_folder_is_refused_before_any_work(tmp_path):
     a_file.write_text("not a folder")
     with pytest.raises(SystemExit, match="is a file"):
         main(["reproduce", "--model", "tiny-llava", "--out", str(a_file / "sub")])
+
+
+def test_report_states_the_run_threshold(study_dir, tmp_path):
+    """The circuit-size heading names the faithfulness threshold the curves were made with, not a fixed 0.8."""
+    import shutil
+
+    from modality_circuits.study.report import write_report
+    folder = tmp_path / "copy"
+    shutil.copytree(study_dir, folder)
+    for path in folder.rglob("curve.json"):
+        curve = json.loads(path.read_text())
+        path.write_text(json.dumps({**curve, "threshold": 0.7}))
+    section = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text().split(
+        "## Circuit size")[1].split("\n## ")[0]
+    assert "F ≥ 0.7 " in section and "0.8" not in section
+
+
+def test_study_leaves_the_callers_model_as_it_was():
+    """Study(memory_budget=...) runs on a copy with that budget (same weights); the model it was given is unchanged."""
+    import modality_circuits as mc
+    from modality_circuits.study.steps import Study
+
+    model = mc.load_model("tiny-llava")
+    before = model.settings
+    study = Study(model, memory_budget="1GB", reference=True, tasks=("counting",))
+    assert model.settings == before and model.memory_budget == "auto"
+    assert study.model.memory_budget == 2**30 and study.model.nn is model.nn and study.model.hf_model is model.hf_model

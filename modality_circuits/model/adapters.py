@@ -6,11 +6,19 @@ how its processor expands an image, what image size it sees) is a field of `Adap
 `ADAPTERS` holds one row per family. No other module of the package names a family; the test
 zoo (`modality_circuits.zoo.tiny`) holds one tiny configuration per row.
 
-Adding a family: one row here, one tiny config in zoo/tiny.py (see the README's contributor notes).
+Adding a family: one row here, one tiny config in zoo/tiny.py (docs/models.md, "Adding a model family").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+#: The values each kind-naming string field of `Adapter` takes (described at the field); any other is refused when
+#: a row is built, so a typo is an error rather than the default behaviour.
+KINDS = {
+    "patch_grid": ("square", "thw", "rows", "base_rows", "frames"),
+    "attention": ("causal", "image_blocks", "prefix"),
+    "image_expansion": (None, "grid", "rows"),
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,12 @@ class Adapter:
     # What the processor writes itself into an image prompt (data/pairs.py `encode`): (after the last image
     # placeholder, at the end). `encode` hands it the prompt without them, so that the model reads `chat_text`.
     processor_adds: tuple[str, str] = ("", "")
+
+    def __post_init__(self):
+        for field, allowed in KINDS.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"adapter {self.family!r}: {field}={getattr(self, field)!r} is not one of "
+                                 f"{', '.join(repr(v) for v in allowed)}")
 
 
 #: Layer types whose heads are self-attention heads at `Adapter.head_site` (any family).

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
 
 from ..execution import remote as _remote
-from ..execution.budget import parse as parse_budget
+from ..execution.settings import NAMES as SETTING_NAMES
+from ..execution.settings import Settings
 from . import experts as _experts
 from .adapters import ADAPTERS, ALIASES, Adapter, default_image_size, family_of, layer_heads
 
@@ -27,13 +28,13 @@ REMOTE_TASK = "image-text-to-text"
 class VLM:
     """A loaded model: the transformers module, its nnsight wrapper, processor and adapter facts.
 
-    `remote` says where traces run (see `modality_circuits.execution.remote`): False (here), True (NDIF),
-    a host URL, or "local" (the serialisation dry run). With a hosted setting `hf_model` is the
-    weightless (meta-device) skeleton nnsight builds from the config, `nn` an nnsight
-    TransformersModel named by its hub id, and the weights live on the server.
-    Requests that fail on a dropped connection are retried `retries` times with exponential
-    backoff from `retry_backoff` seconds; `chunks_per_request` chunks of work go in one request.
-    `memory_budget` (bytes, "40GB" or "auto") bounds the rows of every forward (execution/budget.py).
+    `settings` (`modality_circuits.execution.settings.Settings`) say where and how traces run: `remote`
+    (False here, True NDIF, a host URL, or "local", the serialisation dry run), `retries` and
+    `retry_backoff` for dropped connections, `chunks_per_request`, and the `memory_budget` that bounds
+    the rows of every forward. Each is a keyword of the constructor (and of `dataclasses.replace`,
+    which gives a copy with other settings) and an attribute (assigning one replaces `settings`). With a hosted `remote` `hf_model` is the weightless (meta-device) skeleton
+    nnsight builds from the config, `nn` an nnsight TransformersModel named by its hub id, and the
+    weights live on the server.
     """
 
     name: str
@@ -42,7 +43,7 @@ class VLM:
     processor: Any
     adapter: Adapter
     hub_id: str | None = None
-    remote: Any = False
+    remote: InitVar[Any] = None  # these five (None: the default) make `settings`
     n_layers: int = field(init=False)
     n_heads: int = field(init=False)  # the most heads of any layer (Scores pad the others: docs/families-2026.md)
     head_dim: int = field(init=False)
@@ -53,16 +54,18 @@ class VLM:
     image_size: int | None = None  # side of the square images rendered for this model
     image_token_ids: tuple[int, ...] = field(init=False)
     image_text_ids: tuple[int, ...] = field(init=False)  # tokens of `Adapter.image_text`, allowed inside D
-    retries: int = 3
-    retry_backoff: float = 2.0
-    chunks_per_request: int = 8
-    memory_budget: int | str = "auto"
+    retries: InitVar[int | None] = None
+    retry_backoff: InitVar[float | None] = None
+    chunks_per_request: InitVar[int | None] = None
+    memory_budget: InitVar[int | str | None] = None
     wording: str = "study"  # prompt wording of the built-in tasks: the study's, or "toy" (docs/method.md section 1)
     weights_id: str | None = None  # fingerprint of the weight files (`weights_fingerprint`); None: built in memory
+    settings: Settings = field(init=False)  # built from the five keywords above
 
-    def __post_init__(self):
-        self.remote = _remote.normalize(self.remote)
-        self.memory_budget = parse_budget(self.memory_budget)
+    def __post_init__(self, remote, retries, retry_backoff, chunks_per_request, memory_budget):
+        given = dict(remote=remote, retries=retries, retry_backoff=retry_backoff,
+                     chunks_per_request=chunks_per_request, memory_budget=memory_budget)
+        self.settings = Settings(**{k: v for k, v in given.items() if v is not None})
         tc = operator.attrgetter(self.adapter.text_config)(self.hf_model.config)
         self.n_layers = tc.num_hidden_layers
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -238,6 +241,20 @@ def hosted_wrapper(hub_id: str, processor):
         # seeding it stops nnsight from asking the Hub to canonicalise a local or offline id.
         huggingface._ID_CACHE.setdefault(hub_id, hub_id)
     return TransformersModel(hub_id, task=REMOTE_TASK, processor=processor)
+
+
+def _setting(name: str) -> property:
+    """`VLM.<name>`: that field of `VLM.settings`; assigning it replaces the settings."""
+    def get(self):
+        return getattr(self.settings, name)
+
+    def set_(self, value):
+        self.settings = self.settings.replace(**{name: value})
+    return property(get, set_, doc=f"`settings.{name}` (assigning it replaces `settings`).")
+
+
+for _name in SETTING_NAMES:  # after @dataclass: the constructor keeps its keywords, and dataclasses.replace reads these
+    setattr(VLM, _name, _setting(_name))
 
 
 def wrap(hf_model, processor, *, name: str, hub_id: str | None = None, remote=False, image_size=None,

@@ -138,8 +138,8 @@ class Study:
         if self.reference:
             self.method = REFERENCE
         check_routing(self.model, self.method.routing)
-        if self.memory_budget is not None:
-            self.model.memory_budget = parse_budget(self.memory_budget)
+        if self.memory_budget is not None:  # a copy with this budget: the caller's model is left as it was
+            self.model = dataclasses.replace(self.model, memory_budget=parse_budget(self.memory_budget))
         have = budget.resolve(self.model.memory_budget, self.model.device)
         if self.image_size is not None and self.image_size ** 2 * PIXEL_BYTES > have:
             raise ValueError(f"--image-size {self.image_size}: rendering and preprocessing one image needs about "
