@@ -102,11 +102,14 @@ def main(argv=None) -> None:
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per interval")
     p.add_argument("--out", default="results")
     p.add_argument("--all-prompts", action="store_true", help="keep wrongly answered prompts (random test models)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"variants to run and show, in this order (default all: {', '.join(VARIANTS)})")
     args = p.parse_args(argv)
     model = load_model(args.model)
     base = Path(args.out) / model.name.replace("/", "--")
     results, skipped = {}, []
-    for name, method in VARIANTS.items():
+    for name in args.variants:
+        method = VARIANTS[name]
         if name == "only positions" and not model.adapter.mm_token_type_ids:  # 1-D positions already: same as ours
             skipped.append(name)
             continue
@@ -118,8 +121,9 @@ def main(argv=None) -> None:
         results[name] = {t: findings(study.dir, t) for t in done}
     tasks = [t for t in args.tasks if all(t in r for r in results.values())]
     text = (f"# Method ablation on {model.name}\n\n`python experiments/method_ablation.py --model {args.model}` "
-            f"({args.resamples} bootstrap resamples; n = {args.n}). Variants: ours; the reference code's choices all at "
-            "once; each single reference choice alone (docs/method.md section 11). An interchange score reads n/a, with "
+            f"({args.resamples} bootstrap resamples; n = {args.n}). Variants: {', '.join(results)} (\"reference\": the "
+            "reference code's choices all at once; \"only X\": that single reference choice alone, docs/method.md "
+            "section 11). An interchange score reads n/a, with "
             "its margin ΔF = F(original) − F(random) beside it, where ΔF is below "
             f"{MIN_MARGIN} in either direction: its denominator is noise (docs/method.md section 6)."
             + (f" Not run: {', '.join(skipped)} (this family's positions are 1-D already, so it equals ours)."
