@@ -62,10 +62,10 @@ def test_cli_refuses_bad_settings_in_one_line_before_work(args, message, tmp_pat
 def test_cli_prints_one_line_and_a_traceback_only_with_debug(tmp_path):
     cmd = [sys.executable, "-m", "modality_circuits", "reproduce", "--model", "tiny-llava", "--tasks", "nope",
            "--out", str(tmp_path)]
-    plain = subprocess.run(cmd, capture_output=True, text=True)
+    plain = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert plain.returncode == 1 and plain.stderr.strip().splitlines() == [
         plain.stderr.strip()] and "unknown task 'nope'" in plain.stderr
-    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, check=False)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 

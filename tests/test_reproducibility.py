@@ -115,6 +115,8 @@ def test_a_study_is_the_same_for_any_budget_and_task_order(llava, tmp_path):
 
 
 def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import os
+    import socket
     import subprocess
     import sys
 
@@ -125,8 +127,9 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp
             main(["reproduce", "--model", "tiny-llava", "--tasks", "counting", "--out", str(tmp_path)])
         assert (tmp_path / LOCK).exists()
     assert not (tmp_path / LOCK).exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": __import__("socket").gethostname(),
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
                                              "since": "earlier"}))  # a run killed with -9
     with lock(tmp_path) as path:
-        assert json.loads(path.read_text())["pid"] == __import__("os").getpid()
+        assert json.loads(path.read_text())["pid"] == os.getpid()

@@ -317,7 +317,7 @@ def _guarded(args, func) -> None:
         print(f"interrupted: finished steps are kept under {getattr(args, 'out', '.')}; the same command resumes",
               file=sys.stderr)
         raise SystemExit(130) from None
-    except Exception as err:  # noqa: BLE001 - every error ends the command the same way
+    except Exception as err:  # every error ends the command the same way
         if getattr(args, "debug", False):
             raise
         text = " ".join(str(err).split()) or type(err).__name__
