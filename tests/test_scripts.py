@@ -66,7 +66,8 @@ def test_python_script_compiles(script, tmp_path):
     py_compile.compile(str(ROOT / script), cfile=str(tmp_path / "script.pyc"), doraise=True)
 
 
-@pytest.mark.parametrize("script", _scripts("*.sh") + ["scripts/setup.sh", "scripts/test.sh", "scripts/main.sh", ".ci/run"])
+@pytest.mark.parametrize("script", _scripts("*.sh") + ["scripts/setup.sh", "scripts/test.sh", "scripts/main.sh", ".ci/run",
+                                              ".ci/remote-server"])
 def test_shell_script_parses(script):
     run = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
