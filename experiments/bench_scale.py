@@ -581,7 +581,7 @@ def print_table(name: str, results: dict, cuda: bool) -> None:
         print(f"  {step:16s} {min(t):8.2f} {spread:6.1f}% {r['peak_bytes'] / GIB:13.2f} {grow:10.2f} {ratio_t:>10s}"
               f" {ratio_m:>13s} {r['check']:10.4g}")
     for step in ("attribute", "ablation"):
-        r = results[step]
+        r = results.get(step, {"error": "skipped"})
         if "error" not in r and r.get("budget_row_bytes"):
             print(f"  {step}: measured {per_row_bytes(r) / GIB:.3f} GiB per row; the package's budget model"
                   f" (execution/budget.py) {r['budget_row_bytes'] / GIB:.3f} GiB")

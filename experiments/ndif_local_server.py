@@ -200,7 +200,7 @@ def main(argv=None) -> int:
         return 0
     if not args.model:
         parser.error("--model is required (or --save-tiny FAMILY FOLDER)")
-    notes = dict(n.split("=", 1) for n in args.note if "=" in n)
+    notes = {k: int(v) if v.isdigit() else v for k, v in (n.split("=", 1) for n in args.note if "=" in n)}
     if len(notes) != len(args.note):
         parser.error("--note takes KEY=VALUE")
 

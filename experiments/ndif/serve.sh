@@ -81,6 +81,7 @@ patch_venv() {  # the CPU shims: one light .pth line; the shims load only where 
 bg() {  # a background service as the leader of its own session (stop ends that session only): pid in $RUN/$1.pid
   local n=$1; shift
   nohup setsid "$@" >"$RUN/$n.log" 2>&1 < /dev/null & echo $! >"$RUN/$n.pid"
+  disown  # stop's SIGKILL of a slow service is no news
 }
 wait_port() { for _ in $(seq 1 "${3:-60}"); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; sleep 1; done; echo "port $1:$2 not up"; return 1; }
 
@@ -139,7 +140,7 @@ stop() {  # only what start started: the session of each recorded pid (bg starts
     [ -f "$RUN/$n.pid" ] || continue
     pid=$(cat "$RUN/$n.pid")
     pkill -TERM -s "$pid" 2>/dev/null || true
-    for _ in $(seq 1 15); do pgrep -s "$pid" >/dev/null || break; sleep 1; done
+    for _ in $(seq 1 30); do pgrep -s "$pid" >/dev/null || break; sleep 1; done
     pkill -KILL -s "$pid" 2>/dev/null || true
     rm -f "$RUN/$n.pid"
   done
@@ -167,7 +168,7 @@ print(f"python {platform.python_version()}, " + ", ".join(f"{p} {m.version(p)}" 
   "$py" "$ROOT/experiments/ndif_local_server.py" --host "http://127.0.0.1:$NDIF_API_PORT" --wording toy \
       --model "$STATE/models/tiny-llava" "$STATE/models/tiny-gemma3" "$ROOT/modality_circuits/zoo/toy_vlm" \
       --json "${NDIF_E2E_JSON:-$ROOT/results/ndif/e2e.json}" --note "server=$server" \
-      --note "install_s=$installed" --note "start_s=$((started - installed))" --note "machine=$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)" \
+      --note "install_s=$installed" --note "start_s=$((started - installed))" --note "machine=$(getconf _NPROCESSORS_ONLN) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)" \
       || failed=1
   echo "e2e: $((SECONDS - began)) s in all (install $installed s, start $((started - installed)) s)"
   [ "$failed" = 0 ] || { explain api controller; exit 1; }
