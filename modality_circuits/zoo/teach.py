@@ -90,7 +90,7 @@ def _accuracy(model, prompts) -> float:
 
 def teach(task: str, out: str | Path, *, base: str = "toy", minutes: float = 10.0, batch: int = 24,
           image_share: float = 2 / 3, replay: int = 8, lr: float = 5e-4, targets=(0.95, 0.9), eval_every: int = 25, n_eval: int = 64,
-          n_test: int = 200, seed: int = 0, progress: bool = True) -> dict:
+          n_test: int = 200, n_pool: int = 2000, seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune the toy (`base`: "toy" or a taught folder) on `task` (registered) in both modalities; write the
     model to `out`; return the report (also out/teach_report.json): words added, steps, CPU and wall seconds,
     held-out accuracy per modality on n_test prompts, and the built-in tasks' accuracy before and after.
@@ -113,7 +113,7 @@ def teach(task: str, out: str | Path, *, base: str = "toy", minutes: float = 10.
     source = Path(model.hf_model.config._name_or_path or "")
     if not (source / "tokenizer.json").is_file():
         raise ValueError(f"teach needs a model folder with a word-level tokenizer.json (the toy's); {base!r} has none")
-    pool = {m: _prompts(task, m, 2000, TRAIN_SEED + seed) for m in MODALITIES}
+    pool = {m: _prompts(task, m, n_pool, TRAIN_SEED + seed) for m in MODALITIES}  # training prompts
     words = new_words(model.tokenizer, pool["text"] + pool["image"] + _prompts(task, "text", 200, TEST_SEED))
 
     # the new folder: the base's files, the vocabulary extended, embeddings resized (new rows: the mean of the old)
@@ -134,7 +134,7 @@ def teach(task: str, out: str | Path, *, base: str = "toy", minutes: float = 10.
     hf = model.hf_model
     hf.train()
 
-    replay_pool = [p for t in TASKS for m in MODALITIES for p in _prompts(t, m, 400, TRAIN_SEED + 1 + seed)]
+    replay_pool = [p for t in TASKS for m in MODALITIES for p in _prompts(t, m, n_pool // 5, TRAIN_SEED + 1 + seed)]
     val = {m: _prompts(task, m, n_eval, VAL_SEED + seed) for m in MODALITIES}
     hf.eval()
     before = {m: _accuracy(model, val[m]) for m in MODALITIES}
@@ -144,10 +144,10 @@ def teach(task: str, out: str | Path, *, base: str = "toy", minutes: float = 10.
     opt = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.0)
     best, best_state, history, step = (-1.0, -1.0), None, [], 0
     bar = tqdm(desc=f"teach {task}", disable=not progress, unit="step")
-    while time.perf_counter() - start_wall < 60 * minutes:
+    while step == 0 or time.perf_counter() - start_wall < 60 * minutes:  # the clock includes the set-up
         n_image = round(batch * image_share)
-        prompts = rng.sample(pool["text"], batch - n_image) + rng.sample(pool["image"], n_image) + \
-            rng.sample(replay_pool, replay)
+        prompts = rng.choices(pool["text"], k=batch - n_image) + rng.choices(pool["image"], k=n_image) + \
+            rng.choices(replay_pool, k=replay)
         loss = _loss(model, _batch(model, prompts))
         opt.zero_grad()
         loss.backward()
