@@ -252,3 +252,42 @@ def test_study_leaves_the_callers_model_as_it_was():
     study = Study(model, memory_budget="1GB", reference=True, tasks=("counting",))
     assert model.settings == before and model.memory_budget == "auto"
     assert study.model.memory_budget == 2**30 and study.model.nn is model.nn and study.model.hf_model is model.hf_model
+
+
+def test_cli_prints_tables_by_default_and_the_record_with_json(study_dir, capsys):
+    one = [a for a in ARGS if a not in ("--tasks", "counting", "sentiment")] + ["--out", str(study_dir.parent)]
+    record = json.loads((study_dir / "counting" / "overlap.json").read_text())
+    main(["overlap", "--task", "counting", *one])
+    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    for span, name in (("D", "D (data)"), ("G", "G (generation)")):
+        if record[span]["niou"]["value"] is not None:
+            assert f"{record[span]['niou']['value']:.3f} [" in rows[name]
+    main(["overlap", "--task", "counting", *one, "--json"])
+    assert json.loads(capsys.readouterr().out) == record
+    backpatch = json.loads((study_dir / "counting" / "backpatch.json").read_text())
+    main(["backpatch", "--task", "counting", *one])
+    gain = backpatch["image"]["gain_points"]
+    assert f"{gain['value']:+.1f} [" in capsys.readouterr().out  # points, as in the report
+
+
+def test_cli_nodes_lists_the_circuit_largest_score_first(study_dir, capsys):
+    from modality_circuits.circuits.circuit import Circuit, Scores
+
+    one = [a for a in ARGS if a not in ("--tasks", "counting", "sentiment")] + ["--out", str(study_dir.parent)]
+    main(["nodes", "--task", "counting", "--modality", "image", "--top", "3", *one])
+    lines = capsys.readouterr().out.splitlines()
+    circuit = Circuit.load(study_dir / "counting" / "image" / "circuit.safetensors")
+    scores = Scores.load(study_dir / "counting" / "image" / "scores.safetensors")
+    largest = max(float((scores.heads.abs() * circuit.heads).max()), float((scores.neurons.abs() * circuit.neurons).max()))
+    header = next(i for i, line in enumerate(lines) if line.startswith("kind"))
+    first = lines[header + 2].split()
+    assert abs(float(first[-1])) == pytest.approx(largest, rel=1e-2)
+    assert lines[header + 5].startswith("...") and str(circuit.n_heads + circuit.n_neurons - 3) in lines[header + 5]
+
+
+def test_cli_view_writes_one_page_per_task(study_dir, tmp_path, capsys):
+    main(["view", str(study_dir), "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.html")) == ["counting.html", "sentiment.html"]
+    assert "const PANELS" in (tmp_path / "counting.html").read_text()
+    with pytest.raises(SystemExit, match="no textual and visual circuits of nope"):
+        main(["view", str(study_dir), "--tasks", "nope"])

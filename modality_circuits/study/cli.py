@@ -240,6 +240,30 @@ def cmd_view(args) -> None:
         print(path)
 
 
+def cmd_teach(args) -> None:
+    """Extend the toy's vocabulary with a task file's words and fine-tune it on the task (zoo/teach.py)."""
+    added = []
+    for path in args.task_file:
+        added += tasks.load_task_file(path)
+    task = args.task or (added[0] if len(added) == 1 else None)
+    if task is None:
+        raise SystemExit(f"--task: the task files register {', '.join(added)}; name the one to teach")
+    from ..zoo.teach import teach
+
+    r = teach(task, args.out or f"models/toy-{task}", base=args.base, minutes=args.minutes, seed=args.seed)
+    if args.json:
+        _show(args, r, "")
+        return
+    from .tables import table
+
+    print(f"taught {task} to {r['base']} in {r['steps']} steps: {r['train_wall_s']:.0f} s wall, "
+          f"{r['train_cpu_s']:.0f} s CPU ({r['threads']} threads); words added: {', '.join(r['words_added']) or 'none'}")
+    print(table(["prompts", "accuracy before", f"after ({r['n_test']} held-out prompts)"],
+                [[m, r["accuracy_before"][m], r["test_accuracy"][m]] for m in ("text", "image")]
+                + [["built-in tasks", r["builtin_accuracy_before"], r["builtin_accuracy_after"]]]))
+    print(f"model folder: {r['out']} (load_model({r['out']!r}); --model {r['out']} on the command line)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modality-circuits", description="Find and compare the circuits "
                                      "vision-language models use for the same task given as text and as an image.")
@@ -291,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="the study's data folder, for tasks read from user files")
     p.add_argument("--task-file", action="append", default=[], help="a Python file registering your own task")
     p.set_defaults(func=cmd_view)
+    text = "teach the toy a task of your own: extend its vocabulary and fine-tune it (minutes on a CPU)"
+    p = sub.add_parser("teach", help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task-file", action="append", required=True, help="a Python file registering your task")
+    p.add_argument("--task", default=None, help="the task to teach (default: the one the file registers)")
+    p.add_argument("--base", default="toy", help="the model to start from: 'toy' or a folder teach wrote")
+    p.add_argument("--out", default=None, help="folder of the new model (default: models/toy-<task>)")
+    p.add_argument("--minutes", type=float, default=10.0, help="stop after this much wall-clock time at the latest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_teach)
     p = sub.add_parser("reproduce", help="the whole study: circuits, analyses, figures, summary.json and report.md",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _study_args(p)

@@ -1,6 +1,7 @@
 """Models by name: the embedded toy, the tiny random families of the test zoo, and short names of hub checkpoints."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
         _refuse_missing(path)
     # the embedded model knows the wording it was trained on, and so does a copy (or retraining) of it: its vocabulary
     wording = wording or ("toy" if name_or_path == "toy" or _toy_vocabulary(path) else "study")
+    marker = Path(path).expanduser() / "modality_circuits.json"  # a toy taught a task (zoo/teach.py): its wording
+    if marker.is_file():
+        wording = json.loads(marker.read_text()).get("wording", wording)
     return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote,
                            wording=wording)
 
