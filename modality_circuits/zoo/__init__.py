@@ -20,6 +20,11 @@ SHORT_NAMES = {
     "aya-vision-8b": "CohereLabs/aya-vision-8b",
     # GLM-4.1V has no instruction-tuned checkpoint without thinking: the Thinking model, answer prefilled.
     "glm-4.1v-9b": "zai-org/GLM-4.1V-9B-Thinking",
+    # The 2026 families (docs/families-2026.md): hybrid linear attention, routed experts.
+    "qwen3.5-9b": "Qwen/Qwen3.5-9B",
+    "qwen3-vl-30b-a3b": "Qwen/Qwen3-VL-30B-A3B-Instruct",
+    "glm-4.6v": "zai-org/GLM-4.6V",  # 106B MoE (glm4v_moe_text)
+    "glm-4.6v-flash": "zai-org/GLM-4.6V-Flash",  # the small checkpoint of the same family
     "gemma-3-12b": "google/gemma-3-12b-it",
     "gemma": "google/gemma-3-12b-it",
     # PaliGemma 2 "mix" (tuned on a task mixture, prompted by task prefix; gated): 448 px, 1024 image tokens.
