@@ -131,14 +131,12 @@ def test_unknown_layer_types_are_refused_by_name():
     tc.layer_types = ["linear_attention", "mamba"]
     with pytest.raises(ValueError, match=r"unknown decoder layer type\(s\) 'mamba'.*full_attention, linear_attention"):
         layer_heads(ADAPTERS["qwen3_5"], tc)
-    tiny = get_tiny("qwen3_vl")
-    tc = tiny.text_config
-    tc.layer_types = ["full_attention", "linear_attention", "full_attention"]  # not a Qwen3-VL layer kind
-    try:
-        with pytest.raises(ValueError, match=r"qwen3_vl: unknown decoder layer type\(s\) 'linear_attention'"):
-            wrap(tiny.hf_model, tiny.processor, name="x")
-    finally:
-        tc.layer_types = None
+    from modality_circuits.testing import tiny_model
+
+    fresh = tiny_model("qwen3_vl")  # not the shared cached model: its config is changed here
+    fresh.text_config.layer_types = ["full_attention", "linear_attention", "full_attention"]  # not a Qwen3-VL kind
+    with pytest.raises(ValueError, match=r"qwen3_vl: unknown decoder layer type\(s\) 'linear_attention'"):
+        wrap(fresh.hf_model, fresh.processor, name="x")
 
 
 def test_moe_refuses_free_routing_and_hosting_before_any_work(tmp_path):
