@@ -1,7 +1,9 @@
 """What the study costs at real model width, against a plain-PyTorch floor, projected to full depth.
 
 Builds random-weight models of the study's three VLMs (Qwen/Qwen2-VL-7B-Instruct, mistral-community/pixtral-12b,
-google/gemma-3-12b-it) and of Qwen/Qwen3-VL-8B-Instruct (with DeepStack) with their REAL widths (hidden size, heads, KV heads, head_dim, MLP size, vocabulary, vision
+google/gemma-3-12b-it) and of Qwen/Qwen3-VL-8B-Instruct (with DeepStack), and on request (--models) of
+Qwen/Qwen3-VL-30B-A3B-Instruct (every layer 128 experts, top 8; routing held at p's, docs/families-2026.md) and
+Qwen/Qwen3.5-27B (Gated DeltaNet linear attention in three layers of four: --layers 4, 8, ...) with their REAL widths (hidden size, heads, KV heads, head_dim, MLP size, vocabulary, vision
 tower) but only `--layers` decoder layers (default 1) and `--vision-layers` vision layers (default 1), wrapped by
 `modality_circuits.model.wrap` with the word-level tokenizers of the test zoo (their ids are a subset of the real
 vocabulary; embeddings and lm_head keep the real width). Images have the study's sizes: Qwen2-VL 252 px (324
@@ -72,6 +74,15 @@ GIB = 2**30
 #    config): hidden 4096, intermediate 12288, 36 layers, 32 heads, 8 KV heads, head_dim 128, vocab 151936,
 #    mrope_section [24, 20, 20] interleaved; vision depth 27, 1152 wide, 4304 MLP, 16 heads, 16 px patches, 2x2
 #    merge, DeepStack from vision layers [8, 16, 24] into decoder layers 0-2. 256 px images: 8x8 = 64 image tokens.
+#  qwen3_vl_moe: Qwen/Qwen3-VL-30B-A3B-Instruct as given in public Megatron training scripts (--model-name
+#    Qwen3-VL-30B-A3B-Instruct): 48 layers, hidden 2048, 32 heads, 4 KV groups, kv-channels 128, vocab 151936, 128
+#    experts of 768 (moe-ffn-hidden-size), top 8; every layer sparse (transformers' default decoder_sparse_step 1,
+#    mlp_only_layers []). NOT verified: the vision tower, taken to be Qwen3-VL-8B's (same family and processor).
+#  qwen3_5: Qwen/Qwen3.5-27B as given in a public Megatron script (slime, scripts/models/qwen3.5-27B.sh): 64 layers,
+#    hidden 5120, ffn 17408, 24 heads, 4 KV groups, kv-channels 256, gated attention, rotary 0.25, vocab 248320.
+#    NOT verified: the Gated DeltaNet sizes (transformers' Qwen3_5TextConfig defaults: 16 key heads of 128, 32 value
+#    heads of 128, kernel 4) and the vision tower (Qwen3_5VisionConfig defaults). One full-attention layer in four:
+#    build it with --layers a multiple of 4 to keep the real pattern.
 REAL = {
     "qwen2_vl": dict(hub_id="Qwen/Qwen2-VL-7B-Instruct", vocab=152064, hidden=3584, intermediate=18944, layers=28,
                      heads=28, kv_heads=4, head_dim=128, mrope_section=(16, 24, 24), vision_hidden=1280,
@@ -80,6 +91,14 @@ REAL = {
                      heads=32, kv_heads=8, head_dim=128, mrope_section=(24, 20, 20), vision_hidden=1152,
                      vision_intermediate=4304, vision_layers=27, vision_heads=16, patch=16, merge=2, image_size=256,
                      deepstack=(8, 16, 24)),
+    "qwen3_vl_moe": dict(hub_id="Qwen/Qwen3-VL-30B-A3B-Instruct", vocab=151936, hidden=2048, intermediate=6144,
+                         layers=48, heads=32, kv_heads=4, head_dim=128, mrope_section=(24, 20, 20), vision_hidden=1152,
+                         vision_intermediate=4304, vision_layers=27, vision_heads=16, patch=16, merge=2, image_size=256,
+                         deepstack=(8, 16, 24), experts=128, top_k=8, moe_intermediate=768),
+    "qwen3_5": dict(hub_id="Qwen/Qwen3.5-27B", vocab=248320, hidden=5120, intermediate=17408, layers=64, heads=24,
+                    kv_heads=4, head_dim=256, mrope_section=(11, 11, 10), vision_hidden=1152, vision_intermediate=4304,
+                    vision_layers=27, vision_heads=16, patch=16, merge=2, image_size=256, linear_key_heads=16,
+                    linear_value_heads=32, linear_head_dim=128),
     "pixtral": dict(hub_id="mistral-community/pixtral-12b", vocab=131072, hidden=5120, intermediate=14336, layers=40,
                     heads=32, kv_heads=8, head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
                     vision_heads=16, patch=16, image_size=252),
@@ -88,6 +107,8 @@ REAL = {
                    vision_heads=16, patch=14, image_size=896, image_tokens=256),
 }
 
+#: The models a run measures unless --models names others (the 2026 families are asked for by name).
+STUDIED = ("qwen2_vl", "qwen3_vl", "pixtral", "gemma3")
 #: The study whose cost is projected: per task and modality (docs/method.md sections 1, 3, 4, 8; `study.steps`).
 STUDY = dict(tasks=5, modalities=2, pairs=250, discovery=188, evaluation=62, k=5, fractions=40, candidates=750,
              position_probes=64, interchange_circuits=3 * 2 * (4 + 5))
@@ -101,10 +122,12 @@ def dims(name: str, quick: bool) -> dict:
     """The model's sizes; --quick divides every width by 16 (heads and head_dim by 4, vocabulary by 16), same tokens."""
     d = dict(REAL[name])
     if quick:
-        for key in ("hidden", "intermediate", "vocab", "vision_hidden", "vision_intermediate"):
-            d[key] //= 16
-        for key in ("heads", "head_dim", "vision_heads"):
-            d[key] //= 4
+        for key in ("hidden", "intermediate", "vocab", "vision_hidden", "vision_intermediate", "moe_intermediate"):
+            if key in d:
+                d[key] //= 16
+        for key in ("heads", "head_dim", "vision_heads", "linear_key_heads", "linear_value_heads", "linear_head_dim"):
+            if key in d:
+                d[key] //= 4
         d["kv_heads"] = max(1, d["kv_heads"] // 4)
         if "mrope_section" in d:
             d["mrope_section"] = tuple(s // 4 for s in d["mrope_section"])
@@ -170,6 +193,41 @@ def _qwen3_vl(tok, d: dict, layers: int, vision_layers: int):
     return T.Qwen3VLForConditionalGeneration, cfg, processor
 
 
+def _qwen3_vl_moe(tok, d: dict, layers: int, vision_layers: int):
+    """Qwen3-VL with every decoder layer sparse (E experts, top k), DeepStack as `_qwen3_vl`."""
+    import transformers as T
+
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": list(d["mrope_section"]), "mrope_interleaved": True}
+    text = T.Qwen3VLMoeTextConfig(**_text_kw(tok, d, layers), head_dim=d["head_dim"], rope_parameters=rope,
+                                  num_experts=d["experts"], num_experts_per_tok=d["top_k"],
+                                  moe_intermediate_size=d["moe_intermediate"])
+    deepstack = [i for i in d["deepstack"] if i < vision_layers] or [vision_layers - 1]
+    vision = dict(depth=vision_layers, hidden_size=d["vision_hidden"], intermediate_size=d["vision_intermediate"],
+                  num_heads=d["vision_heads"], patch_size=d["patch"], spatial_merge_size=d["merge"],
+                  out_hidden_size=d["hidden"], deepstack_visual_indexes=deepstack[:layers])
+    cfg = T.Qwen3VLMoeConfig(text_config=text.to_dict(), vision_config=vision, **_qwen_ids(tok))
+    return T.Qwen3VLMoeForConditionalGeneration, cfg, _qwen_processor(tok, d, "qwen3_vl_moe")
+
+
+def _qwen3_5(tok, d: dict, layers: int, vision_layers: int):
+    """Qwen3.5: (linear, linear, linear, full) repeated, so `layers` must be a multiple of 4 (the real pattern)."""
+    import transformers as T
+
+    if layers % 4:
+        raise ValueError(f"qwen3_5 repeats (linear, linear, linear, full) attention: build a multiple of 4 layers, "
+                         f"got --layers {layers}")
+    rope = {"rope_type": "default", "rope_theta": 1e7, "mrope_section": list(d["mrope_section"]), "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25}
+    text = T.Qwen3_5TextConfig(**_text_kw(tok, d, layers), head_dim=d["head_dim"], rope_parameters=rope,
+                               linear_num_key_heads=d["linear_key_heads"], linear_num_value_heads=d["linear_value_heads"],
+                               linear_key_head_dim=d["linear_head_dim"], linear_value_head_dim=d["linear_head_dim"])
+    vision = dict(depth=vision_layers, hidden_size=d["vision_hidden"], intermediate_size=d["vision_intermediate"],
+                  num_heads=d["vision_heads"], patch_size=d["patch"], spatial_merge_size=d["merge"],
+                  out_hidden_size=d["hidden"])
+    cfg = T.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision, **_qwen_ids(tok))
+    return T.Qwen3_5ForConditionalGeneration, cfg, _qwen_processor(tok, d, "qwen3_5")
+
+
 def _pixtral(tok, d: dict, layers: int, vision_layers: int):
     import transformers as T
 
@@ -205,9 +263,11 @@ def _gemma3(tok, d: dict, layers: int, vision_layers: int):
     return T.Gemma3ForConditionalGeneration, cfg, processor
 
 
-BUILDERS = {"qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl, "pixtral": _pixtral, "gemma3": _gemma3}
+BUILDERS = {"qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl, "pixtral": _pixtral, "gemma3": _gemma3,
+            "qwen3_vl_moe": _qwen3_vl_moe, "qwen3_5": _qwen3_5}
 VISION_BLOCKS = {"qwen2_vl": "model.visual.blocks", "qwen3_vl": "model.visual.blocks", "pixtral": "model.vision_tower.transformer.layers",
-                 "gemma3": "model.vision_tower.encoder.layers"}
+                 "gemma3": "model.vision_tower.encoder.layers", "qwen3_vl_moe": "model.visual.blocks",
+                 "qwen3_5": "model.visual.blocks"}
 
 
 def build(name: str, *, layers: int, vision_layers: int, quick: bool, dtype, device):
@@ -337,7 +397,7 @@ def _answers(pairs) -> torch.Tensor:
 
 def _floor_ig_chunk(model, pairs, k: int, sums: list) -> None:
     """One chunk of IG in plain PyTorch; adds float32 score sums and squares per kind and layer to `sums`."""
-    P, R, H = len(pairs), k + 1, model.n_heads
+    P, R, T = len(pairs), k + 1, pairs[0].length
     x, g = _interpolated(model, pairs, k)
     x.requires_grad_(True)  # frozen weights: gradients flow via x
     held = {}
@@ -348,9 +408,15 @@ def _floor_ig_chunk(model, pairs, k: int, sums: list) -> None:
             held[key] = args[0]
         return hook
 
+    def route(module, args):  # sparse layers: every row routed as its pair's p (the last row), weights constant
+        top, w = (t.view(P, R, -1, t.shape[-1])[:, -1:].expand(-1, R, -1, -1).reshape(t.shape) for t in args[1:3])
+        return (args[0], top, w.detach())
+
     handles = []
     for i, layer in enumerate(model.layers(model.hf_model)):
         handles.append(model.head_site(layer).register_forward_pre_hook(keep((i, 0))))
+        if model.experts_of(layer) is not None:
+            handles.append(model.experts_of(layer).register_forward_pre_hook(route))
         handles.append(model.neuron_site(layer).register_forward_pre_hook(keep((i, 1))))
     try:
         logits = decoder_logits(model, _ig_rows(model, pairs, k), x, last(model, pairs), g)[:, -1].float()
@@ -359,13 +425,14 @@ def _floor_ig_chunk(model, pairs, k: int, sums: list) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    for (i, j), a in held.items():
-        act, g = a.detach().view(P, R, *a.shape[1:]), a.grad.view(P, R, *a.shape[1:])[:, 1:].float().mean(1)
+    for (i, j), a in held.items():  # a sparse layer's neurons arrive as (rows·T, E·I)
+        act, g = a.detach().view(P, R, T, -1), a.grad.view(P, R, T, -1)[:, 1:].float().mean(1)
         s = (act[:, 0] - act[:, -1]).float() * g  # (P, T, width)
         if j == 0:
-            s = s.view(*s.shape[:2], H, -1).sum(-1)
-        sums[j][i] += s.sum(0).cpu()
-        sums[2 + j][i] += (s * s).sum(0).cpu()
+            s = s.view(*s.shape[:2], model.layer_heads[i], -1).sum(-1)
+        width = s.shape[-1]  # a narrower layer fills the first units of the padded layout
+        sums[j][i][..., :width] += s.sum(0).cpu()
+        sums[2 + j][i][..., :width] += (s * s).sum(0).cpu()
 
 
 def floor_attribute(model, pairs, k: int) -> torch.Tensor:
@@ -396,26 +463,45 @@ def floor_ablation(model, pairs, circs) -> torch.Tensor:
     nodes outside a circuit take their p' values."""
     from modality_circuits.data.pairs import batch
 
-    P, n, H = len(pairs), len(circs), model.n_heads
+    P, n, T = len(pairs), len(circs), pairs[0].length
     e, g = embed(model, pairs)
     g_rows = None if g is None else torch.cat([g[:, :P]] + [g[:, P:]] * n, 1)
     rows = model.prepare(batch([p.cf_inputs for p in pairs] + [p.inputs for p in pairs] * n))
     circ_of_row, src = torch.arange(n).repeat_interleave(P), torch.arange(n * P) % P
     keeps = (torch.stack([c.heads for c in circs]), torch.stack([c.neurons for c in circs]))
+    experts = [m for m in map(model.experts_of, model.layers(model.hf_model)) if m is not None]
+    routes = []  # sparse layers: every row routed as its prompt p, from one clean forward of the p rows
+    if experts:
+        grab = [m.register_forward_pre_hook(lambda m, args: routes.append([t.view(P, T, -1) for t in args[1:3]]))
+                for m in experts]
+        try:
+            with torch.no_grad():
+                model.hf_model(**model.prepare(batch([p.inputs for p in pairs])), use_cache=False,
+                               logits_to_keep=last(model, pairs))
+        finally:
+            for handle in grab:
+                handle.remove()
 
     def patch(i, j):
         def hook(module, args):
-            a = args[0]
+            a = args[0].view(-1, T, args[0].shape[-1])  # a sparse layer's neurons arrive as (rows·T, E·I)
             own, cf = a[P:], a[:P][src.to(a.device)]
             k = keeps[j][:, i][circ_of_row].transpose(1, 2).to(a.device)  # (nP, T, units)
             if j == 0:
+                H = model.layer_heads[i]
                 own, cf, k = own.view(*own.shape[:2], H, -1), cf.view(*cf.shape[:2], H, -1), k.unsqueeze(-1)
-            return (torch.cat([a[:P], torch.where(k, own, cf).flatten(2)]), *args[1:])
+            k = k[:, :, :own.shape[2]]  # a narrower layer: its own units of the padded layout
+            return (torch.cat([a[:P], torch.where(k, own, cf).flatten(2)]).view(args[0].shape), *args[1:])
         return hook
 
-    handles = []
+    def route(r):
+        return lambda module, args: (args[0], *(t.repeat(n + 1, 1, 1).flatten(0, 1) for t in r))
+
+    handles, clean = [], iter(routes)  # one routing per sparse layer, in layer order
     for i, layer in enumerate(model.layers(model.hf_model)):
         handles.append(model.head_site(layer).register_forward_pre_hook(patch(i, 0)))
+        if model.experts_of(layer) is not None:
+            handles.append(model.experts_of(layer).register_forward_pre_hook(route(next(clean))))
         handles.append(model.neuron_site(layer).register_forward_pre_hook(patch(i, 1)))
     try:
         with torch.no_grad():
@@ -591,17 +677,26 @@ def print_table(name: str, results: dict, cuda: bool) -> None:
 
 def shape(name: str, *, layers: int, vision_layers: int, quick: bool) -> dict:
     """What the FLOP/byte model needs, read off the weightless skeleton: parameter counts, widths, sequence lengths,
-    and the package's own per-row memory model (execution/budget.py) at that depth."""
+    and the package's own per-row memory model (execution/budget.py) at that depth. p_layer and attn are means over
+    the layers: the parameters a token uses (a sparse layer: the shared parts and top_k of its E experts) and the
+    softmax-attention width (0 on linear-attention layers)."""
     import operator
 
     model = build(name, layers=layers, vision_layers=vision_layers, quick=quick, dtype=torch.bfloat16, device="meta")
     hf, d = model.hf_model, dims(name, quick)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     T_image = image_pairs(model, 1)[0].length
-    return dict(params=count(hf), p_layer=count(model.layers(hf)[0]),
+    active, attn = [], []  # per layer: parameters a token uses (top_k of E experts), softmax-attention width
+    for i, layer in enumerate(model.layers(hf)):
+        experts = model.experts_of(layer)
+        unused = count(experts) * (1 - d["top_k"] / d["experts"]) if experts is not None else 0
+        active.append(count(layer) - unused)
+        # linear-attention layers: no T^2 term (their state update is linear in T and counted in p_layer)
+        attn.append(model.layer_heads[i] * model.layer_head_dims[i] if hasattr(layer, "self_attn") else 0)
+    return dict(params=count(hf), p_layer=sum(active) / len(active),
                 p_vlayer=count(operator.attrgetter(VISION_BLOCKS[name])(hf)[0]), L=layers, Lv=vision_layers,
                 patches=(d["image_size"] // d["patch"]) ** 2, d=d["hidden"], V=d["vocab"], dv=d["vision_hidden"],
-                attn=d["heads"] * d["head_dim"], T_image=T_image, T_text=image_pairs(model, 1, "text")[0].length,
+                attn=sum(attn) / len(attn), T_image=T_image, T_text=image_pairs(model, 1, "text")[0].length,
                 budget_ig=budget_row_bytes(model, "attribute", T_image),
                 budget_fwd=budget_row_bytes(model, "ablation", T_image))
 
@@ -752,7 +847,7 @@ def print_projection(projections: dict, args) -> None:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", choices=tuple(REAL), default=list(REAL))
+    p.add_argument("--models", nargs="+", choices=tuple(REAL), default=list(STUDIED))
     p.add_argument("--layers", type=int, default=1, help="decoder layers built (real widths)")
     p.add_argument("--vision-layers", type=int, default=1, help="vision-tower layers built")
     p.add_argument("--pairs", type=int, default=4, help="counting/image pairs per step")

@@ -185,14 +185,16 @@ def test_smolvlm_is_served_by_the_idefics3_row(tmp_path):
     assert heads.shape == (1, pair.length, model.n_heads * model.head_dim)
 
 
-def test_reproduce_completes_on_qwen3_vl(tmp_path):
-    """The issue's check: `modality-circuits reproduce --model tiny-qwen3_vl --all-prompts --tasks counting`."""
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "qwen3_vl_moe", "glm46v"])
+def test_reproduce_completes(tmp_path, family):
+    """`modality-circuits reproduce --model tiny-<family> --all-prompts --tasks counting`: DeepStack, hybrid linear
+    attention, routed experts, a shared expert."""
     import json
 
     from modality_circuits.study.cli import main
 
-    main(["reproduce", "--model", "tiny-qwen3_vl", "--all-prompts", "--tasks", "counting", "--out", str(tmp_path)])
-    summary = json.loads((tmp_path / "tiny-qwen3_vl" / "summary.json").read_text())
+    main(["reproduce", "--model", f"tiny-{family}", "--all-prompts", "--tasks", "counting", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / f"tiny-{family}" / "summary.json").read_text())
     assert {"accuracy", "niou", "interchange", "backpatch_gain_points", "alignment_first_last"} <= set(summary["counting"])
 
 

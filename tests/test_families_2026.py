@@ -84,7 +84,7 @@ def test_expert_nodes_are_that_experts_neurons(family):
     neuron is zero where its token is not routed to e."""
     model = get_tiny(family)
     pair = build_pairs("counting", "image", model, n=1)[0]
-    layers, i = model.layers(), model.n_layers - 1
+    layers, i = model.layers(), 1  # a sparse layer below the last: its nodes reach every later position
     layer = model.layers(model.hf_model)[i]
     experts = model.experts_of(layer)
     E, I = experts.num_experts, experts.down_proj.shape[-1]
@@ -101,11 +101,12 @@ def test_expert_nodes_are_that_experts_neurons(family):
             zeroed = site.input.clone()
             zeroed[:, units] = 0
             site.input = zeroed
-            logits = model.nn.output.logits[0, -1].save()
+            logits = model.nn.output.logits.save()  # every position
         saved = param.data[index].clone()
         param.data[index] = 0
         try:
-            by_weights = _logits(model, pair.inputs)
+            with torch.no_grad():
+                by_weights = model.hf_model(**pair.inputs).logits
         finally:
             param.data[index] = saved
         torch.testing.assert_close(logits, by_weights, atol=1e-6, rtol=1e-5)
@@ -130,14 +131,12 @@ def test_unknown_layer_types_are_refused_by_name():
     tc.layer_types = ["linear_attention", "mamba"]
     with pytest.raises(ValueError, match=r"unknown decoder layer type\(s\) 'mamba'.*full_attention, linear_attention"):
         layer_heads(ADAPTERS["qwen3_5"], tc)
-    tiny = get_tiny("qwen3_vl")
-    tc = tiny.text_config
-    tc.layer_types = ["full_attention", "linear_attention", "full_attention"]  # not a Qwen3-VL layer kind
-    try:
-        with pytest.raises(ValueError, match=r"qwen3_vl: unknown decoder layer type\(s\) 'linear_attention'"):
-            wrap(tiny.hf_model, tiny.processor, name="x")
-    finally:
-        tc.layer_types = None
+    from modality_circuits.testing import tiny_model
+
+    fresh = tiny_model("qwen3_vl")  # not the shared cached model: its config is changed here
+    fresh.text_config.layer_types = ["full_attention", "linear_attention", "full_attention"]  # not a Qwen3-VL kind
+    with pytest.raises(ValueError, match=r"qwen3_vl: unknown decoder layer type\(s\) 'linear_attention'"):
+        wrap(fresh.hf_model, fresh.processor, name="x")
 
 
 def test_moe_refuses_free_routing_and_hosting_before_any_work(tmp_path):
@@ -152,3 +151,21 @@ def test_moe_refuses_free_routing_and_hosting_before_any_work(tmp_path):
     Study(get_tiny("llava"), out=str(tmp_path), tasks=("counting",), n=4, resamples=10, method=Method(routing="free"))
     with pytest.raises(ValueError, match="hosted mixture-of-experts model has no expert-neuron site"):
         dataclasses.replace(moe, remote="http://localhost:1")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "glm46v"])
+def test_sited_model_computes_what_the_unsited_model_computes(family):
+    """The whole model with neuron sites (sited experts, GLM's sited block) against an untouched copy."""
+    import copy
+
+    from modality_circuits.model import wrap
+    from modality_circuits.zoo.tiny import TINY
+
+    torch.manual_seed(0)
+    model, processor = TINY[family].build(TINY[family].template.tokenizer())
+    plain = copy.deepcopy(model).eval()
+    sited = wrap(model, processor, name="x", image_size=64, wording="toy")
+    pair = build_pairs("counting", "image", sited, n=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(sited.hf_model(**pair.inputs).logits, plain(**pair.inputs).logits,
+                                   atol=1e-6, rtol=1e-5)

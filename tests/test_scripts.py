@@ -77,8 +77,8 @@ def test_ndif_local_server_dry_run(tmp_path, monkeypatch, capsys):
     """The script's own check (--host local): a tiny model by name and a folder it saved, every algorithm equal."""
     import nnsight
 
-    from modality_circuits.methods.predict import predictions
     from modality_circuits.data.pairs import build_pairs
+    from modality_circuits.methods.predict import predictions
     from modality_circuits.zoo import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -67,7 +67,8 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
     runs once per prompt, not once per row. Each chunk (n, masks, circ_of_row) runs P p' rows then n·P
     rows of p; masks: packed keep_heads (n, L, H or 1, T) and keep_neurons (n, L, I or 1, T) (a unit
     dimension of 1 applies to every unit); circ_of_row (n·P,) picks each patched row's circuit;
-    patched row r copies from p' row (r mod P).
+    patched row r copies from p' row (r mod P). Mixture-of-experts layers: the first pass runs on to read p's
+    routing, and every row is routed as its p (docs/families-2026.md).
     """
     P = len(ids)
     root, layers, opts = model.nn, model.layers(), model.FORWARD

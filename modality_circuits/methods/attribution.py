@@ -42,7 +42,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     "tokens" interpolation); row 0 is p' untouched, so Δa still compares the two prompts.
     Families that add visual features after the first decoder layers (`Adapter.injections`, Qwen3-VL's
     DeepStack): the first pass also reads them, g' and g, and row j adds g' + α_j (g − g') to those layers'
-    outputs, so every input that differs between p and p' moves along the path.
+    outputs, so every input that differs between p and p' moves along the path. Mixture-of-experts layers: every
+    row is routed as its pair's p (the α=1 row), the routing weights held constant (docs/families-2026.md).
     """
     L, H, k = model.n_layers, model.n_heads, steps
     root, layers, opts, dtype = model.nn, model.layers(), model.FORWARD, model.dtype

@@ -23,6 +23,7 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     both: processor outputs of the P pairs' p' then p; a first pass computes their decoder inputs once
     (the vision tower runs once per prompt). Rows: P p' rows, then P rows of p per node; plan[layer]
     lists (0 heads | 1 neurons, rows, src, pos, unit) index tensors of the writes at that layer.
+    Mixture-of-experts layers: the first pass runs on to read p's routing, and every row is routed as its p.
     """
     P = len(ids)
     root, layers, opts = model.nn, model.layers(), model.FORWARD
@@ -38,11 +39,15 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
             with root.trace(**rows_in, **opts):
                 layers[0].input = repeat_rows(e, P, n)
                 for i in range(len(sites)):
-                    for j, rows, src, t, u in plan[i] if moe[i] is None else [w for w in plan[i] if w[0] == 0] + [
-                            (2, None, None, None, None)] + [w for w in plan[i] if w[0] == 1]:  # execution order
-                        if j == 2:  # every row routed as its prompt p, p' rows too; before the expert neurons
+                    if moe[i] is not None:  # every row routed as its prompt p, p' rows too; after the heads' writes
+                        writes = [w for w in plan[i] if w[0] == 0] + [(2,)] + [w for w in plan[i] if w[0] == 1]
+                    else:
+                        writes = plan[i]
+                    for write in writes:  # heads, (routing,) neurons: execution order
+                        if write[0] == 2:
                             route_as_held(moe[i], held[i], P, n)
                             continue
+                        j, rows, src, t, u = write
                         a = sites[i][j].input.clone()
                         # (rows, T, heads, width) or (rows, T, neurons); a sparse layer's site is (rows·T, E·I)
                         view = a.view(len(a), e.shape[1], heads_at[i], -1) if j == 0 else a.view(-1, e.shape[1], a.shape[-1])

@@ -22,6 +22,11 @@ SHORT_NAMES = {
     "aya-vision-8b": "CohereLabs/aya-vision-8b",
     # GLM-4.1V has no instruction-tuned checkpoint without thinking: the Thinking model, answer prefilled.
     "glm-4.1v-9b": "zai-org/GLM-4.1V-9B-Thinking",
+    # The 2026 families (docs/families-2026.md): hybrid linear attention, routed experts.
+    "qwen3.5-9b": "Qwen/Qwen3.5-9B",
+    "qwen3-vl-30b-a3b": "Qwen/Qwen3-VL-30B-A3B-Instruct",
+    "glm-4.6v": "zai-org/GLM-4.6V",  # 106B MoE (glm4v_moe_text)
+    "glm-4.6v-flash": "zai-org/GLM-4.6V-Flash",  # the small checkpoint of the same family
     "gemma-3-12b": "google/gemma-3-12b-it",
     "gemma": "google/gemma-3-12b-it",
     # PaliGemma 2 "mix" (tuned on a task mixture, prompted by task prefix; gated): 448 px, 1024 image tokens.
@@ -67,10 +72,10 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     if hub_id == path and not Path(path).expanduser().exists():
         _refuse_missing(path)
     # the embedded model knows the wording it was trained on, and so does a copy (or retraining) of it: its vocabulary
-    wording = wording or ("toy" if name_or_path == "toy" or _toy_vocabulary(path) else "study")
     marker = Path(path).expanduser() / "modality_circuits.json"  # a toy taught a task (zoo/teach.py): its wording
-    if marker.is_file():
-        wording = json.loads(marker.read_text()).get("wording", wording)
+    if wording is None and marker.is_file():
+        wording = json.loads(marker.read_text()).get("wording")
+    wording = wording or ("toy" if name_or_path == "toy" or _toy_vocabulary(path) else "study")
     return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote,
                            wording=wording)
 
