@@ -85,7 +85,7 @@ e2e() {  # every algorithm on the server vs locally, for tiny LLaVA and Gemma-3 
     "$py" "$ROOT/experiments/ndif_local_server.py" --save-tiny "$family" "$STATE/models/tiny-$family"
     "$py" "$ROOT/experiments/ndif_local_server.py" --model "$STATE/models/tiny-$family" --host "http://127.0.0.1:$NDIF_API_PORT"
   done
-  toy="$ROOT/modality_circuits/toy_vlm"
+  toy="$ROOT/modality_circuits/zoo/toy_vlm"
   if [ -f "$toy/config.json" ]; then
     "$py" "$ROOT/experiments/ndif_local_server.py" --model "$toy" --host "http://127.0.0.1:$NDIF_API_PORT"
   fi
