@@ -200,9 +200,16 @@ RUNNABLE = {c: n for n, c, r in reversed(SNIPPETS) if r is None}  # a block repe
 @pytest.mark.parametrize("name,code", [(n, c) for c, n in RUNNABLE.items()], ids=list(RUNNABLE.values()))
 def test_snippet_runs_as_written(name, code, monkeypatch):
     """Every Python block of the README and the docs runs as written, in a fresh namespace, from the repository root
-    (the same block on two pages runs once)."""
+    (the same block on two pages runs once). Tasks a block registers are forgotten afterwards."""
+    from modality_circuits.tasks import REGISTRY
+
     monkeypatch.chdir(ROOT)
-    exec(compile(code, name, "exec"), {"__name__": "__snippet__"})
+    registered = dict(REGISTRY)
+    try:
+        exec(compile(code, name, "exec"), {"__name__": "__snippet__"})
+    finally:
+        REGISTRY.clear()
+        REGISTRY.update(registered)
 
 
 def test_snippets_that_do_not_run_are_few_and_compile():

@@ -239,7 +239,7 @@ def test_report_states_the_run_threshold(study_dir, tmp_path):
         path.write_text(json.dumps({**curve, "threshold": 0.7}))
     section = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text().split(
         "## Circuit size")[1].split("\n## ")[0]
-    assert "F ≥ 0.7 " in section and "0.8" not in section
+    assert "F ≥ 0.7 " in section and "F ≥ 0.8" not in section
 
 
 def test_study_leaves_the_callers_model_as_it_was():
