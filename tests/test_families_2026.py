@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 import transformers as T
-
 from conftest import get_tiny
+
 from modality_circuits.data.pairs import build_pairs
 
 
