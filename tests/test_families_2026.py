@@ -140,15 +140,16 @@ def test_unknown_layer_types_are_refused_by_name():
 
 
 def test_moe_refuses_free_routing_and_hosting_before_any_work(tmp_path):
-    from modality_circuits.study.steps import Method, Study
+    from modality_circuits.study.steps import Study
 
-    moe = get_tiny("qwen3_vl_moe")
-    with pytest.raises(ValueError, match=r"mixture-of-experts model \(3 sparse layers\).*routing='held'"):
-        Study(moe, out=str(tmp_path), tasks=("counting",), n=4, resamples=10, method=Method(routing="free"))
+    moe, kw = get_tiny("qwen3_vl_moe"), dict(out=str(tmp_path), tasks=("counting",), n=4, resamples=10)
+    for reference in (False, True):
+        with pytest.raises(ValueError, match=r"mixture-of-experts model \(3 sparse layers\).*routing='held'"):
+            Study(moe, **kw, reference=reference, routing="free")
     with pytest.raises(ValueError, match="routing must be 'held' or 'free'"):
-        Study(moe, out=str(tmp_path), tasks=("counting",), n=4, resamples=10, method=Method(routing="clean"))
-    assert Study(moe, out=str(tmp_path), tasks=("counting",), n=4, resamples=10, reference=True).method.routing == "held"
-    Study(get_tiny("llava"), out=str(tmp_path), tasks=("counting",), n=4, resamples=10, method=Method(routing="free"))
+        Study(moe, **kw, routing="clean")
+    assert Study(moe, **kw, reference=True).routing == "held"
+    Study(get_tiny("llava"), **kw, routing="free")  # a dense model has no routing to hold
     with pytest.raises(ValueError, match="hosted mixture-of-experts model has no expert-neuron site"):
         dataclasses.replace(moe, remote="http://localhost:1")
 

@@ -58,10 +58,6 @@ class Method:
     niou: str = "normalised"  # | "reference": IoU − 2b  (overlap)
     random_draw: str = "uniform"  # | "reference": randint with the upper bound included  (interchange)
     backpatch_selection: str = "split"  # | "reported": chosen on the reported prompts  (backpatch)
-    # Mixture-of-experts models: "held" (every forward of a pair routed as its clean prompt p) is the only routing
-    # the comparisons of p and p' are defined under; "free" (the router recomputed at every input) is refused there
-    # (docs/families-2026.md). The reference code had no MoE model: REFERENCE holds the routing too.
-    routing: str = "held"
 
 
 OURS = Method()
@@ -129,6 +125,11 @@ class Study:
     position_probes: int | None = 64  # positions the exact position effect probes at most (None: all)
     method: Method = OURS  # or REFERENCE, or single reference choices: Method(head_score="abs_elementwise")
     reference: bool = False  # True: method = REFERENCE, the study's code reproduced
+    # Mixture-of-experts models: "held" (every forward of a pair routed as its clean prompt p) is the only routing
+    # the comparisons of p and p' are defined under, ours and in reference mode alike (the reference code had no MoE
+    # model); "free" (the router recomputed at every input) is refused for them (docs/families-2026.md). Not part of
+    # `settings`: no result depends on it.
+    routing: str = "held"
     memory_budget: int | str | None = None  # bytes, "40GB" or "auto" for every forward (None: the model's)
     max_per_pair_bytes: int = 2 * 2**30  # keep per-pair scores (for the nIoU CI) only below this size
     _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
@@ -138,7 +139,7 @@ class Study:
                        image_size=self.image_size, data_dir=self.data_dir)
         if self.reference:
             self.method = REFERENCE
-        check_routing(self.model, self.method.routing)
+        check_routing(self.model, self.routing)
         if self.memory_budget is not None:  # a copy with this budget: the caller's model is left as it was
             self.model = dataclasses.replace(self.model, memory_budget=parse_budget(self.memory_budget))
         have = budget.resolve(self.model.memory_budget, self.model.device)
