@@ -291,7 +291,7 @@ def run_overlap(study: Study, task: str) -> dict:
                       for j, (m, s, f) in enumerate((("text", st, ft), ("image", si, fi))))
             if st is None or si is None:
                 note = "no interval: the candidate sets could not be certified for every resample"
-        else:
+        if not note:
             values = _resampled_niou(study, (st, si), (ft, fi), resampled)
             at_all = _resampled_niou(study, (st, si), (ft, fi), [np.arange(k)[None] for k in sizes])
         result = {}
