@@ -179,5 +179,5 @@ def test_certified_candidates_give_the_full_tensor_niou_interval(tmp_path, capsy
     log = capsys.readouterr().out
     assert log.count("200/200 resamples certified") == 2, log  # the candidate path ran, for both modalities
     assert "note" not in kept
-    kept.pop("time"), full.pop("time")  # each record stores its own step's time
+    kept.pop("time"), full.pop("time")  # each run's own
     assert json.dumps(kept, sort_keys=True) == json.dumps(full, sort_keys=True)
