@@ -3,17 +3,43 @@
 # notice. Configuration: [tool.mutmut] in pyproject.toml (files mutated, the fast targeted test subset).
 # Notes on the mutants that survive: scripts/mutation_notes.md.
 #
-#   bash scripts/mutation.sh                         # every mutant of the configured files
-#   bash scripts/mutation.sh 'modality_circuits.circuits.metrics.*'   # only these (mutmut's name globs)
+#   bash scripts/mutation.sh                                  # the formula functions listed in FORMULAS below
+#   bash scripts/mutation.sh 'modality_circuits.circuits.*'   # these instead (mutmut's mutant-name globs)
 #
-# One process, one thread (OMP_NUM_THREADS=1): the tests run tiny models on CPU. Functions decorated with
-# @server_body (the nnsight request bodies) are not mutated by mutmut (it skips decorated functions); they are
-# checked against plain torch hooks by tests/test_attribution.py and friends, which the subset includes.
+# One process, one thread (OMP_NUM_THREADS=1): the tests run tiny models on CPU, and the machine is shared, so the
+# run is limited to the formula code: the metrics, the bootstrap, overlap, the interchange score and its random
+# draw, the back-patching accuracy and grid, alignment's prompt matching, the faithfulness curve, the position
+# effect and circuit selection. Plumbing (argument checks, chunking, reprs, I/O) is not mutated. Functions decorated
+# with @server_body (the nnsight request bodies, where IG, ablation and back-patching compute) are skipped by mutmut
+# (it never mutates decorated functions); tests compare them with plain torch hooks (tests/hooks.py), and the subset
+# runs those tests for the undecorated code around them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 unset PYTHONPATH  # mutmut puts mutants/ first on sys.path; the original package must not shadow it
+FORMULAS=(
+    'modality_circuits.circuits.metrics.*'
+    'modality_circuits.circuits.stats.*'
+    'modality_circuits.analyses.overlap.*'
+    'modality_circuits.analyses.interchange.x_map_span*'
+    'modality_circuits.analyses.interchange.x_random_like*'
+    'modality_circuits.analyses.interchange.x_margin*'
+    'modality_circuits.analyses.interchange.x_readable*'
+    'modality_circuits.analyses.interchange.x__faith*'
+    'modality_circuits.analyses.interchange.x__norm*'
+    'modality_circuits.analyses.interchange.x__score*'
+    'modality_circuits.analyses.backpatch.x__correct_among*'
+    'modality_circuits.analyses.backpatch.x_default_configs*'
+    'modality_circuits.analyses.alignment.x_match*'
+    'modality_circuits.methods.ablation.x_faithfulness_curve*'
+    'modality_circuits.methods.ablation.x_position_effect*'
+    'modality_circuits.circuits.circuit.x__top_mask*'
+    'modality_circuits.circuits.circuit.xǁCircuitǁfrom_scores*'
+    'modality_circuits.circuits.circuit.xǁScoresǁper_position*'
+    'modality_circuits.circuits.circuit.xǁScoresǁresample*'
+)
+[ $# -gt 0 ] || set -- "${FORMULAS[@]}"
 rm -rf mutants
 "$PY" -m mutmut run --max-children "${MUTMUT_CHILDREN:-1}" "$@"
 "$PY" -m mutmut results --all true > mutants/results.txt || true

@@ -63,3 +63,97 @@ def test_bootstrap_percentile_interval_properties():
     assert math.isnan(none.low) and math.isnan(none.high)
     with pytest.raises(ValueError, match="at least one prompt"):
         bootstrap(lambda i: 0.0, 0)
+
+
+def _random_circuit(spans, T, seed, L=2, H=3, I=4, p=0.4):
+    from modality_circuits.circuits.circuit import Circuit
+
+    g = torch.Generator().manual_seed(seed)
+    return Circuit(torch.rand(L, H, T, generator=g) < p, torch.rand(L, I, T, generator=g) < p, spans, "m")
+
+
+def test_overlap_by_hand_with_spans_of_different_lengths():
+    """Every field of every span from explicit loops: D as the set of (layer, unit) present at any data position,
+    Q and G position by position counted back from the span end over the shorter span's length."""
+    from modality_circuits.analyses.overlap import overlap
+
+    text = _random_circuit({"D": (0, 3), "Q": (3, 5), "G": (5, 6)}, 6, seed=3)
+    visual = _random_circuit({"D": (0, 7), "Q": (7, 10), "G": (10, 12)}, 12, seed=4)
+
+    def members(c, kind, span, length):
+        mask = getattr(c, kind)
+        start, end = c.spans[span]
+        if span == "D":
+            return {(l, u) for l in range(mask.shape[0]) for u in range(mask.shape[1])
+                    if any(bool(mask[l, u, t]) for t in range(start, end))}
+        return {(l, u, k) for l in range(mask.shape[0]) for u in range(mask.shape[1]) for k in range(length)
+                if bool(mask[l, u, end - 1 - k])}
+
+    for formula in ("normalised", "reference"):
+        res = overlap(text, visual, niou_formula=formula)
+        for span in "DQG":
+            length = min(c.spans[span][1] - c.spans[span][0] for c in (text, visual))
+            for kind in ("heads", "neurons"):
+                a, b = members(text, kind, span, length), members(visual, kind, span, length)
+                units = getattr(text, kind).shape[1]
+                n = 2 * units * (1 if span == "D" else length)
+                expect_iou = len(a & b) / len(a | b)
+                base = expected_iou(n, len(a), len(b))
+                expect = expect_iou - 2 * base if formula == "reference" else max(0.0, (expect_iou - base) / (1 - base))
+                assert getattr(res[span], f"iou_{kind}") == pytest.approx(expect_iou)
+                assert getattr(res[span], f"niou_{kind}") == pytest.approx(expect)
+            assert res[span].niou == pytest.approx((res[span].niou_heads + res[span].niou_neurons) / 2)
+
+
+def test_overlap_refuses_circuits_of_different_models():
+    from modality_circuits.analyses.overlap import overlap
+
+    spans = {"D": (0, 2), "Q": (2, 3), "G": (3, 4)}
+    a = _random_circuit(spans, 4, seed=0)
+    for other in (_random_circuit(spans, 4, seed=0, H=4), _random_circuit(spans, 4, seed=0, I=5)):
+        with pytest.raises(ValueError, match="circuits come from models of different sizes"):
+            overlap(a, other)
+
+
+def test_default_back_patching_grid_by_hand():
+    from modality_circuits.analyses.backpatch import default_configs
+
+    small = default_configs(4)  # 2 windows × 4² / 2 = 16 <= 120: every layer
+    assert small == [(s, d, w) for w in (1, 2) for d in range(4) for s in range(4) if d < s and s + w <= 4]
+    large = default_configs(40)  # thinned: the smallest stride with 2 × (40 // stride)² / 2 <= 120 is 4
+    grid = range(0, 40, 4)
+    assert large == [(s, d, w) for w in (1, 2) for d in grid for s in grid if d < s and s + w <= 40]
+    assert default_configs(40, windows=(1,), max_configs=10) == [(s, d, 1) for d in range(0, 40, 9)
+                                                                  for s in range(0, 40, 9) if d < s]
+
+
+def test_resampled_scores_are_the_mean_over_the_drawn_pairs():
+    """A bootstrap draw's scores: the plain mean of the drawn pairs' scores, repeats counted; with kept indices
+    the nodes outside them are 0."""
+    from modality_circuits.circuits.circuit import Scores
+
+    g = torch.Generator().manual_seed(0)
+    heads, neurons = torch.randn(4, 2, 3, 5, generator=g), torch.randn(4, 2, 2, 5, generator=g)
+    s = Scores(heads.mean(0), neurons.mean(0), {"D": (0, 2), "Q": (2, 4), "G": (4, 5)}, "m", 4,
+               per_pair=(heads, neurons))
+    idx = np.array([3, 0, 3, 3, 1])
+    r = s.resample(idx)
+    torch.testing.assert_close(r.heads, torch.stack([heads[i] for i in idx]).mean(0))
+    torch.testing.assert_close(r.neurons, torch.stack([neurons[i] for i in idx]).mean(0))
+    assert r.n_pairs == 5
+    keep_h, keep_n = torch.tensor([0, 7, 29]), torch.tensor([1, 19])
+    kept = Scores(s.heads, s.neurons, s.spans, "m", 4, per_pair=(heads.flatten(1)[:, keep_h],
+                                                                  neurons.flatten(1)[:, keep_n]), kept=(keep_h, keep_n))
+    rk = kept.resample(idx)
+    expect_h = torch.zeros(30)
+    expect_h[keep_h] = torch.stack([heads[i] for i in idx]).mean(0).flatten()[keep_h]
+    torch.testing.assert_close(rk.heads, expect_h.view(2, 3, 5))
+    assert int((rk.neurons != 0).sum()) == 2
+    with pytest.raises(ValueError, match="per_pair=True"):
+        Scores(s.heads, s.neurons, s.spans, "m", 4).resample(idx)
+
+
+def test_ci_as_dict():
+    from modality_circuits.circuits.stats import CI
+
+    assert CI(0.5, 0.25, 0.75).as_dict() == {"value": 0.5, "low": 0.25, "high": 0.75}

@@ -68,7 +68,11 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
     for task in ("counting", "sentiment"):  # one row per task and prompt modality, its numbers backpatch.json's
         data = json.loads((study_dir / task / "backpatch.json").read_text())
         for m in ("image", "text"):
-            assert rows[(task_name(task), m)][before] == f"{100 * data[m]['base']['value']:.1f}"
+            row, r = rows[(task_name(task), m)], data[m]
+            assert row[2] == f"({r['config']['src']}, {r['config']['dst']}, {r['config']['window']})"
+            assert row[before] == f"{100 * r['base']['value']:.1f}"
+            assert row[before + 1] == f"{100 * r['patched']['value']:.1f}"
+            assert row[before + 2].startswith(f"{100 * r['gain']['value']:+.1f} [")
     assert len(rows) == 4
 
 
