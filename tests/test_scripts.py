@@ -73,6 +73,12 @@ def test_shell_script_parses(script):
     assert run.returncode == 0, run.stderr
 
 
+def test_ci_remote_step_says_skip_and_why_unless_enabled():
+    run = subprocess.run(["bash", str(ROOT / ".ci" / "remote-server")], capture_output=True, text=True,
+                         env={**_env(), "MC_CI_REMOTE": "0"})
+    assert run.returncode == 0 and run.stdout.startswith("SKIP remote-server e2e: not enabled (")
+
+
 def test_ndif_local_server_dry_run(tmp_path, monkeypatch, capsys):
     """The script's own check (--host local): a tiny model by name and a folder it saved, every algorithm equal."""
     import nnsight

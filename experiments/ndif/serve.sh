@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real NDIF 0.1.2 server on this CPU-only machine, loopback only, serving a model folder to
 # modality_circuits with remote=True — the end-to-end check of remote execution.
-#   bash experiments/ndif/serve.sh install   # server venv + redis (once, ~2 min)
+#   bash experiments/ndif/serve.sh install   # server venv + redis (once; 445 s on a loaded 2-core machine)
 #   bash experiments/ndif/serve.sh start     # redis, moto S3, ray head (one fake GPU), controller, API on 127.0.0.1:8001
 #   bash experiments/ndif/serve.sh e2e       # install if needed, start, run every algorithm remotely vs locally, stop;
 #                                            # writes results/ndif/e2e.json ($NDIF_E2E_JSON)
