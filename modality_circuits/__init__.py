@@ -19,7 +19,7 @@ _LAZY = {
 }
 _SUBMODULES = ("plot",)
 
-__all__ = sorted([*_LAZY, *_SUBMODULES])
+__all__ = [*_LAZY, *_SUBMODULES]  # noqa: PLE0604 - the lazy names, defined once above
 __version__ = "0.1.0"
 
 
