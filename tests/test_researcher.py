@@ -22,6 +22,7 @@ def test_lazy_names_are_the_modules_own():
 
     for name, module in mc._LAZY.items():
         assert getattr(mc, name) is getattr(importlib.import_module(module, "modality_circuits"), name)
+    assert mc.tasks.load_task_file is importlib.import_module("modality_circuits.tasks").load_task_file
     name = "nope"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         getattr(mc, name)
