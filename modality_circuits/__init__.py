@@ -17,9 +17,11 @@ _LAZY = {
     "attribute": ".methods.attribution", "exact_patching": ".methods.patching", "keep_correct": ".methods.predict",
     "ADAPTERS": ".model", "VLM": ".model", "build_pairs": ".tasks", "load_model": ".zoo",
 }
-_SUBMODULES = ("plot",)
+#: subpackages and modules reachable as attributes (`mc.plot`, `mc.tasks.load_task_file`), imported on first use.
+_SUBMODULES = ("analyses", "circuits", "data", "execution", "methods", "model", "plot", "study", "tasks", "testing",
+               "viewer", "zoo")
 
-__all__ = sorted([*_LAZY, *_SUBMODULES])
+__all__ = [*_LAZY, "plot"]  # noqa: PLE0604 - the lazy names, defined once above
 __version__ = "0.1.0"
 
 

@@ -22,8 +22,10 @@ def test_lazy_names_are_the_modules_own():
 
     for name, module in mc._LAZY.items():
         assert getattr(mc, name) is getattr(importlib.import_module(module, "modality_circuits"), name)
+    assert mc.tasks.load_task_file is importlib.import_module("modality_circuits.tasks").load_task_file
+    name = "nope"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        mc.nope
+        getattr(mc, name)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,15 @@ def test_plots_from_objects(found):
     x, _ = figs["alignment"].axes[0].lines[0].get_data()
     assert list(x) == list(range(model.n_layers))  # layers 0-based
     np.testing.assert_allclose(figs["faithfulness"].axes[0].lines[0].get_ydata(), curve.values)
+
+
+def test_tables_show_gains_in_points_and_layers_from_zero():
+    from modality_circuits.study import tables
+
+    ci = {"value": 0.5, "low": 0.25, "high": 0.75}
+    row = {"config": {"src": 3, "dst": 1, "window": 2}, "base": ci, "patched": ci, "n_test": 8,
+           "gain_points": {"value": 12.5, "low": 2.5, "high": 25.0}}
+    text = tables.backpatch({"image": row, "text": row})
+    assert "+12.5 [+2.5, +25.0]" in text and "(3, 1, 2)" in text and "0.500 [0.250, 0.750]" in text
+    lines = tables.alignment({"n_prompts": 4, "ci": [ci, {"value": None, "low": None, "high": None}]}).splitlines()
+    assert lines[3].split()[0] == "0" and lines[4].split() == ["1", "-"]  # 0-based layers; undefined as "-"

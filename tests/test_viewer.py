@@ -17,7 +17,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory, ):
+def page(tmp_path_factory):
     from conftest import get_tiny
 
     model = get_tiny("llava")
@@ -62,7 +62,7 @@ def _screenshot(html_path, fragment: str, out) -> np.ndarray:
                                              "be installed here (apt-get needs root and a package mirror)")
 def test_click_state_highlights_the_position_in_a_real_browser(page, tmp_path):
     path, _, cells = page
-    circuit, pair, _ = cells["image"]
+    circuit = cells["image"][0]
     pos = circuit.nodes()[0]["position"]
     magenta = [(_screenshot(path, frag, tmp_path / f"{k}.png") == MAGENTA).all(-1).sum()
                for k, frag in enumerate(("", f"#select=image:{pos}"))]

@@ -89,7 +89,7 @@ def _accuracy(model, prompts) -> float:
 
 
 def teach(task: str, out: str | Path, *, base: str = "toy", minutes: float = 10.0, batch: int = 24,
-          image_share: float = 2 / 3, replay: int = 8, lr: float = 5e-4, targets=(0.95, 0.9), eval_every: int = 25, n_eval: int = 64,
+          image_share: float = 2 / 3, replay: int = 16, lr: float = 5e-4, targets=(0.95, 0.9), eval_every: int = 25, n_eval: int = 64,
           n_test: int = 200, n_pool: int = 2000, seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune the toy (`base`: "toy" or a taught folder) on `task` (registered) in both modalities; write the
     model to `out`; return the report (also out/teach_report.json): words added, steps, CPU and wall seconds,
