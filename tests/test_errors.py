@@ -244,4 +244,4 @@ def test_a_task_whose_image_ignores_the_facts_reports_f_undefined(task_file, tmp
     summary = json.loads((folder / "summary.json").read_text())["blind"]
     assert summary["minimal_faithful_fraction"]["image"] is None and summary["faithfulness_undefined"]["image"]
     report = (folder / "report.md").read_text()
-    assert "n/a (F undefined)" in report and "| blind | undefined | undefined | undefined |" in report
+    assert "n/a (F undefined)" in report and "| blind | undefined † | undefined † | undefined † |" in report

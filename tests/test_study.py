@@ -166,7 +166,7 @@ def test_readme_cli_lines_leave_the_committed_results_and_reproduce_reuses_them(
     data = [p.relative_to(committed) for p in committed.rglob("*") if p.suffix in (".json", ".safetensors", ".md")
             and ".cache" not in p.parts]
     for line in lines:
-        main([*shlex.split(line)[1:], "--out", str(out)])
+        main([*shlex.split(line, comments=True)[1:], "--out", str(out)])
     main(["reproduce", "--model", "toy", "--out", str(out)])
     changed = [str(p) for p in data if (out / "toy" / p).read_bytes() != (committed / p).read_bytes()]
     assert not changed, f"files that differ from the committed results: {changed}"

@@ -40,7 +40,7 @@ def summarize(folder: Path, tasks) -> dict:
             "faithfulness_undefined": {m: curves[m].get("undefined") for m in curves},  # the reason, or None
             "faithfulness_at_circuit": {m: nan_for_null(curves[m]["faithfulness_at_circuit"]) for m in curves},
             "niou": {s: {**ov[s]["niou"], "unclipped": ov[s].get("niou_unclipped", float("nan")),
-                         "reason": ov[s].get("niou_reason")} for s in SPANS},
+                         "span_note": ov[s].get("niou_reason")} for s in SPANS},
             "interchange": {s: {**ic[s]["score"], "margin": interchange_margin(ic[s]), "interpretable": interchange_readable(ic[s])}
                             for s in SPANS},
             "backpatch_gain_points": {"image": bp["image"]["gain_points"], "text": bp["text"]["gain_points"]},
@@ -62,7 +62,7 @@ def _niou(c: dict) -> str:
     u = c.get("unclipped")
     if u is not None and np.isfinite(u) and np.isfinite(c["value"]) and abs(u - c["value"]) >= 0.005:
         text += f" (unclipped {u:.2f})"
-    return text + (" †" if c.get("reason") else "")
+    return text + (" †" if c.get("span_note") else "")
 
 
 def _ci(c: dict, scale: float = 1.0, fmt: str = ".2f") -> str:
@@ -139,7 +139,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
         v = s[t]["niou"]
         lines.append(f"| {n} | {_niou(v['D'])} | {_niou(v['Q'])} | {_niou(v['G'])} |")
         order_ok += v["D"]["value"] <= min(v["Q"]["value"], v["G"]["value"])
-        reasons += [f"{n}, {sp}: {v[sp]['reason']}" for sp in SPANS if v[sp].get("reason")]
+        reasons += [f"{n}, {sp}: {v[sp]['span_note']}" for sp in SPANS if v[sp].get("span_note")]
     lines += ["", "nIoU is clipped at 0; where the unclipped (IoU − b) / (1 − b) differs it is given in brackets "
               "(negative: less overlap than chance). A span's score is the mean of its head and neuron nIoU."]
     if reasons:  # the score of these spans is one unit type's nIoU, or undefined
