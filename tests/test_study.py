@@ -116,6 +116,7 @@ def test_report_labels_clipping_fallbacks_and_accuracy_kinds(study_dir, tmp_path
     path = folder / "counting" / "overlap.json"
     ov = json.loads(path.read_text())
     ov["Q"]["niou"], ov["Q"]["niou_unclipped"] = {"value": 0.0, "low": 0.0, "high": 0.1}, -0.25
+    ov["Q"].pop("niou_reason", None)  # both unit types present in Q: no mark
     ov["D"]["niou_reason"] = "no head of either circuit is in D: the score is the neuron nIoU alone"
     path.write_text(json.dumps(ov))
     report = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text()
