@@ -7,9 +7,10 @@
 #   bash scripts/mutation.sh 'modality_circuits.circuits.*'   # these instead (mutmut's mutant-name globs)
 #
 # One process, one thread (OMP_NUM_THREADS=1): the tests run tiny models on CPU, and the machine is shared, so the
-# run is limited to the formula code: the metrics, the bootstrap, overlap, the interchange score and its random
-# draw, the back-patching accuracy and grid, alignment's prompt matching, the faithfulness curve, the position
-# effect and circuit selection. Plumbing (argument checks, chunking, reprs, I/O) is not mutated. Functions decorated
+# run is limited to the formula code that fast tests reach: the metrics, the bootstrap, overlap, the interchange
+# score, its mapping and random draw, the back-patching grid, circuit selection and resampling (about a second a
+# mutant). Plumbing (argument checks, chunking, reprs, I/O) is not mutated, nor is formula code whose tests run
+# models for tens of seconds (scripts/mutation_notes.md says which, and what tests it instead). Functions decorated
 # with @server_body (the nnsight request bodies, where IG, ablation and back-patching compute) are skipped by mutmut
 # (it never mutates decorated functions); tests compare them with plain torch hooks (tests/hooks.py), and the subset
 # runs those tests for the undecorated code around them.
@@ -29,11 +30,7 @@ FORMULAS=(
     'modality_circuits.analyses.interchange.x__faith*'
     'modality_circuits.analyses.interchange.x__norm*'
     'modality_circuits.analyses.interchange.x__score*'
-    'modality_circuits.analyses.backpatch.x__correct_among*'
     'modality_circuits.analyses.backpatch.x_default_configs*'
-    'modality_circuits.analyses.alignment.x_match*'
-    'modality_circuits.methods.ablation.x_faithfulness_curve*'
-    'modality_circuits.methods.ablation.x_position_effect*'
     'modality_circuits.circuits.circuit.x__top_mask*'
     'modality_circuits.circuits.circuit.xǁCircuitǁfrom_scores*'
     'modality_circuits.circuits.circuit.xǁScoresǁper_position*'

@@ -111,7 +111,7 @@ def test_overlap_refuses_circuits_of_different_models():
     spans = {"D": (0, 2), "Q": (2, 3), "G": (3, 4)}
     a = _random_circuit(spans, 4, seed=0)
     for other in (_random_circuit(spans, 4, seed=0, H=4), _random_circuit(spans, 4, seed=0, I=5)):
-        with pytest.raises(ValueError, match="circuits come from models of different sizes"):
+        with pytest.raises(ValueError, match="^circuits come from models of different sizes$"):
             overlap(a, other)
 
 
@@ -125,6 +125,13 @@ def test_default_back_patching_grid_by_hand():
     assert large == [(s, d, w) for w in (1, 2) for d in grid for s in grid if d < s and s + w <= 40]
     assert default_configs(40, windows=(1,), max_configs=10) == [(s, d, 1) for d in range(0, 40, 9)
                                                                   for s in range(0, 40, 9) if d < s]
+
+    def stride(n, **kw):  # the grid's step, read off the configs
+        return sorted({d for _, d, _ in default_configs(n, **kw)})[1]
+
+    assert stride(11) == 2  # 2 × 11² / 2 = 121 > 120: thinned
+    assert stride(10, max_configs=100) == 1  # exactly at the limit: kept
+    assert stride(11, max_configs=30) == 2  # 2 × (11 // 2)² / 2 = 25 <= 30 (whole grid steps, not 5.5)
 
 
 def test_resampled_scores_are_the_mean_over_the_drawn_pairs():
@@ -157,3 +164,37 @@ def test_ci_as_dict():
     from modality_circuits.circuits.stats import CI
 
     assert CI(0.5, 0.25, 0.75).as_dict() == {"value": 0.5, "low": 0.25, "high": 0.75}
+
+
+def test_span_masks_default_length_is_the_whole_span():
+    from modality_circuits.analyses.overlap import span_masks
+
+    c = _random_circuit({"D": (0, 3), "Q": (3, 7), "G": (7, 9)}, 9, seed=5)
+    for span, (a, b) in c.spans.items():
+        heads, neurons = span_masks(c, span)
+        if span == "D":
+            assert torch.equal(heads, c.heads[..., a:b].any(-1)) and torch.equal(neurons, c.neurons[..., a:b].any(-1))
+        else:
+            assert torch.equal(heads, c.heads[..., a:b]) and torch.equal(neurons, c.neurons[..., a:b])
+
+
+@pytest.mark.parametrize("aggregation", ["ratio_of_means", "mean_of_ratios"])
+def test_interchange_score_from_logit_differences_by_hand(aggregation):
+    """Rows of lds: full model, empty circuit, original, swapped, two random draws; P = 3 pairs. F per row and the
+    score (F(swapped) − mean F(random)) / (F(original) − mean F(random)), on a resample of the pairs."""
+    from modality_circuits.analyses.interchange import Interchange
+
+    lds = torch.tensor([[4.0, 6.0, 5.0], [0.0, 1.0, -1.0], [3.0, 5.0, 4.0], [2.0, 3.0, 1.0],
+                        [1.0, 2.0, 0.0], [0.5, 1.5, 0.5]])
+    idx = np.array([0, 2, 2])
+
+    def f(row):
+        full, empty, c = lds[0, idx], lds[1, idx], lds[row, idx]
+        if aggregation == "ratio_of_means":
+            return float((c.mean() - empty.mean()) / (full.mean() - empty.mean()))
+        return float(((c - empty) / (full - empty)).mean())
+
+    random = (f(4) + f(5)) / 2
+    expect = (f(3) - random) / (f(2) - random)
+    ic = Interchange("Q", 0.0, 0.0, [0.0], 0.0, [0.0], None, lds, aggregation)
+    assert ic.resampled(idx) == pytest.approx(expect)

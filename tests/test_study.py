@@ -22,10 +22,10 @@ def study_dir(tmp_path_factory):
 def test_reproduce_writes_summary_report_and_figures(study_dir):
     summary = json.loads((study_dir / "summary.json").read_text())
     assert set(summary) == {"counting", "sentiment"}
-    for key in ("accuracy", "minimal_faithful_fraction", "niou", "interchange", "backpatch_gain_points"):
+    for key in ("accuracy", "minimal_faithful_fraction", "niou", "interchange", "backpatch_gain"):
         assert key in summary["counting"]
     assert set(summary["counting"]["niou"]) == {"D", "Q", "G"}
-    assert {"low", "high", "value"} <= set(summary["counting"]["backpatch_gain_points"]["image"])
+    assert {"low", "high", "value"} <= set(summary["counting"]["backpatch_gain"]["image"])
     report = (study_dir / "report.md").read_text()
     assert "## Back-patching" in report and "nIoU" in report
     for name in ("gallery", "position_effect", "faithfulness", "overlap", "interchange", "alignment", "backpatch",
@@ -44,8 +44,7 @@ def test_rerun_reuses_finished_steps_and_redoes_missing_ones(study_dir):
     stale.write_text(json.dumps({"reason": "too few correct pairs"}))
     main(["reproduce", *ARGS, "--out", str(study_dir.parent)])
     assert curve.stat().st_mtime_ns == stamp
-    again = json.loads(overlap.read_text())
-    assert again.pop("time") != before.pop("time") and again == before  # the same numbers, this run's time
+    assert json.loads(overlap.read_text()) == before
     assert not stale.exists()
 
 
@@ -76,32 +75,9 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
     assert len(rows) == 4
 
 
-def test_every_record_stores_its_step_time_and_the_report_sums_them(study_dir):
-    from modality_circuits.study.report import TIME_SENTENCE, time_sentence
-    from modality_circuits.study.steps import STEPS
-
-    totals = {}
-    for task in ("counting", "sentiment"):
-        for path in [*study_dir.glob(f"{task}/*/*.json"), *study_dir.glob(f"{task}/*.json")]:
-            spent = json.loads(path.read_text())["time"]
-            assert spent["wall_s"] > 0 and spent["cpu_s"] > 0, path
-            wall, cpu = totals.get(path.stem, (0.0, 0.0))
-            totals[path.stem] = (wall + spent["wall_s"], cpu + spent["cpu_s"])
-    assert set(totals) == set(STEPS)
-    report = (study_dir / "report.md").read_text()
-    for step, (wall, cpu) in totals.items():
-        assert f"| {step} | {wall:.1f} | {cpu:.1f} |" in report
-    all_wall, all_cpu = sum(w for w, _ in totals.values()), sum(c for _, c in totals.values())
-    assert f"| total | {all_wall:.1f} | {all_cpu:.1f} |" in report
-    sentence = time_sentence(study_dir)
-    assert sentence == (f"The study's steps took {all_wall:.0f} s (wall clock; {all_cpu:.0f} s of CPU) for 2 tasks, "
-                        "summed over the step records.") and TIME_SENTENCE.fullmatch(sentence) and sentence in report
-
-
 def test_interchange_margin_decides_what_the_report_can_read():
     from modality_circuits.analyses.interchange import MIN_MARGIN
-    from modality_circuits.study.steps import interchange_margin as margin
-    from modality_circuits.study.steps import interchange_readable as interpretable
+    from modality_circuits.study.steps import interchange_margin as margin, interchange_readable as interpretable
     record = {"score": {"value": 0.7}, "visual_f_original": 0.9, "visual_f_random": [0.2, 0.4],
               "text_f_original": 0.8, "text_f_random": [0.78, 0.78]}
     assert margin(record) == pytest.approx(0.02)  # min(0.9 - 0.3, 0.8 - 0.78)
@@ -140,7 +116,7 @@ def test_report_labels_clipping_fallbacks_and_accuracy_kinds(study_dir, tmp_path
     path = folder / "counting" / "overlap.json"
     ov = json.loads(path.read_text())
     ov["Q"]["niou"], ov["Q"]["niou_unclipped"] = {"value": 0.0, "low": 0.0, "high": 0.1}, -0.25
-    ov["Q"].pop("niou_reason", None)  # Q: a plain clipped value (the tiny model's own Q may lack a unit type)
+    ov["Q"].pop("niou_reason", None)  # both unit types present in Q: no mark
     ov["D"]["niou_reason"] = "no head of either circuit is in D: the score is the neuron nIoU alone"
     path.write_text(json.dumps(ov))
     report = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text()
@@ -167,7 +143,7 @@ def test_readme_cli_lines_leave_the_committed_results_and_reproduce_reuses_them(
     data = [p.relative_to(committed) for p in committed.rglob("*") if p.suffix in (".json", ".safetensors", ".md")
             and ".cache" not in p.parts]
     for line in lines:
-        main([*shlex.split(line, comments=True)[1:], "--out", str(out)])
+        main([*shlex.split(line)[1:], "--out", str(out)])
     main(["reproduce", "--model", "toy", "--out", str(out)])
     changed = [str(p) for p in data if (out / "toy" / p).read_bytes() != (committed / p).read_bytes()]
     assert not changed, f"files that differ from the committed results: {changed}"
@@ -188,7 +164,7 @@ def test_a_rerun_with_other_settings_recomputes_instead_of_mixing(study_dir):
 @pytest.mark.parametrize("bad, message", [(["--resamples", "0"], "resamples must be"), (["--n", "0"], "n must be"),
                                           (["--steps", "0"], "steps must be")])
 def test_settings_are_refused_before_any_work(bad, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         main(["reproduce", "--model", "tiny-llava", *bad, "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
@@ -228,71 +204,5 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path, signal_name):
 def test_an_unusable_out_folder_is_refused_before_any_work(tmp_path):
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a folder")
-    with pytest.raises(SystemExit, match="is a file"):
+    with pytest.raises(NotADirectoryError, match="is a file"):
         main(["reproduce", "--model", "tiny-llava", "--out", str(a_file / "sub")])
-
-
-def test_report_states_the_run_threshold(study_dir, tmp_path):
-    """The circuit-size heading names the faithfulness threshold the curves were made with, not a fixed 0.8."""
-    import shutil
-
-    from modality_circuits.study.report import write_report
-    folder = tmp_path / "copy"
-    shutil.copytree(study_dir, folder)
-    for path in folder.rglob("curve.json"):
-        curve = json.loads(path.read_text())
-        path.write_text(json.dumps({**curve, "threshold": 0.7}))
-    section = write_report(folder, ["counting", "sentiment"], "tiny-llava", 20).read_text().split(
-        "## Circuit size")[1].split("\n## ")[0]
-    assert "F ≥ 0.7 " in section and "F ≥ 0.8" not in section
-
-
-def test_study_leaves_the_callers_model_as_it_was():
-    """Study(memory_budget=...) runs on a copy with that budget (same weights); the model it was given is unchanged."""
-    import modality_circuits as mc
-    from modality_circuits.study.steps import Study
-
-    model = mc.load_model("tiny-llava")
-    before = model.settings
-    study = Study(model, memory_budget="1GB", reference=True, tasks=("counting",))
-    assert model.settings == before and model.memory_budget == "auto"
-    assert study.model.memory_budget == 2**30 and study.model.nn is model.nn and study.model.hf_model is model.hf_model
-
-
-def test_cli_prints_tables_by_default_and_the_record_with_json(study_dir, capsys):
-    one = [a for a in ARGS if a not in ("--tasks", "counting", "sentiment")] + ["--out", str(study_dir.parent)]
-    record = json.loads((study_dir / "counting" / "overlap.json").read_text())
-    main(["overlap", "--task", "counting", *one])
-    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
-    for span, name in (("D", "D (data)"), ("G", "G (generation)")):
-        if record[span]["niou"]["value"] is not None:
-            assert f"{record[span]['niou']['value']:.3f} [" in rows[name]
-    main(["overlap", "--task", "counting", *one, "--json"])
-    assert json.loads(capsys.readouterr().out) == record
-    backpatch = json.loads((study_dir / "counting" / "backpatch.json").read_text())
-    main(["backpatch", "--task", "counting", *one])
-    gain = backpatch["image"]["gain_points"]
-    assert f"{gain['value']:+.1f} [" in capsys.readouterr().out  # points, as in the report
-
-
-def test_cli_nodes_lists_the_circuit_largest_score_first(study_dir, capsys):
-    from modality_circuits.circuits.circuit import Circuit, Scores
-
-    one = [a for a in ARGS if a not in ("--tasks", "counting", "sentiment")] + ["--out", str(study_dir.parent)]
-    main(["nodes", "--task", "counting", "--modality", "image", "--top", "3", *one])
-    lines = capsys.readouterr().out.splitlines()
-    circuit = Circuit.load(study_dir / "counting" / "image" / "circuit.safetensors")
-    scores = Scores.load(study_dir / "counting" / "image" / "scores.safetensors")
-    largest = max(float((scores.heads.abs() * circuit.heads).max()), float((scores.neurons.abs() * circuit.neurons).max()))
-    header = next(i for i, line in enumerate(lines) if line.startswith("kind"))
-    first = lines[header + 2].split()
-    assert abs(float(first[-1])) == pytest.approx(largest, rel=1e-2)
-    assert lines[header + 5].startswith("...") and str(circuit.n_heads + circuit.n_neurons - 3) in lines[header + 5]
-
-
-def test_cli_view_writes_one_page_per_task(study_dir, tmp_path, capsys):
-    main(["view", str(study_dir), "--out", str(tmp_path)])
-    assert sorted(p.name for p in tmp_path.glob("*.html")) == ["counting.html", "sentiment.html"]
-    assert "const PANELS" in (tmp_path / "counting.html").read_text()
-    with pytest.raises(SystemExit, match="no textual and visual circuits of nope"):
-        main(["view", str(study_dir), "--tasks", "nope"])
