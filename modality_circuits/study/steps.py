@@ -98,6 +98,7 @@ class Study:
     force: bool = False
     image_size: int | None = None  # side of rendered images (None: the model's, the study's size for its family)
     position_probes: int | None = 64  # positions the exact position effect probes at most (None: all)
+    fractions: tuple[float, ...] | None = None  # circuit fractions of the faithfulness curve (None: MIB + fine grid)
     method: Method = OURS  # or REFERENCE, or single reference choices: Method(head_score="abs_elementwise")
     reference: bool = False  # True: method = REFERENCE, the study's code reproduced
     memory_budget: int | str | None = None  # bytes, "40GB" or "auto" for every forward (None: the model's)
@@ -120,6 +121,7 @@ class Study:
         return {"model": self.model.name, "model_config": fingerprint(config), "n": self.n, "steps": self.steps,
                 "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
                 "position_probes": self.position_probes,
+                **({"fractions": list(self.fractions)} if self.fractions else {}),
                 "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
                 "wording": self.model.wording, "method": dataclasses.asdict(self.method),
                 "data": fingerprint(data) if data else None}
@@ -226,7 +228,8 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
         s = run_scores(study, task, modality)
         _, evaluation = study.pairs(task, modality)
         agg = study.method.aggregation
-        c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg, progress=False)
+        c = faithfulness_curve(study.model, s, evaluation, study.fractions, threshold=study.threshold, aggregation=agg,
+                               progress=False)
         cis = [bootstrap(lambda i, ld=ld: faithfulness_value(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
                          resamples=study.resamples).as_dict() for ld in c.ld_circuits]
         chosen = c.minimal_fraction if c.minimal_fraction is not None else c.fractions[int(np.argmax(c.values))]
