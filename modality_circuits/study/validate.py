@@ -3,7 +3,7 @@
 `validate(seed, control, out)` runs the study's own steps (accuracy, attribution, faithfulness curve, overlap,
 interchange, alignment, back-patching) on `organism(seed, control)`, with no organism-specific code path:
 only two ordinary settings are chosen, a fraction grid fine enough to resolve circuits of a few nodes (every
-0.04 % up to 6 %) and the number of pairs. It then compares each discovered circuit (the smallest faithful
+0.04 % up to 4 %) and the number of pairs. It then compares each discovered circuit (the smallest faithful
 fraction) with the planted nodes, reads each finding from the steps' JSON files, and writes
 <out>/recovery.json (docs/validation.md).
 """
@@ -17,8 +17,8 @@ import numpy as np
 from ..circuits.circuit import Circuit
 from ..execution.store import read_json, write_json
 
-#: The curve's fractions: every 0.04 % up to 6 % (the organism's circuits are 0.5-3 % of the nodes).
-FRACTIONS = tuple(round(4e-4 * i, 6) for i in range(1, 151))
+#: The curve's fractions: every 0.04 % up to 4 % (the organism's circuits are 0.5-2.5 % of the nodes).
+FRACTIONS = tuple(round(4e-4 * i, 6) for i in range(1, 101))
 FINDINGS = ("visual_larger", "overlap_D_below_G", "interchange_G_above_D", "alignment_rises", "backpatch_gain")
 
 
