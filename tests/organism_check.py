@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from tests.hooks import _modules, activations
+from hooks import _modules, activations
 
 
 def patched_effects(model, pair, heads: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
@@ -13,6 +13,8 @@ def patched_effects(model, pair, heads: torch.Tensor, neurons: torch.Tensor) -> 
     cf = activations(model, pair.cf_inputs)
     R, H = heads.shape[0], model.n_heads
     ids = torch.tensor([pair.answer_id, pair.cf_answer_id])
+    with torch.no_grad():
+        base = model.hf_model(**pair.inputs).logits[0, -1, ids]
     hooks = []
     for layer, (attn, mlp) in enumerate(_modules(model)):
         for module, mask, c, is_head in ((attn, heads[:, layer], cf[layer][0], True),
@@ -29,7 +31,6 @@ def patched_effects(model, pair, heads: torch.Tensor, neurons: torch.Tensor) -> 
         for h in hooks:
             stack.callback(h.remove)
         logits = model.hf_model(**inputs).logits[:, -1][:, ids]
-        base = model.hf_model(**pair.inputs).logits[0, -1, ids]
     return (logits[:, 0] - logits[:, 1]) - (base[0] - base[1])
 
 
