@@ -10,6 +10,7 @@ from ..data.pairs import SPANS
 from ..execution.store import atomic, nan_for_null, read_json, write_json
 from .labels import task_name
 from .steps import OURS, interchange_margin, interchange_readable
+from .validate import organism_section
 
 # Reference results (docs/method.md section 12), for comparison in the report.
 REFERENCE = {
@@ -150,6 +151,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
     lines += [("Share of the text–image gap closed here: " + ", ".join(closed) + ".") if closed else
               "No task has a positive text–image gap of more than one point, so no share of a gap is reported.",
               "![back-patching](backpatch.png)", ""]
+    lines += organism_section(folder.parent / "organism")
     path = folder / "report.md"
     with atomic(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines))

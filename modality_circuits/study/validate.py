@@ -109,12 +109,13 @@ def validate(seed: int, control: bool = False, out: str = "results/organism", *,
     for name in FINDINGS:
         rows = [per_task[t][name] for t in tasks]
         planted = [r for r in rows if r["planted"]]
+        shown = planted or rows  # planted: over the tasks it was planted in (absent: over all tasks)
         record["findings"][name] = {
             "planted": bool(planted),
-            # planted: found in every task it was planted in; not planted: found in none
+            # planted: detected in every task it was planted in (the hull's lower end above 0); absent: in any task
             "detected": all(r["detected"] for r in planted) if planted else any(r["detected"] for r in rows),
-            "value": float(np.mean([r["value"] for r in rows])),
-            "ci": [float(np.mean([r["ci"][0] for r in rows])), float(np.mean([r["ci"][1] for r in rows]))],
+            "value": float(np.mean([r["value"] for r in shown])),
+            "ci": [float(min(r["ci"][0] for r in shown)), float(max(r["ci"][1] for r in shown))],
             "tasks_detected": [t for t, r in zip(tasks, rows) if r["detected"]],
         }
     record["time"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
@@ -137,3 +138,30 @@ def table(record: dict) -> str:
         lines.append(f"{name:24s}{str(f['planted']):>8s}{str(f['detected']):>9s}  {f['value']:.3f} "
                      f"[{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]")
     return "\n".join(lines)
+
+
+def organism_section(folder: Path) -> list[str]:
+    """The report's "Does the method recover planted circuits?" section from <folder>/*/recovery.json (none: [])."""
+    records = sorted((read_json(p) for p in Path(folder).glob("*/recovery.json")), key=lambda r: (r["seed"], r["control"]))
+    if not records:
+        return []
+    lines = ["## Does the method recover planted circuits?", "",
+             "The same pipeline on a model organism whose circuits are known by construction, and on its control "
+             "(same sizes, no planted finding): `modality-circuits validate` (docs/validation.md). Precision and recall "
+             "of the discovered circuit's nodes against the planted ones; a finding is detected when its 95 % interval "
+             "lies above zero.", "", "| organism | task | modality | precision | recall | planted | found |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        name = f"seed {r['seed']}" + (" control" if r["control"] else "")
+        for task, entry in r["tasks"].items():
+            for m in ("text", "image"):
+                e = entry[m]
+                lines.append(f"| {name} | {task} | {m} | {e['precision']:.2f} | {e['recall']:.2f} | {e['planted']} | "
+                             f"{e['found']} |")
+    lines += ["", "| organism | " + " | ".join(FINDINGS) + " |", "|---|" + "---|" * len(FINDINGS)]
+    for r in records:
+        name = f"seed {r['seed']}" + (" control" if r["control"] else "")
+        cells = [f"{'planted' if f['planted'] else 'absent'}, {'detected' if f['detected'] else 'not detected'}: "
+                 f"{f['value']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]" for f in (r["findings"][k] for k in FINDINGS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
