@@ -46,7 +46,7 @@ def _fraction_interval(curve: dict) -> dict:
     """The minimal faithful fraction with the range it takes as F moves within its per-fraction intervals: from the
     first fraction whose upper bound reaches the threshold to the first whose lower bound does."""
     f, thr = curve["fractions"], curve["threshold"]
-    first = lambda key: next((x for x, c in zip(f, curve["ci"]) if c[key] is not None and c[key] >= thr), np.nan)  # noqa: E731
+    first = lambda key: next((x for x, c in zip(f, curve["ci"]) if c[key] is not None and c[key] >= thr), np.nan)
     value = curve["minimal_fraction"] if curve["minimal_fraction"] is not None else np.nan
     return {"value": value, "low": first("high"), "high": first("low")}
 
@@ -56,7 +56,7 @@ def findings_of(folder: Path, task: str) -> dict:
     curves = {m: read_json(folder / task / m / "curve.json") for m in ("text", "image")}
     ov, ic = read_json(folder / task / "overlap.json"), read_json(folder / task / "interchange.json")
     al, bp = read_json(folder / task / "alignment.json"), read_json(folder / task / "backpatch.json")
-    nan = lambda c: {k: (np.nan if c[k] is None else c[k]) for k in ("value", "low", "high")}  # noqa: E731
+    nan = lambda c: {k: (np.nan if c[k] is None else c[k]) for k in ("value", "low", "high")}
     gain = nan(bp["image"]["gain"])
     return {
         "visual_larger": _difference(_fraction_interval(curves["image"]), _fraction_interval(curves["text"])),
@@ -120,7 +120,7 @@ def validate(seed: int, control: bool = False, out: str = "results/organism", *,
         }
     record["time"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
     record["settings"] = {"n": n, "resamples": resamples, "fractions": [FRACTIONS[0], FRACTIONS[-1], len(FRACTIONS)],
-                          "organism": truth.settings, "study_folder": str(study.dir)}
+                          "organism": truth.settings, "study_folder": study.dir.name}
     write_json(Path(out) / "recovery.json", record)
     return record
 
@@ -135,7 +135,7 @@ def table(record: dict) -> str:
             lines.append(f"{task:16s}{m:10s}{r['precision']:10.2f}{r['recall']:8.2f}{r['planted']:9d}{r['found']:7d}")
     lines.append(f"{'finding':24s}{'planted':>8s}{'detected':>9s}  value [95 % interval]")
     for name, f in record["findings"].items():
-        lines.append(f"{name:24s}{str(f['planted']):>8s}{str(f['detected']):>9s}  {f['value']:.3f} "
+        lines.append(f"{name:24s}{f['planted']!s:>8s}{f['detected']!s:>9s}  {f['value']:.3f} "
                      f"[{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]")
     return "\n".join(lines)
 
@@ -146,10 +146,10 @@ def organism_section(folder: Path) -> list[str]:
     if not records:
         return []
     lines = ["## Does the method recover planted circuits?", "",
-             "The same pipeline on a model organism whose circuits are known by construction, and on its control "
-             "(same sizes, no planted finding): `modality-circuits validate` (docs/validation.md). Precision and recall "
-             "of the discovered circuit's nodes against the planted ones; a finding is detected when its 95 % interval "
-             "lies above zero.", "", "| organism | task | modality | precision | recall | planted | found |",
+             ("The same pipeline on a model organism whose circuits are known by construction, and on its control "
+              "(same sizes, no planted finding): `modality-circuits validate` (docs/validation.md). Precision and "
+              "recall of the discovered circuit's nodes against the planted ones; a finding is detected when its 95 % "
+              "interval lies above zero."), "", "| organism | task | modality | precision | recall | planted | found |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
         name = f"seed {r['seed']}" + (" control" if r["control"] else "")
