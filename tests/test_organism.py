@@ -108,3 +108,14 @@ def test_validate_small(tmp_path, capsys):
     assert all(f[k]["planted"] for k in f)
     assert f["overlap_D_below_G"]["detected"] and math.isclose(f["overlap_D_below_G"]["value"], 1.0)
     assert "precision" in capsys.readouterr().out
+
+
+def test_report_section_from_committed_recovery(tmp_path):
+    from pathlib import Path
+
+    from modality_circuits.study.validate import organism_section
+
+    assert organism_section(tmp_path) == []
+    lines = organism_section(Path(__file__).resolve().parent.parent / "results" / "organism")
+    assert lines[0] == "## Does the method recover planted circuits?"
+    assert sum(line.startswith("| seed 0 control | ") for line in lines) == 5  # 4 circuits and the findings row
