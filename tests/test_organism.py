@@ -8,7 +8,7 @@ from organism_check import patched_effects, single_node_masks
 
 from modality_circuits.data.pairs import build_pairs
 from modality_circuits.methods.predict import keep_correct
-from modality_circuits.zoo import organism as O
+from modality_circuits.zoo import planted as O
 
 TOL = 1e-2  # float error on logit differences of 10^2 .. 10^4
 CLEAR = 1.0  # a planted node's effect, on some pair, is at least this

@@ -1,4 +1,4 @@
-"""Recovery benchmark: run the ordinary study on the organism (zoo/organism.py) and score it against the truth.
+"""Recovery benchmark: run the ordinary study on the organism (zoo/planted.py) and score it against the truth.
 
 `validate(seed, control, out)` runs the study's own steps (accuracy, attribution, faithfulness curve, overlap,
 interchange, alignment, back-patching) on `organism(seed, control)`, with no organism-specific code path:
@@ -24,7 +24,7 @@ FINDINGS = ("visual_larger", "overlap_D_below_G", "interchange_G_above_D", "alig
 
 def check_tasks(tasks) -> tuple[str, ...]:
     """The organism's tasks among `tasks`, or a clear error naming the ones it has."""
-    from ..zoo.organism import TASKS
+    from ..zoo.planted import TASKS
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -79,7 +79,7 @@ def recovery(circuit: Circuit, planted: tuple) -> dict:
 def validate(seed: int, control: bool = False, out: str = "results/organism", *, tasks=None, n: int = 48,
              resamples: int = 1000, progress: bool = True) -> dict:
     """Run the ordinary study on organism(seed, control) and write <out>/recovery.json; returns its record."""
-    from ..zoo.organism import TASKS, check_seed, organism
+    from ..zoo.planted import TASKS, check_seed, organism
     from . import steps
     from .cli import _check_writable
 
