@@ -26,6 +26,8 @@ Planted findings (`control=True` or `separate_data=False`: none): image D units 
 (overlap, interchange), image tokens become text-like only at layer T (alignment), the image circuit has
 more nodes per position (size), and the late colour route only serves "from the left" questions, so
 back-patching image tokens from layer >= T into layer 0 lets the early route answer the rest.
+Only the vision front end's patch classifier is fitted (patch -> fill colour). Counting questions about "fish"
+(whose plural is the data word itself) are answered wrongly by design; the study keeps correct pairs only.
 """
 from __future__ import annotations
 
