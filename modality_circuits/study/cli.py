@@ -264,6 +264,15 @@ def cmd_teach(args) -> None:
     print(f"model folder: {r['out']} (load_model({r['out']!r}); --model {r['out']} on the command line)")
 
 
+def cmd_validate(args) -> None:
+    """The recovery benchmark: the ordinary study on a model organism with planted circuits (docs/validation.md)."""
+    from .validate import table, validate
+
+    record = validate(args.seed, args.control, args.out, tasks=args.tasks, n=args.n, resamples=args.resamples)
+    print(table(record))
+    print(f"{record['time']['wall_s']:.0f} s ({record['time']['cpu_s']:.0f} s CPU) -> {Path(args.out) / 'recovery.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modality-circuits", description="Find and compare the circuits "
                                      "vision-language models use for the same task given as text and as an image.")
@@ -329,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _study_args(p)
     p.set_defaults(func=cmd_reproduce)
+    text = "recovery benchmark: the ordinary study on a model organism whose circuits are known by construction"
+    p = sub.add_parser("validate", help=text, description=text + " (docs/validation.md)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seed", type=int, required=True, help="the organism's seed (an integer)")
+    p.add_argument("--control", action="store_true", help="the control organism: same sizes, no planted finding")
+    p.add_argument("--out", required=True, help="folder for recovery.json and the study's files")
+    p.add_argument("--tasks", nargs="+", default=None, help="the organism's tasks (default: all of them)")
+    p.add_argument("--n", type=int, default=48, help="correctly answered pairs per task and modality")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    p.set_defaults(func=cmd_validate)
     return parser
 
 

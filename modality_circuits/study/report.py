@@ -12,6 +12,7 @@ from ..data.pairs import SPANS
 from ..execution.store import atomic, nan_for_null, read_json, write_json
 from .labels import task_name
 from .steps import OURS, STEPS, interchange_margin, interchange_readable
+from .validate import organism_section
 
 # Reference results (docs/method.md section 12), for comparison in the report.
 REFERENCE = {
@@ -189,6 +190,7 @@ def write_report(folder: Path, tasks, model_name: str, resamples: int, skipped=(
               "No task has a positive answer-set text–image gap of more than one point, so no share of a gap is "
               "reported.",
               "![back-patching](backpatch.png)", ""]
+    lines += organism_section(folder.parent / "organism")
     lines += ["## Time", "", "Wall-clock and CPU seconds of each step, summed over the tasks (and modalities) of this "
               "folder, as each record stores them (a step reused from an earlier run keeps that run's time).", "",
               time_table(folder, tasks), time_sentence(folder, tasks) or "", ""]

@@ -123,6 +123,7 @@ class Study:
     force: bool = False
     image_size: int | None = None  # side of rendered images (None: the model's, the study's size for its family)
     position_probes: int | None = 64  # positions the exact position effect probes at most (None: all)
+    fractions: tuple[float, ...] | None = None  # circuit fractions of the faithfulness curve (None: MIB + fine grid)
     method: Method = OURS  # or REFERENCE, or single reference choices: Method(head_score="abs_elementwise")
     reference: bool = False  # True: method = REFERENCE, the study's code reproduced
     # Mixture-of-experts models: "held" (every forward of a pair routed as its clean prompt p) is the only routing
@@ -158,6 +159,7 @@ class Study:
                 "n": self.n, "steps": self.steps,
                 "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
                 "position_probes": self.position_probes,
+                **({"fractions": list(self.fractions)} if self.fractions else {}),
                 "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
                 "wording": self.model.wording, "method": dataclasses.asdict(self.method),
                 "data": fingerprint(data) if data else None}
@@ -306,7 +308,8 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
         s = run_scores(study, task, modality)
         _, evaluation = study.pairs(task, modality)
         agg = study.method.aggregation
-        c = faithfulness_curve(study.model, s, evaluation, threshold=study.threshold, aggregation=agg, progress=True)
+        c = faithfulness_curve(study.model, s, evaluation, study.fractions, threshold=study.threshold, aggregation=agg,
+                               progress=True)
         cis = [bootstrap(lambda i, ld=ld: faithfulness_values(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
                          resamples=study.resamples, vectorised=True).as_dict() for ld in c.ld_circuits]
         path = study.path(task, "circuit.safetensors", modality)

@@ -1,4 +1,5 @@
-"""Models by name: the embedded toy, the tiny random families of the test zoo, and short names of hub checkpoints."""
+"""Models by name: the embedded toy, the tiny random families of the test zoo, short names of hub checkpoints,
+and the model organism with planted circuits (`organism`)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 from ..data.tasks import WORDINGS
 from ..execution import remote as _remote
 from ..model import VLM, load_pretrained
+from .planted import organism  # noqa: F401  (the model organism with planted circuits, docs/validation.md)
 
 #: Short names of the study's three models and of the common instruction-tuned checkpoint of every other family.
 SHORT_NAMES = {

@@ -1,0 +1,612 @@
+"""A model organism: a small LLaVA whose task circuits are known exactly, by construction (docs/validation.md).
+
+`organism(seed)` compiles a LlavaForConditionalGeneration (CLIP vision tower + Llama decoder, the toy's
+tokenizer, processor and wording) by hand for counting and colour ordering, and returns it with its
+ground truth: the (layer, unit, position) nodes whose counterfactual patching changes the metric.
+
+How the truth is exact: every head and neuron outside the planted roles keeps random query/key/value
+and gate/up weights (it is active, its activation varies with the input) but writes nothing (its o_proj
+or down_proj input columns are zero), so patching it changes nothing. Planted heads attend hard (score
+margins of hundreds, so the other softmax weights are exactly 0 in float32) and default to the BOS token,
+whose value is zero; planted neurons are gated by the tokens of the positions they serve. A planted unit
+therefore matters only at the positions where it carries data that differs between p and p′ and that a
+later planted unit reads; those positions are the truth.
+
+The circuit of each task (D: data, Q: query, G: generation span; every stage is one head and two neurons):
+  text D   layer 0: a self-attending head copies each data word's code (its colour, or an object's canonical
+           colour) to a pre-code, two neurons write it as a 2-d colour code;
+  image D  layers 0..T: the same stage repeated T + 1 times on the image tokens' own features (patch colour
+           from the vision tower), the last writing the text code: image tokens become text-like at layer T;
+  Q        at "?": a gathering head (counting: the tokens whose code matches the queried object plus a BOS
+           sink, so its output is c / (c + 1); colour ordering: the k-th colour word or row-1 patch from the
+           left or right, a rotary position lookup) and two relay neurons; the early gathers read layer 1,
+           the late gathers of the image route layer T + 1;
+  G        a relay head and two neurons at "ASSISTANT", then at ":"; the unembedding reads the result.
+Planted findings (`control=True` or `separate_data=False`: none): image D units differ from text D units
+(overlap, interchange), image tokens become text-like only at layer T (alignment), the image circuit has
+more nodes per position (size), and the late colour route only serves "from the left" questions, so
+back-patching image tokens from layer >= T into layer 0 lets the early route answer the rest.
+Only the vision front end's patch classifier is fitted (patch -> fill colour). Counting questions about "fish"
+(whose plural is the data word itself) are answered wrongly by design; the study keeps correct pairs only.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+#: The organism's tasks (built-in tasks, toy wording).
+TASKS = ("counting", "color_ordering")
+MODALITIES = ("text", "image")
+COLOURS8 = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "gray")
+LAYERS, HEADS, HEAD_DIM, NEURONS, HIDDEN = 6, 6, 64, 12, 384
+ROPE_THETA = 1e6
+NORM = 100.0  # every token carries NORM on its modality's norm dimension: the residual norm is ~constant
+SINK = 500.0  # score of the BOS token (zero value) in every planted head
+LOOKUP = 4000.0  # score of a colour gather's target (neighbours >= 1300 below)
+SELF = 2000.0  # scale of the self-attending heads' score (peak 3 * SELF, other positions <= 2.51 * SELF)
+_PAIR_SINK, _PAIR_MATCH, _PAIR_TOKEN = 31, 30, 29  # rotary pairs of ~zero frequency: position-free scores
+_PAIR_TEXT, _PAIR_IMAGE = 2, 0  # rotary pairs of the colour lookups (colour words 2 tokens apart, patches 1)
+_SELF_PAIRS = (0, 2, 4)  # frequencies 1, 0.42, 0.18
+# text D: colour words at D offsets 0, 2, 4, 6 ("?" is 19 - 2 i tokens later); image: row-1 patches at D
+# offsets 4..7 ("?" is 23 - i tokens later); counting: the seven words or the first seven patches
+_TEXT_OFFSETS = [19 - 2 * i for i in range(4)]
+_IMAGE_OFFSETS = [23 - i for i in range(4)]
+
+
+@dataclass
+class Truth:
+    """Planted nodes: nodes[task][modality] = {"heads": [(layer, head, position)], "neurons": [(layer, neuron,
+    position)]}, positions in the layout of the organism's pairs (`build_pairs`, toy wording); `roles` names
+    every planted unit ("L1.H3": "count gather (early)"); `findings`: which findings are planted, per task."""
+
+    nodes: dict
+    roles: dict
+    findings: dict
+    settings: dict = field(default_factory=dict)
+
+    def masks(self, task: str, modality: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean (L, H, T) and (L, I, T) masks of the planted nodes."""
+        heads = torch.zeros(LAYERS, HEADS, length, dtype=torch.bool)
+        neurons = torch.zeros(LAYERS, NEURONS, length, dtype=torch.bool)
+        for mask, kind in ((heads, "heads"), (neurons, "neurons")):
+            for layer, unit, pos in self.nodes[task][modality][kind]:
+                mask[layer, unit, pos] = True
+        return heads, neurons
+
+
+def check_seed(seed) -> int:
+    """The seed as an int; TypeError for anything that is not an integer."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def organism(seed: int = 0, control: bool = False, *, separate_data: bool = True, translate_layer: int = 2,
+             weak_late_route: bool = True):
+    """(VLM, Truth): the compiled organism of `seed` and its planted circuits (module docstring).
+
+    separate_data: image tokens have their own D units (False: the projector writes the text embedding of the
+    patch's colour word and the text units serve both modalities; then no finding is planted);
+    translate_layer (0, 1, 2): image tokens carry the text code from this layer's output on (image D has
+    translate_layer + 1 stages); weak_late_route: the late colour route answers only "from the left".
+    control=True: separate_data=False, same sizes.
+    """
+    seed = check_seed(seed)
+    if translate_layer not in (0, 1, 2):
+        raise ValueError(f"translate_layer must be 0, 1 or 2, got {translate_layer!r}")
+    if control:
+        separate_data = False
+    from ..model.vlm import wrap
+    from .toy import build_toy
+
+    model, processor = build_toy(seed, hidden=HIDDEN, layers=LAYERS, heads=HEADS, intermediate=NEURONS,
+                                 vision_hidden=16, vision_layers=1, vision_heads=2, vision_intermediate=16,
+                                 rope_theta=ROPE_THETA)
+    for cfg in (model.config, model.config.text_config):
+        cfg.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.model.language_model.embed_tokens.weight))
+    c = _Compiler(model, processor, random.Random(seed), separate_data, translate_layer, weak_late_route)
+    with torch.no_grad():
+        c.build()
+    name = f"organism-{seed}" + ("-control" if control else "")
+    vlm = wrap(model, processor, name=name, image_size=64, wording="toy")
+    with torch.no_grad():
+        c.calibrate(vlm)
+    settings = {"seed": seed, "control": bool(control), "separate_data": separate_data,
+                "translate_layer": translate_layer, "weak_late_route": weak_late_route}
+    return vlm, c.truth(settings)
+
+
+def _angle(colour: str) -> float:
+    return 2 * math.pi * COLOURS8.index(colour) / len(COLOURS8)
+
+
+def _circle(a: float) -> list[float]:
+    return [math.cos(a), math.sin(a)]
+
+
+def _rot(a: float) -> torch.Tensor:
+    return torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+
+
+class _Compiler:
+    """Writes the organism's weights in place (embeddings, vision tower, projector, decoder, unembedding).
+
+    Every RMSNorm weight is 1/sqrt(HIDDEN), so a unit reads x̂ = h / |h|; |h| is NORM (100) at a plain token and
+    NORM * sqrt(2) at a token carrying the 100-long colour code, and each read below divides by the x̂ it expects."""
+
+    def __init__(self, model, processor, rng, separate_data, translate_layer, weak_late_route):
+        from ..data import render, tasks
+
+        self.m, self.proc, self.tok = model, processor, processor.tokenizer
+        self.sep, self.T, self.weak = separate_data, translate_layer, weak_late_route
+        V = model.config.text_config.vocab_size
+        self.dims, nxt = {}, V
+        for name, size in (("NORM_T", 1), ("NORM_I", 1), ("BOSD", 1), ("CFLAG", 1), ("OFLAG", 1), ("IFLAG", 1),
+                           ("QINFO", 1), ("PRE", 2), ("CODE", 2), ("QOBJ", 2), ("ORD", 4), ("SIDE", 2), ("GX", 1),
+                           ("GCL", 2), ("GCR", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("IPRE0", 2), ("ICODE0", 2),
+                           ("IPRE1", 2), ("ICODE1", 2), ("IPRE2", 2), ("LX", 1), ("LCL", 2), ("LCR", 2),
+                           ("G0", 3), ("G0P", 3), ("G1", 3), ("FIN", 3)):
+            self.dims[name] = list(range(nxt, nxt + size))
+            nxt += size
+        assert nxt <= HIDDEN, nxt
+        # data words and the colour each stands for (brown and gray are no words of the toy vocabulary)
+        self.colour_of = {**render.OBJECT_COLOURS, **{c: c for c in COLOURS8[:6]}}
+        self.object_of = {c: o for o, c in render.OBJECT_COLOURS.items()}
+        self.plurals = tasks.PLURALS
+        self.ordinals, self.sides = tasks.ORDINALS, tasks.SIDES
+        self.order_h = [rng.sample(range(HEADS), HEADS) for _ in range(LAYERS)]  # which index gets which role
+        self.order_n = [rng.sample(range(NEURONS), NEURONS) for _ in range(LAYERS)]
+        self.used_h, self.used_n = [0] * LAYERS, [0] * LAYERS
+        self.roles: dict[str, str] = {}
+        self.units: dict[str, tuple] = {}  # role group -> ((layer, head), [(layer, neuron), ...])
+        self.rng = rng
+
+    def id(self, word: str) -> int:
+        return self.tok.convert_tokens_to_ids(word)
+
+    def d(self, name: str, i: int = 0) -> int:
+        return self.dims[name][i]
+
+    def layers(self):
+        return self.m.model.language_model.layers
+
+    # ------------------------------------------------------------------ allocation
+    def head(self, layer: int, role: str) -> int:
+        h = self.order_h[layer][self.used_h[layer]]
+        self.used_h[layer] += 1
+        self.roles[f"L{layer}.H{h}"] = role
+        attn = self.layers()[layer].self_attn
+        sl = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight[sl] = 0.0
+        return h
+
+    def neuron(self, layer: int, role: str) -> int:
+        n = self.order_n[layer][self.used_n[layer]]
+        self.used_n[layer] += 1
+        self.roles[f"L{layer}.N{n}"] = role
+        mlp = self.layers()[layer].mlp
+        mlp.gate_proj.weight[n] = 0.0
+        mlp.up_proj.weight[n] = 0.0
+        return n
+
+    # ------------------------------------------------------------------ primitives
+    def qk(self, layer, h, which, pair, dim, vec) -> None:
+        """Add vec (2,) * x̂[dim] to head h's query or key in rotary pair `pair` (1/sqrt(head_dim) undone)."""
+        attn = self.layers()[layer].self_attn
+        W = attn.q_proj.weight if which == "q" else attn.k_proj.weight
+        s = HEAD_DIM ** 0.25
+        W[h * HEAD_DIM + pair, dim] += float(vec[0]) * s
+        W[h * HEAD_DIM + pair + HEAD_DIM // 2, dim] += float(vec[1]) * s
+
+    def score(self, layer, h, pair, qdim, kdim, target, xq, xk) -> None:
+        """Query x̂[qdim] against key x̂[kdim] scores `target` when they read xq and xk (position-free pair)."""
+        a = math.sqrt(target / (xq * xk))
+        self.qk(layer, h, "q", pair, qdim, (a, 0.0))
+        self.qk(layer, h, "k", pair, kdim, (a, 0.0))
+
+    def sink(self, layer, h) -> None:
+        """Default: BOS (whose value is zero) at score SINK * x̂[NORM] of the query position."""
+        for name in ("NORM_T", "NORM_I"):
+            self.qk(layer, h, "q", _PAIR_SINK, self.d(name), (1.0, 0.0))
+        self.qk(layer, h, "k", _PAIR_SINK, self.d("BOSD"), (SINK, 0.0))
+
+    def ov(self, layer, h, src: list[int], dst: list[int], M, x_src: float) -> None:
+        """Head h's value reads x̂[src] (expected scale x_src); it writes M @ (h[src]) into dst."""
+        attn = self.layers()[layer].self_attn
+        M = torch.as_tensor(M, dtype=torch.float32).reshape(len(dst), len(src))
+        for j, s in enumerate(src):
+            attn.v_proj.weight[h * HEAD_DIM + j, s] = 1.0
+        for i, dd in enumerate(dst):
+            attn.o_proj.weight[dd, h * HEAD_DIM:h * HEAD_DIM + len(src)] = M[i] / x_src
+
+    def relay(self, layer, n, gate_dims: list[int], x_gate: float, src: int, x_src: float, dst: int,
+              gain: float) -> None:
+        """Neuron n = silu(10 * Σ x̂[gate_dims] / x_gate) * x̂[src]; writes gain * (h[src]) into dst."""
+        mlp = self.layers()[layer].mlp
+        for g in gate_dims:
+            mlp.gate_proj.weight[n, g] = 10.0 / x_gate
+        mlp.up_proj.weight[n, src] = 1.0
+        mlp.down_proj.weight[dst, n] = gain / (x_src * 10.0 * torch.sigmoid(torch.tensor(10.0)).item())
+
+    def self_head(self, layer, role, src, x_src, dst, M) -> int:
+        """A head attending to its own position (high-frequency rotary pairs peak at offset 0)."""
+        h = self.head(layer, role)
+        for p in _SELF_PAIRS:
+            for name in ("NORM_T", "NORM_I"):
+                self.qk(layer, h, "q", p, self.d(name), (1.0, 0.0))
+                self.qk(layer, h, "k", p, self.d(name), (SELF, 0.0))
+        self.ov(layer, h, src, dst, M, x_src)
+        return h
+
+    def stage(self, layer, role, src, x_src, pre, out, M, x_pre, gain) -> None:
+        """A D stage: a self head maps h[src] by M into `pre` (unit circle), two neurons copy pre (times gain) to out."""
+        h = self.self_head(layer, role + " head", src, x_src, pre, M)
+        ns = []
+        for i in range(2):
+            n = self.neuron(layer, f"{role} neuron {i}")
+            self.relay(layer, n, [self.d("NORM_T"), self.d("NORM_I")], 1.0, pre[i], x_pre, out[i], gain)
+            ns.append(n)
+        self.units[role] = ((layer, h), [(layer, n) for n in ns])
+
+    def relay_pair(self, layer, role, gate_tok, src, dst, gain, x_src=1 / NORM) -> list:
+        ns = []
+        for i in range(2):
+            n = self.neuron(layer, f"{role} {i}")
+            self.relay(layer, n, [gate_tok], 1 / NORM, src[i], x_src, dst[i], gain)
+            ns.append(n)
+        return [(layer, n) for n in ns]
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        for layer in self.layers():  # random reads everywhere (active units), no write-out
+            a, mlp = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):
+                lin.weight.normal_(0.0, 1.0)
+            a.o_proj.weight.zero_()
+            mlp.down_proj.weight.zero_()
+            layer.input_layernorm.weight.fill_(HIDDEN ** -0.5)
+            layer.post_attention_layernorm.weight.fill_(HIDDEN ** -0.5)
+        self.m.model.language_model.norm.weight.fill_(HIDDEN ** -0.5)
+        self.embeddings()
+        self.vision()
+        self.decoder()
+
+    def embeddings(self) -> None:
+        E = self.m.model.language_model.embed_tokens.weight
+        E.zero_()
+        for t in range(E.shape[0]):
+            E[t, t] = 1.0
+            E[t, self.d("NORM_T")] = NORM
+        bos = self.id("<s>")
+        E[bos].zero_()
+        E[bos, self.d("BOSD")] = NORM
+        for w in COLOURS8[:6]:
+            E[self.id(w), self.d("CFLAG")] = 1.0
+        for w in self.plurals:
+            E[self.id(w), self.d("OFLAG")] = 1.0
+        # a plural that is also a data word ("fish") cannot be told from it: such questions go unanswered
+        plurals = [w for w in self.plurals.values() if w not in self.plurals]
+        for w in (*plurals, *self.ordinals, *self.sides):
+            E[self.id(w), self.d("QINFO")] = 1.0
+
+    def patch_classes(self):
+        """(pixel patches (N, 768), colour index) of every distinct object patch of the two tasks' images."""
+        from ..data import render
+
+        patches, labels, seen = [], [], set()
+        for obj in render.OBJECTS:
+            for colour in COLOURS8:
+                img = render.object_grid([obj], 64, [colour])
+                x = self.proc.image_processor(img, return_tensors="pt")["pixel_values"][0]
+                p = x[:, :16, :16].reshape(-1)
+                if p.numpy().tobytes() not in seen:
+                    seen.add(p.numpy().tobytes())
+                    patches.append(p)
+                    labels.append(COLOURS8.index(colour))
+        return torch.stack(patches), labels
+
+    def vision(self) -> None:
+        """Vision tower and projector: every object patch of the two tasks' images becomes NORM_I + IFLAG + its fill
+        colour (RAW, or with separate_data=False the colour word's one-hot), a blank patch NORM_I alone.
+
+        The CLIP layers write nothing back (a pass-through of the pre-LayerNorm of the patch embedding); the patch
+        embedding and the projector are fitted (a fixed number of full-batch Adam steps from the seed) to classify
+        the finite set of drawn patches by fill colour, which no linear map of the pixels can do."""
+        vt = self.m.model.vision_tower
+        emb = vt.embeddings
+        emb.position_embedding.weight.zero_()
+        emb.class_embedding.zero_()
+        vt.pre_layrnorm.weight.fill_(1.0)
+        vt.pre_layrnorm.bias.zero_()
+        for layer in vt.encoder.layers:
+            for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        P, labels = self.patch_classes()
+        P = torch.cat([P, torch.zeros(1, P.shape[1])])  # the blank patch
+        target = torch.zeros(len(P), 9)
+        target[torch.arange(len(labels)), torch.tensor(labels)] = 1.0
+        target[:, 8] = 1.0  # constant: NORM_I
+        proj = self.m.model.multi_modal_projector
+        conv = emb.patch_embedding.weight.view(emb.patch_embedding.weight.shape[0], -1)
+        gen = torch.Generator().manual_seed(self.rng.randrange(2 ** 31))
+        W0 = (torch.randn(conv.shape, generator=gen) * 0.05).requires_grad_(True)
+        W1 = (torch.randn(proj.linear_1.weight.shape, generator=gen) * 0.3).requires_grad_(True)
+        b1 = torch.zeros(proj.linear_1.bias.shape).requires_grad_(True)
+        W2 = (torch.randn(9, W1.shape[0], generator=gen) * 0.05).requires_grad_(True)
+        b2 = torch.zeros(9).requires_grad_(True)
+        opt = torch.optim.Adam([W0, W1, b1, W2, b2], lr=1e-2)
+        ln = torch.nn.functional.layer_norm
+        with torch.enable_grad():
+            for _ in range(300):
+                h = ln(P @ W0.T, (W0.shape[0],), eps=vt.pre_layrnorm.eps)
+                out = torch.nn.functional.gelu(h @ W1.T + b1) @ W2.T + b2
+                loss = ((out - target) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        # then the output layer exactly: least squares on the hidden features (65 patches, 384 features)
+        hidden = torch.nn.functional.gelu(ln(P @ W0.T, (W0.shape[0],), eps=vt.pre_layrnorm.eps) @ W1.T + b1).detach()
+        A = torch.cat([hidden, torch.ones(len(P), 1)], 1).double()
+        sol = torch.linalg.lstsq(A, target.double(), driver="gelsd").solution.float()
+        W2, b2 = sol[:-1].T, sol[-1]
+        err = float((hidden @ W2.T + b2 - target).abs().max())
+        if err > 1e-4:
+            raise RuntimeError(f"the organism's patch classifier did not fit (max error {err:.2e})")
+        R = torch.zeros(HIDDEN, 9)  # class -> image token
+        for k in range(8):
+            R[self.d("IFLAG"), k] = 1.0
+            # separate_data=False: the one-hot of the object word of that canonical colour (the same text code)
+            R[self.d("RAW", k) if self.sep else self.id(self.object_of[COLOURS8[k]]), k] = 1.0
+        R[self.d("NORM_I"), 8] = NORM
+        emb.patch_embedding.weight.copy_(W0.detach().view_as(emb.patch_embedding.weight))
+        proj.linear_1.weight.copy_(W1.detach())
+        proj.linear_1.bias.copy_(b1.detach())
+        proj.linear_2.weight.copy_(R @ W2)
+        proj.linear_2.bias.copy_(R @ b2)
+
+    def decoder(self) -> None:
+        T, d = self.T, self.d
+        qmark, assistant, colon = self.id("?"), self.id("ASSISTANT"), self.id(":")
+        # ---- layer 0: text D stage; the mover copies the question's object, ordinal and side to "?"
+        words = list(self.colour_of)
+        M = torch.tensor([_circle(_angle(self.colour_of[w])) for w in words]).T
+        self.stage(0, "text D", [self.id(w) for w in words], 1 / NORM, self.dims["PRE"], self.dims["CODE"], M,
+                   1 / NORM, NORM)
+        h = self.head(0, "Q mover")
+        self.sink(0, h)
+        self.score(0, h, _PAIR_TOKEN, qmark, d("QINFO"), 2 * SINK, 1 / NORM, 1 / NORM)
+        src = [self.id(w) for w in (*self.plurals.values(), *self.ordinals, *self.sides)]
+        dst = self.dims["QOBJ"] + self.dims["ORD"] + self.dims["SIDE"]
+        M = torch.zeros(len(dst), len(src))
+        for j, obj in enumerate(self.plurals):
+            M[0:2, j] = torch.tensor(_circle(_angle(self.colour_of[obj])))
+        for k in range(6):
+            M[2 + k, len(self.plurals) + k] = 1.0
+        self.ov(0, h, src, dst, M, 1 / NORM)
+        self.units["Q mover"] = ((0, h), [])
+        # ---- image D stages 0..T (own units): a rotated circle, rotated again per stage, the text code at T
+        if self.sep:
+            ins = [self.dims["RAW"], self.dims["ICODE0"], self.dims["ICODE1"]]
+            pres = [self.dims["IPRE0"], self.dims["IPRE1"], self.dims["IPRE2"]]
+            rho = [1.0 + math.pi / 2 * s for s in range(T)] + [0.0]  # the code's rotation after stage s
+            for s in range(T + 1):
+                if s == 0:
+                    M = torch.tensor([_circle(_angle(c) + rho[0]) for c in COLOURS8]).T
+                else:
+                    M = _rot(rho[s] - rho[s - 1])
+                out, gain = (self.dims["CODE"], NORM) if s == T else (self.dims[f"ICODE{s}"], 1.0)
+                self.stage(s, f"image D stage {s}", ins[s], 1 / NORM, pres[s], out, M, 1 / NORM, gain)
+        # ---- gathers at "?": early (layer 1) read the code at layer 1; late (T + 1) the translated code
+        self.count_gather(1, "count gather (early)", d("GX"))
+        for side, name in (("left", "GCL"), ("right", "GCR")):
+            self.colour_gather(1, f"colour gather {side} (early)", side, self.dims[name], text=True)
+        late = T + 1
+        self.late = late
+        if self.sep:
+            self.count_gather(late, "count gather (late)", d("LX"))
+            for side in ("left",) if self.weak else ("left", "right"):
+                self.colour_gather(late, f"colour gather {side} (late)", side,
+                                   self.dims["LCL" if side == "left" else "LCR"], text=False)
+        # ---- relays at "?" (the MLP of the gather's layer)
+        self.units["count gather (early)"][1].extend(
+            self.relay_pair(1, "count relay (early)", qmark, [d("GX")] * 2, [d("QX")] * 2, 0.5))
+        for side, name in (("left", "GCL"), ("right", "GCR")):
+            self.units[f"colour gather {side} (early)"][1].extend(
+                self.relay_pair(1, f"colour relay {side} (early)", qmark, self.dims[name], self.dims["QC"], 1.0))
+        if self.sep:
+            self.units["count gather (late)"][1].extend(
+                self.relay_pair(late, "count relay (late)", qmark, [d("LX")] * 2, [d("QX")] * 2, 0.5))
+            for side in ("left",) if self.weak else ("left", "right"):
+                name = "LCL" if side == "left" else "LCR"
+                self.units[f"colour gather {side} (late)"][1].extend(
+                    self.relay_pair(late, f"colour relay {side} (late)", qmark, self.dims[name], self.dims["QC"], 1.0))
+        # ---- G: a relay at ASSISTANT reading "?", then at ":" reading ASSISTANT
+        self.g_relay(late + 1, "G relay ASSISTANT", assistant, qmark, self.dims["QX"] + self.dims["QC"],
+                     self.dims["G0"], self.dims["G0P"])
+        self.g_relay(late + 2, "G relay ':'", colon, assistant, self.dims["G0P"], self.dims["G1"], self.dims["FIN"])
+
+    def count_gather(self, layer, role, dst) -> None:
+        """At "?": BOS and every token whose code matches the queried object's, equally (`calibrate` sets the match
+        score to the BOS score); value 1 off BOS, so the output is c / (c + 1)."""
+        h = self.head(layer, role)
+        self.sink(layer, h)
+        for i in range(2):  # q reads QOBJ, k reads CODE; unit strength here, scaled in `calibrate`
+            self.qk(layer, h, "q", _PAIR_MATCH, self.d("QOBJ", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
+            self.qk(layer, h, "k", _PAIR_MATCH, self.d("CODE", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
+        self.ov(layer, h, [self.d("NORM_T"), self.d("NORM_I")], [dst], [[1.0, 1.0]], math.sqrt(0.5))
+        if layer > 1:  # the late gather counts image tokens only: text tokens (NORM_T) lie far below BOS
+            self.qk(layer, h, "q", _PAIR_TOKEN, self.id("?"), (1.0, 0.0))
+            self.qk(layer, h, "k", _PAIR_TOKEN, self.d("NORM_T"), (-4 * SINK * NORM, 0.0))
+        self.units[role] = ((layer, h), [])
+
+    def colour_gather(self, layer, role, side, dst, *, text: bool) -> None:
+        """At "?": the colour word (text) or row-1 patch (image) at index k from `side`, by rotary offset from "?";
+        a question about the other side goes to BOS."""
+        h = self.head(layer, role)
+        self.sink(layer, h)
+        other = self.dims["SIDE"][1 - self.sides.index(side)]
+        x_side = 0.5 / NORM  # the mover averages the ordinal's and the side's values
+        self.qk(layer, h, "q", _PAIR_SINK, other, (20.0 / x_side, 0.0))
+        x_flag = math.sqrt(0.5) / NORM  # the flag of a token that carries the 100-long code
+        for use, pair, flag, offsets in ((text, _PAIR_TEXT, "CFLAG", _TEXT_OFFSETS),
+                                         (True, _PAIR_IMAGE, "IFLAG", _IMAGE_OFFSETS)):
+            if not use:
+                continue
+            self.qk(layer, h, "k", pair, self.d(flag), (1.0 / x_flag, 0.0))
+            omega = ROPE_THETA ** (-2 * pair / HEAD_DIM)
+            for k in range(4):
+                i = k if side == "left" else 3 - k
+                a = -omega * offsets[i]  # q = R(-ω δ) k: the score peaks at offset δ
+                self.qk(layer, h, "q", pair, self.d("ORD", k), (LOOKUP / x_side * math.cos(a),
+                                                               LOOKUP / x_side * math.sin(a)))
+        self.ov(layer, h, self.dims["CODE"], dst, torch.eye(2), math.sqrt(0.5))
+        self.units[role] = ((layer, h), [])
+
+    def g_relay(self, layer, role, at_tok, from_tok, src, mid, out) -> None:
+        """A head at `at_tok` copies src from `from_tok` into mid; four neurons at `at_tok` copy mid into out (two
+        for the count, each half of it, two for the colour code)."""
+        h = self.head(layer, role + " head")
+        self.sink(layer, h)
+        self.score(layer, h, _PAIR_TOKEN, at_tok, from_tok, 4 * SINK, 1 / NORM, 1 / NORM)
+        self.ov(layer, h, src, mid, torch.eye(len(src)), 1 / NORM)
+        count = self.relay_pair(layer, role + " count neuron", at_tok, [mid[0]] * 2, [out[0]] * 2, 0.5)
+        colour = self.relay_pair(layer, role + " colour neuron", at_tok, mid[1:], out[1:], 1.0)
+        self.units[role + " (count)"] = ((layer, h), count)
+        self.units[role + " (colour)"] = ((layer, h), colour)
+
+    # ------------------------------------------------------------------ calibration and truth
+    def layer_inputs(self, vlm, pair, layer: int) -> torch.Tensor:
+        """(T, d) normalised input of `layer`'s attention (x̂) on the pair's prompt."""
+        got = []
+        ln = self.layers()[layer].input_layernorm
+        handle = ln.register_forward_hook(lambda mod, args, out: got.append(out[0].detach().clone()))
+        try:
+            self.m(**pair.inputs)
+        finally:
+            handle.remove()
+        return got[0]
+
+    def head_scores(self, layer, h, x: torch.Tensor, pairs) -> torch.Tensor:
+        """(len(pairs)) q·k (1/sqrt(hd) undone) in the rotary `pairs` of head h at query row x[0], key rows x[1:]."""
+        attn = self.layers()[layer].self_attn
+        rows = [h * HEAD_DIM + p for p in pairs] + [h * HEAD_DIM + p + HEAD_DIM // 2 for p in pairs]
+        q = x[0] @ attn.q_proj.weight[rows].T
+        k = x[1:] @ attn.k_proj.weight[rows].T
+        return (k @ q) / math.sqrt(HEAD_DIM)
+
+    def calibrate(self, vlm) -> None:
+        """Match score of the count gathers := their BOS score (so the weights are exactly 1 / (c + 1)); then the
+        unembedding: colour words read the final colour code, digits the count (tangent lines at each count)."""
+        from ..data.pairs import build_pairs
+
+        self.spans = {}
+        pairs = {}
+        for task in TASKS:
+            for modality in MODALITIES:
+                p = build_pairs(task, modality, vlm, n=24, seed=12345)
+                pairs[task, modality] = p
+                self.spans[task, modality] = (p[0].spans, p[0].length)
+        gathers = [("count gather (early)", ("counting", "text"))]
+        if self.sep:
+            gathers.append(("count gather (late)", ("counting", "image")))
+        for role, key in gathers:
+            (layer, h), _ = self.units[role]
+            pair = next(p for p in pairs[key] if self.plurals[p.prompt.meta["obj"]] not in self.plurals)
+            x = self.layer_inputs(vlm, pair, layer)
+            spans = pair.spans
+            q = spans["Q"][1] - 1
+            d0 = spans["D"][0]
+            match = next(d0 + i for i in range(7) if pair.prompt.meta["words"][i] == pair.prompt.meta["obj"])
+            bos = self.head_scores(layer, h, torch.stack([x[q], x[0]]), [_PAIR_SINK])[0]
+            m = self.head_scores(layer, h, torch.stack([x[q], x[match]]), [_PAIR_MATCH])[0]
+            attn = self.layers()[layer].self_attn
+            scale = math.sqrt(float(bos / m))
+            for W in (attn.q_proj.weight, attn.k_proj.weight):
+                W[h * HEAD_DIM + _PAIR_MATCH] *= scale
+                W[h * HEAD_DIM + _PAIR_MATCH + HEAD_DIM // 2] *= scale
+        # unembedding
+        lm = self.m.lm_head.weight
+        lm.zero_()
+        fin = self.dims["FIN"]
+        for c in ("red", "orange", "yellow", "green", "blue", "purple"):
+            a = _angle(c)
+            lm[self.id(c), fin[1]] = 100.0 * NORM * math.cos(a)
+            lm[self.id(c), fin[2]] = 100.0 * NORM * math.sin(a)
+        got = []
+        norm = self.m.model.language_model.norm
+        handle = norm.register_forward_hook(lambda mod, args, out: got.append(out[:, -1].detach().clone()))
+        try:
+            for p in pairs["counting", "text"]:
+                self.m(**p.inputs)
+        finally:
+            handle.remove()
+        u = {}
+        for p, x in zip(pairs["counting", "text"], got):
+            if self.plurals[p.prompt.meta["obj"]] in self.plurals:  # unanswerable (see `embeddings`)
+                continue
+            u.setdefault(p.prompt.meta["count"], []).append(float(x[0, fin[0]] / x[0, self.d("NORM_T")]))
+        u = {c: float(np.mean(v)) for c, v in u.items()}
+        if len(u) < 6:
+            raise RuntimeError(f"calibration saw counts {sorted(u)} only")
+        gap = min(abs(u[a] - u[b]) for a in u for b in u if a < b)
+        A = 100.0 / gap ** 2
+        for c, uc in u.items():
+            lm[self.id(str(c)), fin[0]] = 2 * A * uc
+            lm[self.id(str(c)), self.d("NORM_T")] = -A * uc ** 2
+
+    def positions(self, task: str, modality: str) -> dict:
+        """Absolute positions of the organism's prompts: D items that matter, "?", ASSISTANT, ":"."""
+        spans, length = self.spans[task, modality]
+        d0 = spans["D"][0]
+        if task == "counting":
+            data = [d0 + i for i in range(7)]
+        else:
+            data = [d0 + 2 * i for i in range(4)] if modality == "text" else [d0 + 4 + i for i in range(4)]
+        return {"D": data, "?": spans["Q"][1] - 1, "G0": spans["G"][0], "G1": spans["G"][0] + 1, "length": length}
+
+    def truth(self, settings: dict) -> Truth:
+        nodes, findings = {}, {}
+        separate_image = self.sep
+        for task in TASKS:
+            nodes[task] = {}
+            for modality in MODALITIES:
+                pos = self.positions(task, modality)
+                groups = []
+                if modality == "text" or not separate_image:
+                    groups.append(("text D", pos["D"]))
+                    if task == "counting":
+                        groups.append(("count gather (early)", [pos["?"]]))
+                    else:
+                        groups += [(f"colour gather {s} (early)", [pos["?"]]) for s in ("left", "right")]
+                else:
+                    groups += [(f"image D stage {s}", pos["D"]) for s in range(self.T + 1)]
+                    if task == "counting":
+                        groups.append(("count gather (late)", [pos["?"]]))
+                    else:
+                        sides = ("left",) if self.weak else ("left", "right")
+                        groups += [(f"colour gather {s} (late)", [pos["?"]]) for s in sides]
+                kind = "count" if task == "counting" else "colour"
+                groups += [(f"G relay ASSISTANT ({kind})", [pos["G0"]]), (f"G relay ':' ({kind})", [pos["G1"]])]
+                heads, neurons = [], []
+                for role, where in groups:
+                    (layer, h), ns = self.units[role]
+                    for t in where:
+                        heads.append((layer, h, t))
+                        neurons += [(ln, n, t) for ln, n in ns]
+                nodes[task][modality] = {"heads": sorted(heads), "neurons": sorted(neurons),
+                                         "length": pos["length"]}
+            size = {m: len(nodes[task][m]["heads"]) / nodes[task][m]["length"] for m in MODALITIES}
+            findings[task] = {
+                "visual_larger": size["image"] > size["text"],
+                "overlap_D_below_G": separate_image, "interchange_G_above_D": separate_image,
+                "alignment_rises": separate_image and self.T >= 1,
+                "backpatch_gain": separate_image and self.T >= 1 and self.weak and task == "color_ordering",
+            }
+        return Truth(nodes, dict(self.roles), findings, settings)

@@ -1,0 +1,121 @@
+"""The organism's truth is exact (plain-torch exact patching) and `validate` recovers it (docs/validation.md)."""
+import json
+import math
+
+import pytest
+import torch
+from organism_check import patched_effects, single_node_masks
+
+from modality_circuits.data.pairs import build_pairs
+from modality_circuits.methods.predict import keep_correct
+from modality_circuits.zoo import planted as O
+
+TOL = 1e-2  # float error on logit differences of 10^2 .. 10^4
+CLEAR = 1.0  # a planted node's effect, on some pair, is at least this
+
+
+def _covering(task, pairs, k):
+    """k pairs that ask about every index and side of colour ordering twice (counting: the first k)."""
+    if task != "color_ordering":
+        return pairs[:k]
+    chosen, seen = [], {}
+    for p in pairs:
+        key = (p.prompt.meta["index"], p.prompt.meta["side"])
+        if seen.get(key, 0) < 2:
+            seen[key] = seen.get(key, 0) + 1
+            chosen.append(p)
+    return chosen[:k]
+
+
+def _check(model, truth, task, modality):
+    pairs = keep_correct(model, build_pairs(task, modality, model, n=40, seed=7))
+    pairs = _covering(task, pairs, 16)
+    T = pairs[0].length
+    ph, pn = truth.masks(task, modality, T)
+    L = model.n_layers
+    # every unit at all its non-planted positions at once, one row a unit
+    rest_h = torch.zeros(L * model.n_heads + L * model.d_mlp, L, model.n_heads, T, dtype=torch.bool)
+    rest_n = torch.zeros(L * model.n_heads + L * model.d_mlp, L, model.d_mlp, T, dtype=torch.bool)
+    r = 0
+    for layer in range(L):
+        for u in range(model.n_heads):
+            rest_h[r, layer, u] = ~ph[layer, u]
+            r += 1
+        for u in range(model.d_mlp):
+            rest_n[r, layer, u] = ~pn[layer, u]
+            r += 1
+    nodes = [("head", *map(int, x)) for x in ph.nonzero()] + [("neuron", *map(int, x)) for x in pn.nonzero()]
+    planted = torch.zeros(len(nodes))
+    for p in pairs:
+        rest = patched_effects(model, p, rest_h, rest_n)
+        assert rest.abs().max() <= TOL, f"{task}/{modality}: a non-planted node matters ({float(rest.abs().max())})"
+        planted = torch.maximum(planted, patched_effects(model, p, *single_node_masks(model, T, nodes)).abs())
+    weak = [n for n, e in zip(nodes, planted) if e < CLEAR]
+    assert not weak, f"{task}/{modality}: planted nodes without effect on {len(pairs)} pairs: {weak[:5]}"
+
+
+@pytest.mark.parametrize("seed,control", [(1, False), (2, True)])
+def test_truth_is_exact(seed, control):
+    model, truth = O.organism(seed, control=control)
+    for task in O.TASKS:
+        for modality in O.MODALITIES:
+            _check(model, truth, task, modality)
+    sizes = {(t, m): len(truth.nodes[t][m]["neurons"]) / len(truth.nodes[t][m]["heads"])
+             for t in O.TASKS for m in O.MODALITIES}
+    assert set(sizes.values()) == {O.NEURONS / O.HEADS}  # one fraction keeps heads and neurons alike
+
+
+def test_seeds_place_units_differently():
+    _, a = O.organism(0)
+    _, b = O.organism(1)
+    assert a.nodes["counting"]["text"] != b.nodes["counting"]["text"]
+
+
+def test_bad_input_before_work(tmp_path):
+    from modality_circuits.study.validate import validate
+
+    with pytest.raises(TypeError, match="integer"):
+        O.organism("3")
+    with pytest.raises(TypeError, match="integer"):
+        validate(1.5, out=str(tmp_path))
+    with pytest.raises(ValueError, match="no task 'arithmetic'"):
+        validate(0, tasks=["arithmetic"], out=str(tmp_path))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError):
+        validate(0, out=str(blocker / "sub"))
+    with pytest.raises(SystemExit):
+        from modality_circuits.study.cli import main
+
+        main(["validate", "--seed", "x", "--out", str(tmp_path)])
+
+
+def test_validate_small(tmp_path, capsys):
+    from modality_circuits.study.cli import main
+
+    main(["validate", "--seed", "0", "--out", str(tmp_path), "--tasks", "color_ordering", "--n", "12",
+          "--resamples", "20"])
+    text = (tmp_path / "recovery.json").read_text()
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert record["seed"] == 0 and record["control"] is False
+    for modality in ("text", "image"):
+        r = record["tasks"]["color_ordering"][modality]
+        assert r["precision"] == 1.0  # the top-ranked nodes are planted ones
+        assert 0 < r["recall"] <= 1 and r["found"] <= r["planted"]
+    f = record["findings"]
+    assert set(f) == {"visual_larger", "overlap_D_below_G", "interchange_G_above_D", "alignment_rises",
+                      "backpatch_gain"}
+    assert all(f[k]["planted"] for k in f)
+    assert f["overlap_D_below_G"]["detected"] and math.isclose(f["overlap_D_below_G"]["value"], 1.0)
+    assert "precision" in capsys.readouterr().out
+
+
+def test_report_section_from_committed_recovery(tmp_path):
+    from pathlib import Path
+
+    from modality_circuits.study.validate import organism_section
+
+    assert organism_section(tmp_path) == []
+    lines = organism_section(Path(__file__).resolve().parent.parent / "results" / "organism")
+    assert lines[0] == "## Does the method recover planted circuits?"
+    assert sum(line.startswith("| seed 0 control | ") for line in lines) == 5  # 4 circuits and the findings row
