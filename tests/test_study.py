@@ -77,7 +77,8 @@ def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, cap
 
 def test_interchange_margin_decides_what_the_report_can_read():
     from modality_circuits.analyses.interchange import MIN_MARGIN
-    from modality_circuits.study.steps import interchange_margin as margin, interchange_readable as interpretable
+    from modality_circuits.study.steps import interchange_margin as margin
+    from modality_circuits.study.steps import interchange_readable as interpretable
     record = {"score": {"value": 0.7}, "visual_f_original": 0.9, "visual_f_random": [0.2, 0.4],
               "text_f_original": 0.8, "text_f_random": [0.78, 0.78]}
     assert margin(record) == pytest.approx(0.02)  # min(0.9 - 0.3, 0.8 - 0.78)

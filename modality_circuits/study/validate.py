@@ -46,7 +46,10 @@ def _fraction_interval(curve: dict) -> dict:
     """The minimal faithful fraction with the range it takes as F moves within its per-fraction intervals: from the
     first fraction whose upper bound reaches the threshold to the first whose lower bound does."""
     f, thr = curve["fractions"], curve["threshold"]
-    first = lambda key: next((x for x, c in zip(f, curve["ci"]) if c[key] is not None and c[key] >= thr), np.nan)
+
+    def first(key: str) -> float:
+        return next((x for x, c in zip(f, curve["ci"]) if c[key] is not None and c[key] >= thr), np.nan)
+
     value = curve["minimal_fraction"] if curve["minimal_fraction"] is not None else np.nan
     return {"value": value, "low": first("high"), "high": first("low")}
 
@@ -56,8 +59,11 @@ def findings_of(folder: Path, task: str) -> dict:
     curves = {m: read_json(folder / task / m / "curve.json") for m in ("text", "image")}
     ov, ic = read_json(folder / task / "overlap.json"), read_json(folder / task / "interchange.json")
     al, bp = read_json(folder / task / "alignment.json"), read_json(folder / task / "backpatch.json")
-    nan = lambda c: {k: (np.nan if c[k] is None else c[k]) for k in ("value", "low", "high")}
-    gain = nan(bp["image"]["gain"])
+
+    def nan(c: dict) -> dict:
+        return {k: (np.nan if c[k] is None else c[k]) for k in ("value", "low", "high")}
+
+    gain = nan(bp["image"]["gain_points"])  # accuracy points
     return {
         "visual_larger": _difference(_fraction_interval(curves["image"]), _fraction_interval(curves["text"])),
         "overlap_D_below_G": _difference(nan(ov["G"]["niou"]), nan(ov["D"]["niou"])),
