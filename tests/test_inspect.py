@@ -117,10 +117,10 @@ def test_reprs_are_short(llava):
 
 
 def test_zero_bars_are_drawn():
-    from modality_circuits.study.figures import _bars
+    from modality_circuits.plot import _bars
     fig, ax = plt.subplots()
     _bars(ax, ["a", "b"], {"x": [{"value": 0.0, "low": 0.0, "high": 0.0}, {"value": 1.0, "low": 0.5, "high": 1.5}]},
-          {"x": "red"}, "")
+          "", {"x": "red"})
     ticks = [c for c in ax.collections if len(c.get_segments()) == 1 and c.get_segments()[0][0][1] == 0]
     assert ticks and ticks[0].get_segments()[0][0][0] == pytest.approx(-0.32)  # a tick across the zero bar
     plt.close(fig)

@@ -19,11 +19,10 @@ def chunked(items: list, size: int) -> list[list]:
 
 
 def requests(model, chunks: list, *, desc: str | None = None, progress: bool = False, done: int = 0) -> Iterator[list]:
-    """Consecutive groups of `model.chunks_per_request` chunks, one request each (run here: one chunk each, so the
-    progress bar moves per chunk); `done` chunks were sent before."""
+    """Consecutive groups of `model.chunks_per_request` chunks, one request each; `done` chunks were sent before."""
     bar = tqdm(total=done + len(chunks), initial=done, desc=desc, disable=not progress, leave=False)
     try:
-        for group in chunked(chunks, model.chunks_per_request if model.remote else 1):
+        for group in chunked(chunks, model.chunks_per_request):
             yield group
             bar.update(len(group))
     finally:

@@ -56,7 +56,7 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     if hub_id == path and not Path(path).expanduser().exists():
         _refuse_missing(path)
     wording = "toy" if name_or_path == "toy" else "study"  # the embedded model knows the wording it was trained on
-    marker = Path(path).expanduser() / "modality_circuits.json"  # a toy taught a task (zoo/teach.py): its wording
+    marker = Path(path).expanduser() / "modality_circuits.json"  # a toy taught a task (study/teach.py): its wording
     if marker.is_file():
         wording = json.loads(marker.read_text()).get("wording", wording)
     return load_pretrained(hub_id, name=name_or_path, device=device, dtype=dtype, device_map=device_map, remote=remote,
