@@ -121,8 +121,7 @@ def _ablate(model, pairs: list[Pair], n_circuits: int, masks, *, max_rows: int |
         P = len(part)
         both = model.prepare(batch([p.cf_inputs for p in part] + [p.inputs for p in part]))
         work = []
-        # P p' rows + P rows a circuit; at least 4 chunks where there are 4 circuits, so progress moves during a curve
-        for idx in requests.chunked(torch.arange(n_circuits), max(1, min(size // P - 1, -(-n_circuits // 4)))):
+        for idx in requests.chunked(torch.arange(n_circuits), max(1, size // P - 1)):  # P p' rows + P rows a circuit
             heads, neurons = masks(idx)
             work.append((len(idx), (pack(heads), pack(neurons)), torch.arange(len(idx)).repeat_interleave(P)))
         lds = requests.run(model, _ablate_session, work, both, answers(part), model.adapter.vision_inputs,

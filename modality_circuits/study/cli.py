@@ -241,14 +241,14 @@ def cmd_view(args) -> None:
 
 
 def cmd_teach(args) -> None:
-    """Extend the toy's vocabulary with a task file's words and fine-tune it on the task (zoo/teach.py)."""
+    """Extend the toy's vocabulary with a task file's words and fine-tune it on the task (study/teach.py)."""
     added = []
     for path in args.task_file:
         added += tasks.load_task_file(path)
     task = args.task or (added[0] if len(added) == 1 else None)
     if task is None:
         raise SystemExit(f"--task: the task files register {', '.join(added)}; name the one to teach")
-    from ..zoo.teach import teach
+    from .teach import teach
 
     r = teach(task, args.out or f"models/toy-{task}", base=args.base, minutes=args.minutes, seed=args.seed)
     if args.json:

@@ -74,7 +74,7 @@ def load_model(name_or_path: str, *, device=None, dtype=None, device_map=None, r
     if hub_id == path and not Path(path).expanduser().exists():
         _refuse_missing(path)
     # the embedded model knows the wording it was trained on, and so does a copy (or retraining) of it: its vocabulary
-    marker = Path(path).expanduser() / "modality_circuits.json"  # a toy taught a task (zoo/teach.py): its wording
+    marker = Path(path).expanduser() / "modality_circuits.json"  # a toy taught a task (study/teach.py): its wording
     if wording is None and marker.is_file():
         wording = json.loads(marker.read_text()).get("wording")
     wording = wording or ("toy" if name_or_path == "toy" or _toy_vocabulary(path) else "study")

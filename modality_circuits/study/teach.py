@@ -98,7 +98,7 @@ def teach(task: str, out: str | Path, *, base: str = "toy", minutes: float = 10.
     batch: new-task prompts per step (`image_share` of them images: images are learnt more slowly); replay: prompts of the built-in tasks per step;
     stops early once validation accuracy reaches `targets` (text, image), else after `minutes` (wall clock).
     """
-    from . import load_model
+    from ..zoo import load_model
 
     get_task(task)
     if task in TASKS:
