@@ -24,8 +24,8 @@ register(Task(
 
 def test_teach_adds_the_unknown_words_and_writes_a_loadable_model(tmp_path):
     import modality_circuits as mc
-    from modality_circuits.tasks import load_task_file
     from modality_circuits.study.teach import teach
+    from modality_circuits.tasks import load_task_file
 
     path = tmp_path / "solid_naming.py"
     path.write_text(TASK)
