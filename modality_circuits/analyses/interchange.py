@@ -117,7 +117,7 @@ def readable(score: float, margin: float) -> bool:
     return math.isfinite(score) and margin >= MIN_MARGIN
 
 
-def _faith(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> list[float]:
+def _faith(lds: torch.Tensor, idx, aggregation: str) -> list[float]:
     """F of rows 2.. of lds (rows 0, 1: full model and empty circuit) on the pairs idx."""
     return [faithfulness_value(ld[idx], lds[0][idx], lds[1][idx], aggregation) for ld in lds[2:]]
 
@@ -126,7 +126,7 @@ def _norm(f_swapped: float, f_original: float, f_random: float) -> float:
     return (f_swapped - f_random) / (f_original - f_random) if f_original != f_random else float("nan")
 
 
-def _score(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> float:
+def _score(lds: torch.Tensor, idx, aggregation: str) -> float:
     f = _faith(lds, idx, aggregation)
     return _norm(f[1], f[0], sum(f[2:]) / len(f[2:]))
 
