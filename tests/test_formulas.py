@@ -198,3 +198,15 @@ def test_interchange_score_from_logit_differences_by_hand(aggregation):
     expect = (f(3) - random) / (f(2) - random)
     ic = Interchange("Q", 0.0, 0.0, [0.0], 0.0, [0.0], None, lds, aggregation)
     assert ic.resampled(idx) == pytest.approx(expect)
+
+    flat = lds.clone()
+    flat[4:] = flat[2]  # the random draws as faithful as the original: no denominator
+    assert math.isnan(Interchange("Q", 0.0, 0.0, [0.0], 0.0, [0.0], None, flat, aggregation).resampled(idx))
+
+
+def test_a_margin_of_exactly_min_margin_is_readable():
+    from modality_circuits.analyses.interchange import MIN_MARGIN, margin, readable
+
+    assert readable(0.3, MIN_MARGIN) and not readable(0.3, MIN_MARGIN - 1e-9)
+    assert not readable(float("nan"), 1.0) and not readable(float("inf"), 1.0)
+    assert margin(0.9, [0.2, 0.4, 0.6]) == pytest.approx(0.5)

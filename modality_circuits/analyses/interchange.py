@@ -118,7 +118,7 @@ def readable(score: float, margin: float) -> bool:
     return math.isfinite(score) and margin >= MIN_MARGIN
 
 
-def _faith(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> list[float]:
+def _faith(lds: torch.Tensor, idx, aggregation: str) -> list[float]:
     """F of rows 2.. of lds (rows 0, 1: full model and empty circuit) on the pairs idx."""
     return [faithfulness_value(ld[idx], lds[0][idx], lds[1][idx], aggregation) for ld in lds[2:]]
 
@@ -127,7 +127,7 @@ def _norm(f_swapped: float, f_original: float, f_random: float) -> float:
     return (f_swapped - f_random) / (f_original - f_random) if f_original != f_random else float("nan")
 
 
-def _scores(lds: torch.Tensor, idx, aggregation: str = "ratio_of_means") -> torch.Tensor:
+def _scores(lds: torch.Tensor, idx, aggregation: str) -> torch.Tensor:
     """(B,) float64 score on the pairs of each row of the (B, P) index matrix idx (`_norm` of `_faith`, elementwise)."""
     at = lds[:, torch.as_tensor(idx)]  # (4 + n_random, B, P)
     f = faithfulness_values(at[2:], at[0], at[1], aggregation).double()
