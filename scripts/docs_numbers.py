@@ -6,6 +6,8 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   toy-results       results/toy/summary.json           (modality-circuits reproduce --model toy)
   scale-ratios      results/scale/*.json               (python experiments/bench_scale.py --json ...)
   scale-projection  results/scale/*.json               (the projection stored with the measurements)
+  toy-time          results/toy/<task>/**/*.json       (the step times every record stores)
+  organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -78,7 +80,7 @@ def toy_results() -> str:
         f = t["minimal_faithful_fraction"]
         lines.append(f"| {TASK_NAMES.get(task, task)} | {_ci(t['accuracy']['text'])} | {_ci(t['accuracy']['image'])}"
                      f" | {pct(f['text'])} / {pct(f['image'])} | {_ci(t['niou']['G'])} | {_ci(t['interchange']['Q'])}"
-                     f" | {_ci(t['interchange']['G'])} | {_ci(t['backpatch_gain']['image'], 100)} |")
+                     f" | {_ci(t['interchange']['G'])} | {_ci(t['backpatch_gain_points']['image'])} |")
     return "\n".join(lines)
 
 
@@ -134,8 +136,37 @@ def scale_projection() -> str:
     return "\n".join(lines)
 
 
+def toy_time() -> str:
+    from modality_circuits.study.report import time_sentence
+
+    return time_sentence(ROOT / "results" / "toy") or "No committed record stores its time."
+
+
+def organism_recovery() -> str:
+    lines = ["| run | task | modality | precision | recall | planted nodes | found |", "|---|---|---|---|---|---|---|"]
+    found = []
+    for path in sorted((ROOT / "results" / "organism").glob("*/recovery.json")):
+        r = json.loads(path.read_text())
+        run = f"seed {r['seed']}" + (" control" if r["control"] else "")
+        for task, entry in r["tasks"].items():
+            for m in ("text", "image"):
+                e = entry[m]
+                lines.append(f"| {run} | {TASK_NAMES.get(task, task)} | {m} | {e['precision']:.2f} | {e['recall']:.2f} |"
+                             f" {e['planted']} | {e['found']} |")
+        found.append((run, r["findings"], r.get("time")))
+    lines += ["", "| run | finding | planted | detected | value [95 % interval] |", "|---|---|---|---|---|"]
+    for run, findings, _ in found:
+        for name, f in findings.items():
+            lines.append(f"| {run} | {name} | {'yes' if f['planted'] else 'no'} | {'yes' if f['detected'] else 'no'} |"
+                         f" {f['value']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}] |")
+    lines += ["", "Time of each invocation (a rerun reuses the finished steps): " + "; ".join(
+        f"{run} {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU" for run, _, t in found if t) + "."]
+    return "\n".join(lines)
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
-              "scale-ratios": scale_ratios, "scale-projection": scale_projection}
+              "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
+              "organism-recovery": organism_recovery}
 
 
 def render(text: str, where: str = "") -> str:
