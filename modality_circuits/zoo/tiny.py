@@ -226,41 +226,39 @@ def _aya_vision(tok):
     return T.AyaVisionForConditionalGeneration(cfg), proc
 
 
-def _glm4v(tok):
-    """2 heads of 16 (half of each rotary), 3-D rotary positions; 2x2 merged 16 px patches: 4 <|image|>."""
+def _glm(tok, text, classes: tuple, **vision):
+    """A GLM-4.1V-style model around a text config: classes = (config, PIL image processor, processor, model);
+    2x2 merged 16 px patches: 4 <|image|>."""
+    config, image_processor, processor, model = classes
     ids = tok.convert_tokens_to_ids
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, image_size=IMAGE_SIZE, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, **vision)
+    cfg = config(text_config=text.to_dict(), vision_config=vision, image_token_id=ids("<|image|>"),
+                 video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
+                 image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
+                 video_end_token_id=ids("<|end_of_video|>"))
+    # GLM's image processor counts the temporal patch (2 frames) against longest_edge
+    ip = image_processor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                         size={"shortest_edge": IMAGE_SIZE**2, "longest_edge": 2 * IMAGE_SIZE**2})
+    proc = without_video(processor)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    return model(cfg), proc
+
+
+def _glm4v(tok):
+    """2 heads of 16 (half of each rotary), 3-D rotary positions."""
     text = _text(T.Glm4vTextConfig, tok, num_attention_heads=2, num_key_value_heads=1, head_dim=None,
                  rope_parameters={**_MROPE, "partial_rotary_factor": 0.5})
-    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, image_size=IMAGE_SIZE, patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32)
-    cfg = T.Glm4vConfig(text_config=text.to_dict(), vision_config=vision, image_token_id=ids("<|image|>"),
-                        video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
-                        image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
-                        video_end_token_id=ids("<|end_of_video|>"))
-    # GLM's image processor counts the temporal patch (2 frames) against longest_edge
-    ip = T.Glm4vImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                  size={"shortest_edge": IMAGE_SIZE**2, "longest_edge": 2 * IMAGE_SIZE**2})
-    proc = without_video(T.Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
-    return T.Glm4vForConditionalGeneration(cfg), proc
+    return _glm(tok, text, (T.Glm4vConfig, T.Glm4vImageProcessorPil, T.Glm4vProcessor, T.Glm4vForConditionalGeneration))
 
 
 def _glm46v(tok):
     """GLM-4.6V's MoE text model (glm4v_moe_text): layer 0 dense (48 neurons), layers 1-2 with 4 routed experts of 12
-    neurons (top-2, sigmoid router) and a shared expert of 12; 2 heads of 16; 2x2 merged 16 px patches: 4 <|image|>."""
-    ids = tok.convert_tokens_to_ids
+    neurons (top-2, sigmoid router) and a shared expert of 12; 2 heads of 16."""
     text = _text(T.Glm4vMoeTextConfig, tok, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
                  head_dim=16, rope_parameters={**_MROPE, "partial_rotary_factor": 0.5}, n_routed_experts=4,
                  num_experts_per_tok=2, moe_intermediate_size=12, n_shared_experts=1, first_k_dense_replace=1)
-    vision = dict(model_type="glm4v_vision", depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
-                  image_size=IMAGE_SIZE, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32)
-    cfg = T.Glm46VConfig(text_config=text.to_dict(), vision_config=vision, image_token_id=ids("<|image|>"),
-                         video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
-                         image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
-                         video_end_token_id=ids("<|end_of_video|>"))
-    ip = T.Glm46VImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                   size={"shortest_edge": IMAGE_SIZE**2, "longest_edge": 2 * IMAGE_SIZE**2})
-    proc = without_video(T.Glm46VProcessor)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
-    return T.Glm46VForConditionalGeneration(cfg), proc
+    return _glm(tok, text, (T.Glm46VConfig, T.Glm46VImageProcessorPil, T.Glm46VProcessor,
+                            T.Glm46VForConditionalGeneration), model_type="glm4v_vision")
 
 
 def _pixtral_ip():
