@@ -44,26 +44,27 @@ COLOUR_ROW = 1  # grid row holding the four objects
 FACT_QUERIES = {"sport": "What sport does this person play?",
                 "country": "Which country is this landmark in?",
                 "instrument": "What instrument does this person play?"}
-ENTITIES = (
-    ("Lionel Messi", "sport", "football"), ("Cristiano Ronaldo", "sport", "football"),
-    ("Roger Federer", "sport", "tennis"), ("Serena Williams", "sport", "tennis"),
-    ("Rafael Nadal", "sport", "tennis"), ("Michael Jordan", "sport", "basketball"),
-    ("Kobe Bryant", "sport", "basketball"), ("Tiger Woods", "sport", "golf"),
-    ("Muhammad Ali", "sport", "boxing"), ("Michael Phelps", "sport", "swimming"),
-    ("Sachin Tendulkar", "sport", "cricket"), ("Babe Ruth", "sport", "baseball"),
-    ("Eiffel Tower", "country", "France"), ("Taj Mahal", "country", "India"),
-    ("Forbidden City", "country", "China"), ("Machu Picchu", "country", "Peru"),
-    ("Sagrada Familia", "country", "Spain"), ("Mount Fuji", "country", "Japan"),
-    ("Brandenburg Gate", "country", "Germany"), ("Angkor Wat", "country", "Cambodia"),
-    ("Colosseum", "country", "Italy"), ("Acropolis", "country", "Greece"),
-    ("Kremlin", "country", "Russia"),
-    ("Jimi Hendrix", "instrument", "guitar"), ("Eric Clapton", "instrument", "guitar"),
-    ("Louis Armstrong", "instrument", "trumpet"), ("Miles Davis", "instrument", "trumpet"),
-    ("Charlie Parker", "instrument", "saxophone"), ("John Coltrane", "instrument", "saxophone"),
-    ("Ringo Starr", "instrument", "drums"), ("Elton John", "instrument", "piano"),
-    ("Frederic Chopin", "instrument", "piano"), ("Itzhak Perlman", "instrument", "violin"),
-    ("Niccolo Paganini", "instrument", "violin"),
-)
+# factual recall: question kind -> (entity, answer), in the order the pairs draw them
+_ENTITIES = {
+    "sport": (
+        ("Lionel Messi", "football"), ("Cristiano Ronaldo", "football"), ("Roger Federer", "tennis"),
+        ("Serena Williams", "tennis"), ("Rafael Nadal", "tennis"), ("Michael Jordan", "basketball"),
+        ("Kobe Bryant", "basketball"), ("Tiger Woods", "golf"), ("Muhammad Ali", "boxing"),
+        ("Michael Phelps", "swimming"), ("Sachin Tendulkar", "cricket"), ("Babe Ruth", "baseball"),
+    ),
+    "country": (
+        ("Eiffel Tower", "France"), ("Taj Mahal", "India"), ("Forbidden City", "China"), ("Machu Picchu", "Peru"),
+        ("Sagrada Familia", "Spain"), ("Mount Fuji", "Japan"), ("Brandenburg Gate", "Germany"),
+        ("Angkor Wat", "Cambodia"), ("Colosseum", "Italy"), ("Acropolis", "Greece"), ("Kremlin", "Russia"),
+    ),
+    "instrument": (
+        ("Jimi Hendrix", "guitar"), ("Eric Clapton", "guitar"), ("Louis Armstrong", "trumpet"),
+        ("Miles Davis", "trumpet"), ("Charlie Parker", "saxophone"), ("John Coltrane", "saxophone"),
+        ("Ringo Starr", "drums"), ("Elton John", "piano"), ("Frederic Chopin", "piano"),
+        ("Itzhak Perlman", "violin"), ("Niccolo Paganini", "violin"),
+    ),
+}
+ENTITIES = tuple((name, question, answer) for question, rows in _ENTITIES.items() for name, answer in rows)
 ICON_COLOURS = tuple(c for c in render.RGB if c != "black")
 # sentiment: event -> (sentiment, icon shape, icon colour)
 SENTIMENTS = ("happy", "sad", "neutral")
