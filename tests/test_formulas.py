@@ -288,3 +288,25 @@ def test_bootstrap_interval_is_the_central_quantiles_of_the_seeded_draws():
     assert default.low == pytest.approx(np.quantile(means, 0.025)) and default.high == pytest.approx(np.quantile(means, 0.975))
     ints = bootstrap(lambda i: int(i.sum()), 5, resamples=50)  # integer statistics come back as floats
     assert isinstance(ints.low, float) and isinstance(ints.value, float)
+
+
+def test_circuit_selection_boundaries():
+    """fraction 0 and 1 and count 0 are allowed (empty and whole circuits); one node is the top-scoring one; bad
+    requests are refused with their message; the circuit records how it was chosen."""
+    from modality_circuits.circuits.circuit import Circuit, Scores
+
+    g = torch.Generator().manual_seed(1)
+    s = Scores(torch.randn(2, 3, 4, generator=g), torch.randn(2, 5, 4, generator=g), {"D": (0, 2), "Q": (2, 3),
+                                                                                    "G": (3, 4)}, "m", 1)
+    assert Circuit.from_scores(s, fraction=0.0).n_heads == 0 and Circuit.from_scores(s, count=0).n_neurons == 0
+    whole = Circuit.from_scores(s, fraction=1.0)
+    assert bool(whole.heads.all()) and bool(whole.neurons.all()) and whole.meta == {"fraction": 1.0, "count": None}
+    one = Circuit.from_scores(s, count=1)
+    assert one.heads.view(-1).nonzero().item() == int(s.heads.abs().argmax())
+    assert one.meta == {"fraction": None, "count": 1}
+    for kwargs, message in (({}, "^give exactly one of fraction or count$"),
+                            ({"fraction": 0.5, "count": 2}, "^give exactly one of fraction or count$"),
+                            ({"fraction": 1.5}, r"^fraction must lie in \[0, 1\], got 1.5$"),
+                            ({"count": -1}, "^count must be non-negative, got -1$")):
+        with pytest.raises(ValueError, match=message):
+            Circuit.from_scores(s, **kwargs)
