@@ -210,3 +210,103 @@ def test_a_margin_of_exactly_min_margin_is_readable():
     assert readable(0.3, MIN_MARGIN) and not readable(0.3, MIN_MARGIN - 1e-9)
     assert not readable(float("nan"), 1.0) and not readable(float("inf"), 1.0)
     assert margin(0.9, [0.2, 0.4, 0.6]) == pytest.approx(0.5)
+
+
+def test_map_span_by_hand():
+    """D: a (layer, unit) at any source data position fills every target data position; Q/G: the last
+    min(lengths) positions, aligned from the span end; the result is the target's layout with a record of both."""
+    from modality_circuits.analyses.interchange import map_span
+
+    source = _random_circuit({"D": (1, 4), "Q": (4, 7), "G": (7, 8)}, 8, seed=6)
+    source.meta = {"modality": "text"}
+    target = _random_circuit({"D": (2, 9), "Q": (9, 11), "G": (11, 12)}, 12, seed=7)
+    for span in "DQG":
+        mapped = map_span(source, target, span)
+        assert mapped.spans == target.spans and mapped.model == target.model
+        assert mapped.meta == {"mapped_from": {"modality": "text"}, "span": span}
+        for kind in ("heads", "neurons"):
+            src, got = getattr(source, kind), getattr(mapped, kind)
+            expect = torch.zeros_like(getattr(target, kind))
+            (s0, s1), (t0, t1) = source.spans[span], target.spans[span]
+            for l in range(src.shape[0]):
+                for u in range(src.shape[1]):
+                    if span == "D":
+                        expect[l, u, t0:t1] = bool(src[l, u, s0:s1].any())
+                    else:
+                        for k in range(min(s1 - s0, t1 - t0)):
+                            expect[l, u, t1 - 1 - k] = src[l, u, s1 - 1 - k]
+            assert torch.equal(got, expect), (span, kind)
+
+
+def test_uniform_random_draw_by_hand():
+    """As many distinct nodes as the sub-circuit, all inside the span, reproducible from the generator, every cell
+    equally likely (frequency over many draws); the result keeps the sub-circuit's spans and model."""
+    from modality_circuits.analyses.interchange import random_like
+
+    sub = _random_circuit({"D": (0, 2), "Q": (2, 5), "G": (5, 6)}, 6, seed=8)
+    counts = [int(sub.heads[..., 2:5].sum()), int(sub.neurons[..., 2:5].sum())]
+    hits = torch.zeros_like(sub.heads, dtype=torch.float32)
+    for seed in range(400):
+        drawn = random_like(sub, "Q", torch.Generator().manual_seed(seed))
+        assert drawn.spans == sub.spans and drawn.model == sub.model and drawn.heads.dtype == torch.bool
+        assert [int(drawn.heads.sum()), int(drawn.neurons.sum())] == counts
+        assert not drawn.heads[..., :2].any() and not drawn.heads[..., 5:].any() and not drawn.neurons[..., 5:].any()
+        hits += drawn.heads
+    again = random_like(sub, "Q", torch.Generator().manual_seed(3))
+    assert torch.equal(again.heads, random_like(sub, "Q", torch.Generator().manual_seed(3)).heads)
+    share = hits[..., 2:5] / 400  # each of the span's cells: count / cells
+    assert (share - counts[0] / share.numel()).abs().max() < 0.12
+    with pytest.raises(ValueError, match="^draw must be one of .*got 'other'"):
+        random_like(sub, "Q", torch.Generator(), draw="other")
+
+
+def test_bootstrap_draws_are_seeded_resamples_of_every_prompt():
+    from modality_circuits.circuits.stats import draws
+
+    d = draws((3, 1), resamples=400, seed=5)
+    assert len(d) == 400 and all(len(i) == 3 and len(j) == 1 for i, j in d)
+    first = np.concatenate([i for i, _ in d])
+    assert set(first.tolist()) == {0, 1, 2} and all((j == 0).all() for _, j in d)  # index 0 drawn too
+    assert all(np.array_equal(a, b) for x, y in zip(d, draws((3, 1), resamples=400, seed=5)) for a, b in zip(x, y))
+    assert not all(np.array_equal(x[0], y[0]) for x, y in zip(d, draws((3, 1), resamples=400, seed=6)))
+    assert len(draws(2)) == 1000 and [len(x) for x in draws(1, resamples=2)[0]] == [1]  # defaults; one prompt is enough
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(draws(4, resamples=3), draws(4, resamples=3, seed=0)))
+    with pytest.raises(ValueError, match="^bootstrap needs at least one prompt in every set$"):
+        draws((2, 0))
+
+
+def test_bootstrap_interval_is_the_central_quantiles_of_the_seeded_draws():
+    """Independent percentile bootstrap over the same index draws: np.quantile at (1 ∓ level)/2."""
+    from modality_circuits.circuits.stats import draws
+
+    x = np.random.default_rng(2).exponential(1.0, 30)  # skewed: the two tails differ
+    ci = bootstrap(lambda i: x[i].mean(), 30, resamples=300, level=0.9, seed=4)
+    means = np.array([x[i].mean() for (i,) in draws(30, 300, 4)])
+    assert ci.low == pytest.approx(np.quantile(means, 0.05)) and ci.high == pytest.approx(np.quantile(means, 0.95))
+    default = bootstrap(lambda i: x[i].mean(), 30)
+    means = np.array([x[i].mean() for (i,) in draws(30, 1000, 0)])
+    assert default.low == pytest.approx(np.quantile(means, 0.025)) and default.high == pytest.approx(np.quantile(means, 0.975))
+    ints = bootstrap(lambda i: int(i.sum()), 5, resamples=50)  # integer statistics come back as floats
+    assert isinstance(ints.low, float) and isinstance(ints.value, float)
+
+
+def test_circuit_selection_boundaries():
+    """fraction 0 and 1 and count 0 are allowed (empty and whole circuits); one node is the top-scoring one; bad
+    requests are refused with their message; the circuit records how it was chosen."""
+    from modality_circuits.circuits.circuit import Circuit, Scores
+
+    g = torch.Generator().manual_seed(1)
+    s = Scores(torch.randn(2, 3, 4, generator=g), torch.randn(2, 5, 4, generator=g), {"D": (0, 2), "Q": (2, 3),
+                                                                                    "G": (3, 4)}, "m", 1)
+    assert Circuit.from_scores(s, fraction=0.0).n_heads == 0 and Circuit.from_scores(s, count=0).n_neurons == 0
+    whole = Circuit.from_scores(s, fraction=1.0)
+    assert bool(whole.heads.all()) and bool(whole.neurons.all()) and whole.meta == {"fraction": 1.0, "count": None}
+    one = Circuit.from_scores(s, count=1)
+    assert one.heads.view(-1).nonzero().item() == int(s.heads.abs().argmax())
+    assert one.meta == {"fraction": None, "count": 1}
+    for kwargs, message in (({}, "^give exactly one of fraction or count$"),
+                            ({"fraction": 0.5, "count": 2}, "^give exactly one of fraction or count$"),
+                            ({"fraction": 1.5}, r"^fraction must lie in \[0, 1\], got 1.5$"),
+                            ({"count": -1}, "^count must be non-negative, got -1$")):
+        with pytest.raises(ValueError, match=message):
+            Circuit.from_scores(s, **kwargs)
