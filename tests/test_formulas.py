@@ -57,8 +57,8 @@ def test_bootstrap_percentile_interval_properties():
     seen = []
     both = bootstrap(lambda i, j: seen.append((len(i), len(j))) or float(len(i) + len(j)), (3, 7), resamples=5)
     assert both.value == 10.0 and set(seen) == {(3, 7)}
-    half = bootstrap(lambda i: float("nan") if i[0] % 2 else 1.0, 10, resamples=50)  # some draws undefined
-    assert half.low == half.high == 1.0
+    half = bootstrap(lambda i: float("nan") if i[0] % 2 else 1.0, 10, resamples=50)  # many draws undefined
+    assert math.isnan(half.low) and math.isnan(half.high) and half.dropped > 0.01 * 50 and half.reason
     none = bootstrap(lambda i: float("nan"), 4, resamples=10)
     assert math.isnan(none.low) and math.isnan(none.high)
     with pytest.raises(ValueError, match="at least one prompt"):
@@ -163,7 +163,7 @@ def test_resampled_scores_are_the_mean_over_the_drawn_pairs():
 def test_ci_as_dict():
     from modality_circuits.circuits.stats import CI
 
-    assert CI(0.5, 0.25, 0.75).as_dict() == {"value": 0.5, "low": 0.25, "high": 0.75}
+    assert CI(0.5, 0.25, 0.75).as_dict() == {"value": 0.5, "low": 0.25, "high": 0.75, "dropped": 0, "resamples": 0}
 
 
 def test_span_masks_default_length_is_the_whole_span():
@@ -300,10 +300,10 @@ def test_circuit_selection_boundaries():
                                                                                     "G": (3, 4)}, "m", 1)
     assert Circuit.from_scores(s, fraction=0.0).n_heads == 0 and Circuit.from_scores(s, count=0).n_neurons == 0
     whole = Circuit.from_scores(s, fraction=1.0)
-    assert bool(whole.heads.all()) and bool(whole.neurons.all()) and whole.meta == {"fraction": 1.0, "count": None}
+    assert bool(whole.heads.all()) and bool(whole.neurons.all()) and whole.meta == {"fraction": 1.0, "count": None, "scores": {}}
     one = Circuit.from_scores(s, count=1)
     assert one.heads.view(-1).nonzero().item() == int(s.heads.abs().argmax())
-    assert one.meta == {"fraction": None, "count": 1}
+    assert one.meta == {"fraction": None, "count": 1, "scores": {}}
     for kwargs, message in (({}, "^give exactly one of fraction or count$"),
                             ({"fraction": 0.5, "count": 2}, "^give exactly one of fraction or count$"),
                             ({"fraction": 1.5}, r"^fraction must lie in \[0, 1\], got 1.5$"),

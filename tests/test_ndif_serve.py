@@ -1,5 +1,4 @@
 """experiments/ndif/serve.sh: checks its ports (takes free ones when asked) and stops only its own processes."""
-import hashlib
 import os
 import shutil
 import signal
@@ -45,20 +44,20 @@ def test_a_busy_port_is_refused_or_replaced_by_a_free_one(tmp_path):
 
 
 def test_stop_ends_only_the_processes_it_recorded(tmp_path):
-    """A recorded Ray process of this state's session folder is ended; another Ray cluster's process, even with
-    its pid in the record (a reused pid), is left alone; so is the machine's `ray`."""
-    session = "/tmp/ray-ndif-" + hashlib.md5(str(tmp_path).encode()).hexdigest()[:8]
+    """`stop` ends the session of each recorded service pid (every service starts as a session leader, so its
+    children go with it) and nothing else: an unrecorded process of the machine is left alone; no `ray stop`."""
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
-    ours = subprocess.Popen([*sleeper, f"--session-dir={session}/session_1"])
-    other = subprocess.Popen([*sleeper, "--session-dir=/tmp/ray/session_someone_else"])
+    ours = subprocess.Popen(sleeper, start_new_session=True)
+    other = subprocess.Popen(sleeper, start_new_session=True)
     try:
         (tmp_path / "run").mkdir(parents=True)
-        (tmp_path / "run" / "ray.pids").write_text(f"{ours.pid}\n{other.pid}\n")
+        (tmp_path / "run" / "ray.pid").write_text(f"{ours.pid}\n")
         time.sleep(0.5)
         result = _serve(tmp_path, "stop")
         assert result.returncode == 0 and "stopped" in result.stdout, result.stderr
-        assert ours.wait(timeout=10) is not None
+        assert ours.wait(timeout=30) is not None
         assert other.poll() is None
+        assert not (tmp_path / "run" / "ray.pid").exists()
         assert "stop --force" not in SERVE.read_text()
     finally:
         for p in (ours, other):

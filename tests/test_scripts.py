@@ -32,6 +32,8 @@ HOW = {
     "experiments/gpu_check.sh": "compiled only: it needs an NVIDIA GPU",
     "experiments/bench_scale.py": "test_bench_scale_quick (--quick)",
     "experiments/bench_attribution.py": "compiled only: no quick mode (a timed benchmark: 6 subprocesses, ~20 s CPU)",
+    "experiments/bench_import.py": "test_bench_import_once (--repeats 1)",
+    "experiments/bench_study.py": "compiled only: a timed benchmark of one whole task (minutes of CPU per repeat)",
     "experiments/counting_errors.py": "test_small_runs",
     "experiments/method_ablation.py": "test_small_runs",
     "experiments/train_toy_vlm.py": "test_small_runs",
@@ -130,6 +132,14 @@ assert asked == [], asked  # a local folder: no Hub call
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_bench_import_once():
+    """The import benchmark, one repeat: it prints both timings and finds no heavy module imported."""
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_import.py"), "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "import modality_circuits" in run.stdout and "--help" in run.stdout, run.stdout
 
 
 def test_bench_scale_quick(tmp_path):

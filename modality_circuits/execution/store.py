@@ -10,6 +10,16 @@ import tempfile
 import time
 from pathlib import Path
 
+
+def check_writable(out: Path) -> None:
+    """--out must be a folder this process can write (created if missing): checked before any work."""
+    folder = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {folder} is not writable")
+
+
 #: The file a run holds in its --out folder while it writes there (`lock`).
 LOCK = ".modality_circuits.lock"
 

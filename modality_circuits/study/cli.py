@@ -98,15 +98,6 @@ def _budget(text: str):
     return budget.parse(text)
 
 
-def _check_writable(out: Path) -> None:
-    """--out must be a folder this process can write (created if missing): checked before any work."""
-    folder = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"--out {out}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: {folder} is not writable")
-
-
 def _study(args):
     from ..zoo import load_model
     from . import steps
@@ -117,7 +108,9 @@ def _study(args):
     threshold = getattr(args, "threshold", 0.8)
     steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples, threshold=threshold,
                          image_size=args.image_size, data_dir=args.data_dir)  # before loading the model
-    _check_writable(Path(args.out))
+    from ..execution.store import check_writable
+
+    check_writable(Path(args.out))
     if getattr(args, "held", None) is not None:  # one run at a time writes --out (released when the command ends)
         from ..execution import store
 

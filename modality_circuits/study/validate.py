@@ -85,14 +85,14 @@ def recovery(circuit: Circuit, planted: tuple) -> dict:
 def validate(seed: int, control: bool = False, out: str = "results/organism", *, tasks=None, n: int = 48,
              resamples: int = 1000, progress: bool = True) -> dict:
     """Run the ordinary study on organism(seed, control) and write <out>/recovery.json; returns its record."""
+    from ..execution.store import check_writable
     from ..zoo.planted import TASKS, check_seed, organism
     from . import steps
-    from .cli import _check_writable
 
     seed = check_seed(seed)
     tasks = check_tasks(tuple(tasks or TASKS))
     steps.check_settings(tasks, n=n, steps=5, resamples=resamples)
-    _check_writable(Path(out))
+    check_writable(Path(out))
     start, cpu = time.perf_counter(), time.process_time()
     model, truth = organism(seed, control=control)
     study = steps.Study(model, out=str(out), tasks=tasks, n=n, seed=seed, resamples=resamples, fractions=FRACTIONS)
