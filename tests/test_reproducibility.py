@@ -26,7 +26,7 @@ def budget(llava):
 
 @pytest.mark.parametrize("modality", ["text", "image"])
 def test_attribution_is_the_same_bits_for_any_chunking(llava, budget, modality):
-    """max_rows 1, 3, unlimited and two memory budgets: identical node sets and sums within 1e-6 relative (bit for
+    """max_rows 1, 3, unlimited and two memory budgets: identical node sets and sums within 1e-6 of the largest (bit for
     bit with one thread; several BLAS threads may round a forward of another batch size differently in the last
     bit); the mean also equals the mean of the per-pair scores taken separately."""
     pairs = build_pairs("counting", modality, llava, n=8, seed=1)
@@ -37,7 +37,7 @@ def test_attribution_is_the_same_bits_for_any_chunking(llava, budget, modality):
     first = runs[0]
     for other in runs[1:]:
         for a, b in ((first.heads, other.heads), (first.neurons, other.neurons), *zip(first.square_sums, other.square_sums)):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(a.abs().max()))  # 1e-6 of the largest
         for fraction in (0.01, 0.05, 0.2):
             assert Circuit.from_scores(first, fraction=fraction) == Circuit.from_scores(other, fraction=fraction)
     mean = first.per_pair[0].double().mean(0).float()  # independent: the per-pair values, averaged here
@@ -85,7 +85,7 @@ def test_a_checkpoint_resumes_under_any_budget(llava, budget, tmp_path, monkeypa
 
 def test_a_study_is_the_same_for_any_budget_and_task_order(llava, tmp_path):
     """Two runs, tasks in either order, about one attribution row at a time or as many as fit: the same scores and
-    circuits and scores within 1e-6 (bit for bit with one thread), and the same summary after the report's rounding."""
+    circuits, scores bit for bit with one thread (within 1e-5 of the largest with several), and the same summary after the report's rounding."""
     from modality_circuits.execution.budget import row_bytes
 
     one_row = max(row_bytes(llava, build_pairs(t, m, llava, n=1, seed=0)[0].length, backward=True)
@@ -96,14 +96,17 @@ def test_a_study_is_the_same_for_any_budget_and_task_order(llava, tmp_path):
     a, b = tmp_path / "a" / "tiny-llava", tmp_path / "b" / "tiny-llava"
     files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors") if ".cache" not in p.parts)
     assert len(files) == 8
-    for f in files:  # circuits identical, scores within 1e-6 relative (bit for bit with one thread)
+    for f in files:  # circuits identical; scores bit for bit with one thread, within 1e-5 of the largest otherwise
         x, y = load_file(a / f), load_file(b / f)
         assert x.keys() == y.keys(), f
         for key in x:
             if not x[key].is_floating_point():
                 assert torch.equal(x[key], y[key]), (f, key)
             else:
-                torch.testing.assert_close(x[key], y[key], rtol=1e-6, atol=1e-12, msg=f"{f} {key}")
+                # bit for bit with one thread; with several, a forward of another batch size rounds its float32
+                # sums differently (measured: up to 1.5e-6 of the largest neuron score on this model)
+                torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-5 * float(x[key].abs().max()),
+                                           msg=f"{f} {key}")
 
     def rounded(x):
         if isinstance(x, dict):
