@@ -143,25 +143,16 @@ def toy_time() -> str:
 
 
 def organism_recovery() -> str:
-    lines = ["| run | task | modality | precision | recall | planted nodes | found |", "|---|---|---|---|---|---|---|"]
-    found = []
+    from modality_circuits.study.validate import organism_tables
+
+    times = []
     for path in sorted((ROOT / "results" / "organism").glob("*/recovery.json")):
         r = json.loads(path.read_text())
-        run = f"seed {r['seed']}" + (" control" if r["control"] else "")
-        for task, entry in r["tasks"].items():
-            for m in ("text", "image"):
-                e = entry[m]
-                lines.append(f"| {run} | {TASK_NAMES.get(task, task)} | {m} | {e['precision']:.2f} | {e['recall']:.2f} |"
-                             f" {e['planted']} | {e['found']} |")
-        found.append((run, r["findings"], r.get("time")))
-    lines += ["", "| run | finding | planted | detected | value [95 % interval] |", "|---|---|---|---|---|"]
-    for run, findings, _ in found:
-        for name, f in findings.items():
-            lines.append(f"| {run} | {name} | {'yes' if f['planted'] else 'no'} | {'yes' if f['detected'] else 'no'} |"
-                         f" {f['value']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}] |")
-    lines += ["", "Time of each invocation (a rerun reuses the finished steps): " + "; ".join(
-        f"{run} {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU" for run, _, t in found if t) + "."]
-    return "\n".join(lines)
+        if r.get("time"):
+            times.append(f"seed {r['seed']}{' control' if r['control'] else ''} {r['time']['wall_s']:.0f} s wall, "
+                         f"{r['time']['cpu_s']:.0f} s CPU")
+    return "\n".join([*organism_tables(ROOT / "results" / "organism"), "",
+                      "Time of each invocation (a rerun reuses the finished steps): " + "; ".join(times) + "."])
 
 
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,

@@ -18,6 +18,17 @@ def get_tiny(family):
     return _CACHE[family]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread avoids oversubscribing a busy 2-core machine (ops 100x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request):
     return get_tiny(request.param)

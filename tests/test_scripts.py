@@ -42,12 +42,8 @@ HOW = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (conftest.one_thread) for every test of this module."""
 
 
 def _env() -> dict:

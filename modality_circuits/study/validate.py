@@ -146,17 +146,14 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def organism_section(folder: Path) -> list[str]:
-    """The report's "Does the method recover planted circuits?" section from <folder>/*/recovery.json (none: [])."""
-    records = sorted((read_json(p) for p in Path(folder).glob("*/recovery.json")), key=lambda r: (r["seed"], r["control"]))
-    if not records:
-        return []
-    lines = ["## Does the method recover planted circuits?", "",
-             ("The same pipeline on a model organism whose circuits are known by construction, and on its control "
-              "(same sizes, no planted finding): `modality-circuits validate` (docs/validation.md). Precision and "
-              "recall of the discovered circuit's nodes against the planted ones; a finding is detected when its 95 % "
-              "interval lies above zero."), "", "| organism | task | modality | precision | recall | planted | found |",
-             "|---|---|---|---|---|---|---|"]
+def _records(folder: Path) -> list[dict]:
+    return sorted((read_json(p) for p in Path(folder).glob("*/recovery.json")), key=lambda r: (r["seed"], r["control"]))
+
+
+def organism_tables(folder: Path) -> list[str]:
+    """Markdown tables of <folder>/*/recovery.json: precision and recall per task and modality, then the findings."""
+    records = _records(folder)
+    lines = ["| organism | task | modality | precision | recall | planted | found |", "|---|---|---|---|---|---|---|"]
     for r in records:
         name = f"seed {r['seed']}" + (" control" if r["control"] else "")
         for task, entry in r["tasks"].items():
@@ -170,4 +167,15 @@ def organism_section(folder: Path) -> list[str]:
         cells = [f"{'planted' if f['planted'] else 'absent'}, {'detected' if f['detected'] else 'not detected'}: "
                  f"{f['value']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]" for f in (r["findings"][k] for k in FINDINGS)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines
+
+
+def organism_section(folder: Path) -> list[str]:
+    """The report's "Does the method recover planted circuits?" section from <folder>/*/recovery.json (none: [])."""
+    if not _records(folder):
+        return []
+    return ["## Does the method recover planted circuits?", "",
+            ("The same pipeline on a model organism whose circuits are known by construction, and on its control "
+             "(same sizes, no planted finding): `modality-circuits validate` (docs/validation.md). Precision and "
+             "recall of the discovered circuit's nodes against the planted ones; a finding is detected when its 95 % "
+             "interval lies above zero."), "", *organism_tables(folder), ""]
