@@ -97,11 +97,14 @@ def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tens
     entries tied with the k-th largest go to the lowest flat indices (topk alone leaves ties to its kernel).
     batched: of each scores[b] (k of every row)."""
     flat = scores.abs().flatten(int(batched))
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :k]
-        mask.scatter_(-1, order, True)
-    return mask.view_as(scores)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.topk(flat, k).values[..., -1:]  # O(n): no full sort
+    above, tied = flat > kth, flat == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied entries fit, taken from the lowest index
+    return (above | (tied & (tied.cumsum(-1) <= room))).view_as(scores)
 
 
 @dataclass
