@@ -6,7 +6,13 @@ Layers, each importing only those below it: study/ -> analyses/, methods/ -> dat
 The names below are imported on first use (module `__getattr__`), so `import modality_circuits` loads neither
 torch, transformers, nnsight nor matplotlib (experiments/bench_import.py measures it).
 """
+import os
 from importlib import import_module
+
+# MKL's strict conditional numerical reproducibility: matrix products give the same bits for any number of threads
+# (and on any AVX2 x86 CPU). Read when MKL first runs, so it holds if this package is imported before torch does
+# any matrix work; a value the user set wins. Measured cost on the toy: none (docs/reproducibility.md).
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 #: public name -> the module (relative to this package) that defines it.
 _LAZY = {

@@ -8,6 +8,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   scale-projection  results/scale/*.json               (the projection stored with the measurements)
   toy-time          results/toy/<task>/**/*.json       (the step times every record stores)
   organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
+  reproducibility   results/reproducibility/bench.json (python experiments/bench_reproducibility.py --json ...)
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -155,9 +156,23 @@ def organism_recovery() -> str:
                       "Time of each invocation (a rerun reuses the finished steps): " + "; ".join(times) + "."])
 
 
+def reproducibility() -> str:
+    r = _read("results/reproducibility/bench.json")
+    mode = {"strict": "strict (default)", "off": "off"}
+    lines = ["| MKL mode | model | modality | against 1 thread, canonical chunks | heads | neurons | ablation LDs |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {mode[d['mode']]} | {d['model']} | {d['modality']} | {d['against 1 thread']} | {d['heads']:.1e} | "
+              f"{d['neurons']:.1e} | {d['LDs']:.1e} |" for d in r["differences"]]
+    cpu = {m: {k: f"{min(v):.2f}–{max(v):.2f} s" for k, v in t.items()} for m, t in r["cpu_s"].items()}
+    lines += ["", f"CPU time, one thread, {r['args']['repeats']} repeats: `attribute` (36 toy image pairs, k = 5) "
+              f"{cpu['strict']['attribute']} with the strict mode, {cpu['off']['attribute']} without; 24 ablated circuits "
+              f"on 36 pairs {cpu['strict']['ablate']} and {cpu['off']['ablate']}."]
+    return "\n".join(lines)
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
-              "organism-recovery": organism_recovery}
+              "organism-recovery": organism_recovery, "reproducibility": reproducibility}
 
 
 def render(text: str, where: str = "") -> str:

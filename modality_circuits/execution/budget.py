@@ -2,8 +2,12 @@
 
 `VLM.memory_budget` is bytes, a string such as "40GB", or "auto": a safe share of what is free
 now (CUDA: 80 % of the free device memory; CPU: 50 % of MemAvailable, the machine being shared).
-`rows(model, length, backward=...)` divides it by a modelled per-row cost, caps the result at the
-method's `max_rows` (default: no cap), and is what every method passes to `requests.chunked`.
+`rows(model, length, backward=...)` divides it by a modelled per-row cost and caps the result at the
+canonical chunk (`canonical_rows`: on a GPU what fits the card's total memory, on the CPU `CANONICAL_TOKENS`)
+and at the method's `max_rows` (default: no cap); every method passes it to `requests.chunked`. The canonical
+cap makes a chunk's composition, and with it the last float bits of a BLAS kernel's sums, independent of the
+memory free now: any budget that holds a canonical chunk gives the same chunks. A budget or `max_rows` below it gives smaller chunks, noted in `REDUCED` (the study writes the notes
+into its records) and warned (docs/reproducibility.md).
 
 The per-row model (b bytes per element of the model's dtype; d hidden size, I MLP width, H heads,
 L layers, T tokens, V vocabulary):
@@ -16,6 +20,7 @@ experiments/bench_scale.py compares it with measured peaks (docs/scale.md); docs
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -68,8 +73,41 @@ def row_bytes(model, length: int, *, backward: bool = False) -> int:
     return layers * (t * (18 * d + 12 * i) * b + h * t * t * b) + forward
 
 
+#: Token rows (rows × tokens) of one canonical chunk on the CPU, a forward or a forward+backward: fixed, so the
+#: same on every machine; the toy runs fastest near these sizes (docs/reproducibility.md).
+CANONICAL_TOKENS = {"forward": 8192, "backward": 2048}
+
+#: Notes of chunks made smaller than canonical since the last `REDUCED.clear()`.
+REDUCED: set[str] = set()
+
+
+def canonical_rows(model, length: int, *, backward: bool = False, extra: int = 0) -> int:
+    """Rows of `length` tokens in a canonical chunk (at least 1), never derived from the memory free now: on a CUDA
+    device, what fits SAFE_SHARE of the card's total memory less the weights (a property of the card: what "auto"
+    gives on an otherwise idle card); for a model
+    on a server, what fits the budget given in bytes (the server's memory, as stated); else CANONICAL_TOKENS."""
+    device, stated = model.device, parse(model.memory_budget)
+    if device.type == "cuda":
+        weights = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
+        room = SAFE_SHARE["cuda"] * (torch.cuda.get_device_properties(device).total_memory - weights)  # "auto" on an idle card
+        return max(1, int(room // (row_bytes(model, length, backward=backward) + extra)))
+    if model.hosted and stated != "auto":
+        return max(1, stated // (row_bytes(model, length, backward=backward) + extra))
+    return max(1, CANONICAL_TOKENS["backward" if backward else "forward"] // length)
+
+
 def rows(model, length: int, *, backward: bool = False, max_rows: int | None = None, extra: int = 0) -> int:
-    """How many rows of `length` tokens fit the model's memory budget (at least 1, at most max_rows);
-    `extra`: bytes a row holds besides its forward (e.g. cached residuals)."""
+    """Rows of `length` tokens per chunk: the canonical chunk, or fewer where the model's memory budget or
+    `max_rows` holds fewer (noted in REDUCED and warned); at least 1. `extra`: bytes a row holds besides
+    its forward (e.g. cached residuals)."""
+    canonical = canonical_rows(model, length, backward=backward, extra=extra)
     fit = resolve(model.memory_budget, model.device) // (row_bytes(model, length, backward=backward) + extra)
-    return max(1, min(fit, max_rows) if max_rows else fit)
+    size = max(1, min(canonical, fit, max_rows or canonical))
+    if size < canonical:
+        why = "max_rows" if max_rows and max_rows < min(canonical, fit) else "the memory budget"
+        note = (f"{'forward+backward' if backward else 'forward'} chunks of {size} rows of {length} tokens (canonical "
+                f"{canonical}), set by {why}")
+        warnings.warn(f"{note}: numbers may differ from a canonical run in the last float bits "
+                      "(docs/reproducibility.md)", stacklevel=2)  # shown once per message and caller
+        REDUCED.add(note)
+    return size

@@ -253,13 +253,17 @@ def _reusable(study: Study, path: Path, settings: dict | None) -> bool:
 
 def _step(study: Study, path: Path, compute):
     """Read `path` if it was made with these settings (and not study.force), else compute, write atomically
-    with the settings and the step's time (wall and CPU seconds of this process), and return."""
+    with the settings, the step's time (wall and CPU seconds of this process) and any chunks smaller than
+    canonical (`chunking`), and return."""
     if _reusable(study, path, read_json(path).get("settings") if path.exists() else None):
         return read_json(path)
     wall, cpu = time.perf_counter(), time.process_time()
+    budget.REDUCED.clear()
     result = compute()
     result = {**result, "settings": study.settings_of(_task_of(study, path)),
               "time": {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}}
+    if budget.REDUCED:  # chunks below the canonical size: the last float bits may differ (docs/reproducibility.md)
+        result["chunking"] = sorted(budget.REDUCED)
     write_json(path, result)
     return result
 
