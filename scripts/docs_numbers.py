@@ -9,6 +9,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   toy-time          results/toy/<task>/**/*.json       (the step times every record stores)
   organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
   reproducibility   results/reproducibility/bench.json (python experiments/bench_reproducibility.py --json ...)
+  ndif-e2e          results/ndif/e2e.json              (MC_CI_REMOTE=1 bash .ci/remote-server)
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -170,9 +171,28 @@ def reproducibility() -> str:
     return "\n".join(lines)
 
 
+def ndif_e2e() -> str:
+    r = _read("results/ndif/e2e.json")
+    rows = [row for m in r["models"] for row in m["rows"]]
+    first = [m["rows"][0]["remote_s"] for m in r["models"]]
+    later = [row["remote_s"] for m in r["models"] for row in m["rows"][1:]]
+    families = ", ".join("the toy" if "toy" in m["model"] else f"tiny {m['family']}" for m in r["models"])
+    return "\n".join([
+        f"`results/ndif/e2e.json` ({r['date'][:10]}; machine: {r['machine']}):", "",
+        "| | |", "|---|---|",
+        f"| remote runs | {len(rows)} ({len(rows) // len(r['models'])} algorithms × {families}), {r['failed']} failed |",
+        f"| largest local-vs-remote difference | {r['max_abs_diff']:g} (float32 weights on both sides) |",
+        f"| install (server venv) | {r['install_s']:.0f} s |",
+        f"| start (redis, S3, Ray, controller, API) | {r['start_s']:.0f} s |",
+        f"| comparison | {r['seconds']:.0f} s; the first request of each model, which deploys it, {min(first):.0f} to "
+        f"{max(first):.0f} s, later ones {min(later):.1f} to {max(later):.1f} s |", "",
+        f"Server: {r['server']}; client: " + ", ".join(f"{k} {v}" for k, v in r["client"].items()) + "."])
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
-              "organism-recovery": organism_recovery, "reproducibility": reproducibility}
+              "organism-recovery": organism_recovery, "reproducibility": reproducibility,
+              "ndif-e2e": ndif_e2e}
 
 
 def render(text: str, where: str = "") -> str:
