@@ -103,6 +103,14 @@ def test_top_mask_breaks_ties_by_the_lowest_index():
         expected = torch.zeros(5000, dtype=torch.bool)
         expected[sorted(range(5000), key=lambda i: (-abs(scores[i].item()), i))[:k]] = True
         assert torch.equal(_top_mask(scores.view(50, 100), k).flatten(), expected)
+    # batched, rows with and without ties crossing the k-th place (the running count and its shortcut)
+    rows = torch.stack([scores[:1000], torch.randn(1000, generator=g), scores[1000:2000].abs() + 0.5 * (scores[:1000] == 0)])
+    for k in (0, 10, 300, 999):
+        got = _top_mask(rows, k, batched=True)
+        for row, mask in zip(rows, got):
+            expected = torch.zeros(1000, dtype=torch.bool)
+            expected[sorted(range(1000), key=lambda i: (-abs(row[i].item()), i))[:k]] = True
+            assert torch.equal(mask, expected)
 
 
 def test_a_checkpoint_resumes_under_any_budget(llava, budget, tmp_path, monkeypatch):

@@ -104,6 +104,8 @@ def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tens
     kth = torch.topk(flat, k).values[..., -1:]  # O(n): no full sort
     above, tied = flat > kth, flat == kth
     room = k - above.sum(-1, keepdim=True)  # how many of the tied entries fit, taken from the lowest index
+    if bool((tied.sum(-1, keepdim=True) <= room).all()):  # every tied entry fits (the usual case): no running count
+        return (above | tied).view_as(scores)
     return (above | (tied & (tied.cumsum(-1) <= room))).view_as(scores)
 
 

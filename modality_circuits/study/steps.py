@@ -133,7 +133,7 @@ class Study:
     routing: str = "held"
     memory_budget: int | str | None = None  # bytes, "40GB" or "auto" for every forward (None: the model's)
     max_per_pair_bytes: int = 2 * 2**30  # keep per-pair scores (for the nIoU CI) only below this size
-    _memo: dict = field(default_factory=dict, repr=False)  # pairs and scores built by this run
+    _memo: dict = field(default_factory=dict, repr=False)  # pairs, scores and step records built by this run
 
     def __post_init__(self):
         check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold,
@@ -255,6 +255,8 @@ def _step(study: Study, path: Path, compute):
     """Read `path` if it was made with these settings (and not study.force), else compute, write atomically
     with the settings, the step's time (wall and CPU seconds of this process) and any chunks smaller than
     canonical (`chunking`), and return."""
+    if ("step", path) in study._memo:  # computed by this run (with force: once, not once per reader)
+        return study._memo["step", path]
     if _reusable(study, path, read_json(path).get("settings") if path.exists() else None):
         return read_json(path)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -265,6 +267,7 @@ def _step(study: Study, path: Path, compute):
     if budget.REDUCED:  # chunks below the canonical size: the last float bits may differ (docs/reproducibility.md)
         result["chunking"] = sorted(budget.REDUCED)
     write_json(path, result)
+    study._memo["step", path] = result = read_json(path)  # as a reader of the file sees it (undefined: None)
     return result
 
 
