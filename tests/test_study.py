@@ -50,6 +50,20 @@ def test_rerun_reuses_finished_steps_and_redoes_missing_ones(study_dir):
     assert not stale.exists()
 
 
+def test_force_computes_each_step_once(tmp_path, monkeypatch):
+    """With --force, the steps that read a task's curve (overlap, interchange, the circuits) get this run's record,
+    not a recomputation: one faithfulness curve per modality."""
+    from modality_circuits.study import steps
+
+    calls, real = [], steps.faithfulness_curve
+    monkeypatch.setattr(steps, "faithfulness_curve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = ["reproduce", "--model", "tiny-llava", "--tasks", "counting", "--n", "8", "--resamples", "20",
+            "--all-prompts", "--out", str(tmp_path)]
+    main(args)
+    main([*args, "--force"])
+    assert len(calls) == 4  # two modalities, each run
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "experiments").glob("[ft][ia][gb]_*.py")))
 def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, capsys):
     args = ARGS if script != "fig_gallery.py" else ["--model", "tiny-llava", "--tasks", "counting"]
