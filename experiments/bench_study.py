@@ -6,7 +6,8 @@ forward and backward passes, attribution, ablations, back-patching, alignment an
 Outside = the steps' time minus that. CPU time (time.process_time, this process) is the measure to trust on
 a shared machine; wall clock is printed beside it. docs/performance.md quotes the numbers.
 
-    OMP_NUM_THREADS=1 python experiments/bench_study.py --model toy --task counting --repeats 3
+    OMP_NUM_THREADS=1 python experiments/bench_study.py --model toy --task counting --repeats 3 \
+        [--json results/toy/bench_study.json]
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import argparse
 import statistics
 import tempfile
 import time
+
+import torch
 
 from modality_circuits.study import steps
 from modality_circuits.zoo import load_model
@@ -62,6 +65,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=48, help="correctly answered pairs per modality, as the study")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples, as the study")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the runs here (docs/performance.md is generated from it)")
     args = p.parse_args(argv)
     steps.check_settings((args.task,), n=args.n, steps=5, resamples=args.resamples)
     if args.repeats < 1:
@@ -80,6 +84,15 @@ def main(argv=None) -> None:
         total = [x[kind] for x in runs]
         print(f"{kind}: study steps {_spread(total)} s; outside the model's forward and backward passes "
               f"{_spread(share)} %")
+    if args.json:
+        import os
+
+        from modality_circuits.execution.store import write_json
+
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        write_json(args.json, {"args": vars(args), "threads": torch.get_num_threads(), "load_average": load,
+                               "runs": runs})
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

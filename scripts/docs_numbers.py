@@ -10,6 +10,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
   reproducibility   results/reproducibility/bench.json (python experiments/bench_reproducibility.py --json ...)
   ndif-e2e          results/ndif/e2e.json              (MC_CI_REMOTE=1 bash .ci/remote-server)
+  study-share       results/toy/bench_study.json       (python experiments/bench_study.py --json ...)
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -189,10 +190,27 @@ def ndif_e2e() -> str:
         f"Server: {r['server']}; client: " + ", ".join(f"{k} {v}" for k, v in r["client"].items()) + "."])
 
 
+def study_share() -> str:
+    r = _read("results/toy/bench_study.json")
+    a = r["args"]
+
+    def spread(values: list[float], fmt: str = ".1f") -> str:
+        return f"{sorted(values)[len(values) // 2]:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+    cells = {k: spread([x[k] for x in r["runs"]]) for k in ("cpu", "wall", "model_cpu")}
+    share = {k: spread([100 * (1 - x[f"model_{k}"] / x[k]) for x in r["runs"]]) for k in ("cpu", "wall")}
+    return "\n".join([
+        f"Model `{a['model']}`, task {a['task']}, n = {a['n']}, {a['resamples']} resamples, {len(r['runs'])} repeats, "
+        f"{r['threads']} thread(s), load average {r['load_average']} (median (min–max)):", "",
+        "| steps, CPU s | steps, wall s | inside the model, CPU s | outside the model, % of CPU | % of wall |",
+        "|---|---|---|---|---|",
+        f"| {cells['cpu']} | {cells['wall']} | {cells['model_cpu']} | {share['cpu']} | {share['wall']} |"])
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
               "organism-recovery": organism_recovery, "reproducibility": reproducibility,
-              "ndif-e2e": ndif_e2e}
+              "ndif-e2e": ndif_e2e, "study-share": study_share}
 
 
 def render(text: str, where: str = "") -> str:
