@@ -102,10 +102,11 @@ def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tens
     if k >= flat.shape[-1]:
         return torch.ones_like(scores, dtype=torch.bool)
     kth = torch.topk(flat, k).values[..., -1:]  # O(n): no full sort
+    kept = flat >= kth
+    if bool((kept.sum(-1) == k).all()):  # no tie crosses the k-th place (the usual case): no running count
+        return kept.view_as(scores)
     above, tied = flat > kth, flat == kth
     room = k - above.sum(-1, keepdim=True)  # how many of the tied entries fit, taken from the lowest index
-    if bool((tied.sum(-1, keepdim=True) <= room).all()):  # every tied entry fits (the usual case): no running count
-        return (above | tied).view_as(scores)
     return (above | (tied & (tied.cumsum(-1) <= room))).view_as(scores)
 
 
@@ -146,9 +147,9 @@ class Circuit:
     def resampled(cls, scores: Scores, idx, *, fraction: float) -> "Circuit":
         """The top-`fraction` circuit of `scores` resampled by each row of the (B, P') index matrix idx, as one
         Circuit with a leading resample axis: heads (B, L, H, T), neurons (B, L, I, T) (`Scores.resampled`)."""
-        h, n = scores.resampled(idx)
-        for t in (h, n):
+        for t in scores.per_pair or ():  # finite per-pair values give finite means (checked once, not per draw)
             finite(t, f"Circuit.resampled (scores of {scores.model})")
+        h, n = scores.resampled(idx)
         return cls(_top_mask(h, int(fraction * scores.heads.numel()), batched=True),
                    _top_mask(n, int(fraction * scores.neurons.numel()), batched=True), scores.spans, scores.model,
                    {"fraction": fraction, "count": None, "scores": scores.meta}, scores.task, scores.modality)
