@@ -310,3 +310,13 @@ def test_circuit_selection_boundaries():
                             ({"count": -1}, "^count must be non-negative, got -1$")):
         with pytest.raises(ValueError, match=message):
             Circuit.from_scores(s, **kwargs)
+
+
+def test_count_of_large_masks_is_the_number_of_true_entries():
+    """`count` sums bytes with a narrow accumulator: counts past 2^8 and 2^16 against numpy's count."""
+    from modality_circuits.circuits.metrics import count
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 7, 20000, generator=g) < torch.tensor([0.01, 0.5, 1.0]).view(3, 1, 1)
+    assert count(masks).tolist() == [int(np.count_nonzero(m.numpy())) for m in masks]
+    assert count(masks)[2] == 140000

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from ..execution.checkpoint import fingerprint
 from ..execution.checks import finite
 from ..execution.store import atomic
+from .metrics import count
 
 FORMAT_VERSION = 1
 
@@ -103,7 +104,7 @@ def _top_mask(scores: torch.Tensor, k: int, batched: bool = False) -> torch.Tens
         return torch.ones_like(scores, dtype=torch.bool)
     kth = torch.topk(flat, k).values[..., -1:]  # O(n): no full sort
     kept = flat >= kth
-    if bool((kept.sum(-1) == k).all()):  # no tie crosses the k-th place (the usual case): no running count
+    if bool((count(kept.view(-1, flat.shape[-1])) == k).all()):  # no tie crosses the k-th place (the usual case): no running count
         return kept.view_as(scores)
     above, tied = flat > kth, flat == kth
     room = k - above.sum(-1, keepdim=True)  # how many of the tied entries fit, taken from the lowest index
