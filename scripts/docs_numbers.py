@@ -8,6 +8,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   scale-projection  results/scale/*.json               (the projection stored with the measurements)
   toy-time          results/toy/<task>/**/*.json       (the step times every record stores)
   organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
+  teach             results/teach/*.json               (modality-circuits teach: the model folder's teach_report.json)
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -155,9 +156,22 @@ def organism_recovery() -> str:
                       "Time of each invocation (a rerun reuses the finished steps): " + "; ".join(times) + "."])
 
 
+def teach() -> str:
+    rows = ["| task | words added | steps (kept) | wall | CPU | held-out accuracy text / image | built-in tasks before → after |",
+            "|---|---|---|---|---|---|---|"]
+    for path in sorted((ROOT / "results" / "teach").glob("*.json")):
+        r = json.loads(path.read_text())
+        acc = r["test_accuracy"]
+        rows.append(f"| `{r['task']}` | {', '.join(r['words_added']) or 'none (the toy knows them)'} | {r['steps']} "
+                    f"({r['chosen_step']}) | {r['train_wall_s']:.0f} s | {r['train_cpu_s']:.0f} s | {acc['text']:.2f} / "
+                    f"{acc['image']:.2f} ({r['n_test']} each) | {r['builtin_accuracy_before']:.3f} → "
+                    f"{r['builtin_accuracy_after']:.3f} ({r['settings']['n_builtin']} per task and modality) |")
+    return "\n".join(rows)
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
-              "organism-recovery": organism_recovery}
+              "organism-recovery": organism_recovery, "teach": teach}
 
 
 def render(text: str, where: str = "") -> str:
