@@ -240,8 +240,9 @@ def _task_of(study: Study, path: Path) -> str:
 
 
 def _reusable(study: Study, path: Path, settings: dict | None) -> bool:
-    """Whether a finished step's file can be reused: it exists, --force is off, and it was made with these settings."""
-    if not path.exists() or study.force:
+    """Whether a finished step's file can be reused: it exists, --force is off or this run wrote it, and it was made
+    with these settings."""
+    if not path.exists() or (study.force and ("written", path) not in study._memo):
         return False
     wanted = study.settings_of(_task_of(study, path))
     if settings == wanted:
@@ -261,6 +262,7 @@ def _step(study: Study, path: Path, compute):
     result = {**result, "settings": study.settings_of(_task_of(study, path)),
               "time": {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}}
     write_json(path, result)
+    study._memo["written", path] = True  # with force: recomputed once per run, not once per reader
     return result
 
 
