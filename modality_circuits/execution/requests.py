@@ -40,12 +40,17 @@ def requests(model, chunks: list, *, desc: str | None = None, progress: bool = F
 
     The bar counts `unit`s: units[i] for chunk i (default 1), `done` of them finished before. Run in place
     (remote=False: no backend) send(items) advances it as the body's loop finishes each item inside the request's
-    session; serialised (remote True, a host URL, or "local": the body and its items travel by value) send(items)
-    is `items` itself and the bar moves once per request. The grouping, and so every number, is the same either way.
+    session, and within a chunk's forward (one forward may hold every chunk the memory budget allows, e.g. a whole
+    faithfulness curve) its postfix names the decoder layer just computed; serialised (remote True, a host URL, or
+    "local": the body and its items travel by value) send(items) is `items` itself and the bar moves once per
+    request. The grouping, and so every forward and every number, is the same either way.
     """
     units = [1] * len(chunks) if units is None else list(units)
     bar = tqdm(total=done + sum(units), initial=done, desc=desc, unit=unit, disable=not progress, leave=False)
     ticking = progress and model.backend() is None  # the session runs in place: nothing of it is serialised
+    layers = model.layers(model.hf_model) if ticking else []
+    hooks = [layer.register_forward_hook(lambda *_, i=i: bar.set_postfix_str(f"layer {i + 1}/{len(layers)}"))
+             for i, layer in enumerate(layers)]  # read nothing, change nothing
     end = done
     try:
         for start, group in zip(range(0, len(chunks), model.chunks_per_request),
@@ -59,6 +64,8 @@ def requests(model, chunks: list, *, desc: str | None = None, progress: bool = F
             end += sum(counts)
             bar.update(end - bar.n)  # what the body's loop did not count (all of it when sent away)
     finally:
+        for hook in hooks:
+            hook.remove()
         bar.close()
 
 
