@@ -11,6 +11,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   reproducibility   results/reproducibility/bench.json (python experiments/bench_reproducibility.py --json ...)
   ndif-e2e          results/ndif/e2e.json              (MC_CI_REMOTE=1 bash .ci/remote-server)
   study-share       results/toy/bench_study.json       (python experiments/bench_study.py --json ...)
+  teach             results/teach/*.json               (modality-circuits teach: the model folder's teach_report.json)
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -207,10 +208,23 @@ def study_share() -> str:
         f"| {cells['cpu']} | {cells['wall']} | {cells['model_cpu']} | {share['cpu']} | {share['wall']} |"])
 
 
+def teach() -> str:
+    rows = ["| task | words added | steps (kept) | wall | CPU | held-out accuracy text / image | built-in tasks before → after |",
+            "|---|---|---|---|---|---|---|"]
+    for path in sorted((ROOT / "results" / "teach").glob("*.json")):
+        r = json.loads(path.read_text())
+        acc = r["test_accuracy"]
+        rows.append(f"| `{r['task']}` | {', '.join(r['words_added']) or 'none (the toy knows them)'} | {r['steps']} "
+                    f"({r['chosen_step']}) | {r['train_wall_s']:.0f} s | {r['train_cpu_s']:.0f} s | {acc['text']:.2f} / "
+                    f"{acc['image']:.2f} ({r['n_test']} each) | {r['builtin_accuracy_before']:.3f} → "
+                    f"{r['builtin_accuracy_after']:.3f} ({r['settings']['n_builtin']} per task and modality) |")
+    return "\n".join(rows)
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
               "organism-recovery": organism_recovery, "reproducibility": reproducibility,
-              "ndif-e2e": ndif_e2e, "study-share": study_share}
+              "ndif-e2e": ndif_e2e, "study-share": study_share, "teach": teach}
 
 
 def render(text: str, where: str = "") -> str:

@@ -50,20 +50,6 @@ def test_rerun_reuses_finished_steps_and_redoes_missing_ones(study_dir):
     assert not stale.exists()
 
 
-def test_force_computes_each_step_once(tmp_path, monkeypatch):
-    """With --force, the steps that read a task's curve (overlap, interchange, the circuits) get this run's record,
-    not a recomputation: one faithfulness curve per modality."""
-    from modality_circuits.study import steps
-
-    calls, real = [], steps.faithfulness_curve
-    monkeypatch.setattr(steps, "faithfulness_curve", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args = ["reproduce", "--model", "tiny-llava", "--tasks", "counting", "--n", "8", "--resamples", "20",
-            "--all-prompts", "--out", str(tmp_path)]
-    main(args)
-    main([*args, "--force"])
-    assert len(calls) == 4  # two modalities, each run
-
-
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "experiments").glob("[ft][ia][gb]_*.py")))
 def test_experiment_script_writes_its_figure(script, study_dir, monkeypatch, capsys):
     args = ARGS if script != "fig_gallery.py" else ["--model", "tiny-llava", "--tasks", "counting"]
@@ -227,3 +213,21 @@ def test_an_unusable_out_folder_is_refused_before_any_work(tmp_path):
     a_file.write_text("not a folder")
     with pytest.raises(SystemExit, match="is a file"):
         main(["reproduce", "--model", "tiny-llava", "--out", str(a_file / "sub")])
+
+
+def test_force_recomputes_a_step_once_per_run(study_dir, tmp_path, monkeypatch):
+    """--force: the curve, which overlap and interchange read again, is computed once per modality in a run."""
+    import shutil
+
+    from conftest import get_tiny
+
+    from modality_circuits.study import steps
+
+    shutil.copytree(study_dir, tmp_path / study_dir.name)
+    calls, real = [], steps.faithfulness_curve
+    monkeypatch.setattr(steps, "faithfulness_curve", lambda *a, **k: calls.append(a[2][0].prompt.modality) or real(*a, **k))
+    s = steps.Study(get_tiny("llava"), out=str(tmp_path), tasks=("counting",), n=8, resamples=20, all_prompts=True,
+                    force=True)
+    assert s.dir == tmp_path / study_dir.name
+    steps.run(s, ("curve", "overlap", "interchange"))
+    assert sorted(calls) == ["image", "text"]

@@ -125,7 +125,7 @@ def _ablate(model, pairs: list[Pair], n_circuits: int, masks, *, max_rows: int |
             heads, neurons = masks(idx)
             work.append((len(idx), (pack(heads), pack(neurons)), torch.arange(len(idx)).repeat_interleave(P)))
         lds = requests.run(model, _ablate_session, work, both, answers(part), model.adapter.vision_inputs,
-                           desc=desc, progress=progress)
+                           desc=desc, progress=progress, units=[n for n, _, _ in work], unit="circuit")
         out.append(torch.cat([ld.view(n, P) for ld, (n, _, _) in zip(lds, work)]))
     return torch.cat(out, 1)
 
@@ -139,7 +139,7 @@ def _digest(c: Circuit) -> bytes:
 
 
 def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows: int | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, desc: str = "ablate") -> torch.Tensor:
     """(C, P) LD (float32) of every pair with every node outside each circuit set to its p' value.
 
     Identical circuits are evaluated once, so equal circuits give equal numbers. Remote:
@@ -160,7 +160,8 @@ def ablation_lds(model, circuits: list[Circuit], pairs: list[Pair], *, max_rows:
         return (torch.stack([circuits[unique[i]].heads for i in idx]),
                 torch.stack([circuits[unique[i]].neurons for i in idx]))
 
-    lds = finite(_ablate(model, pairs, len(unique), masks, max_rows=max_rows, progress=progress), "ablation_lds", model)
+    lds = finite(_ablate(model, pairs, len(unique), masks, max_rows=max_rows, desc=desc, progress=progress),
+                 "ablation_lds", model)
     row = {u: j for j, u in enumerate(unique)}
     return lds[[row[first[k]] for k in keys]]
 
@@ -220,7 +221,8 @@ def faithfulness_curve(model, scores, pairs: list[Pair], fractions=None, *, thre
     """F of the top-f circuits of `scores` over a grid (default: MIB's grid plus a fine 1..30 % grid)."""
     fractions = sorted(set(fractions or MIB_GRID + FINE_GRID))
     circuits = [Circuit.from_scores(scores, fraction=f) for f in fractions]
-    lds = ablation_lds(model, [Circuit.full(scores, True), Circuit.full(scores, False), *circuits], pairs, progress=progress)
+    lds = ablation_lds(model, [Circuit.full(scores, True), Circuit.full(scores, False), *circuits], pairs,
+                       progress=progress, desc="faithfulness curve")  # the bar moves per circuit (fraction)
     full, empty = lds[0], lds[1]
     values = [faithfulness_value(ld, full, empty, aggregation) for ld in lds[2:]]
     minimal = next((f for f, v in zip(fractions, values) if v >= threshold), None)

@@ -168,12 +168,12 @@ def attribute(model, pairs: list[Pair], steps: int = 5, *, max_rows: int | None 
             [(p.inputs, p.cf_inputs, p.answer_id, p.cf_answer_id) for p in pairs]))
         state = store.load() or state
     chunks = requests.chunked(pairs[state["done"]:], per_chunk)
-    for group in requests.requests(model, chunks, desc=f"attribute k={steps}", progress=progress,
-                                   done=len(requests.chunked(pairs[:state["done"]], per_chunk))):
+    for group, send in requests.requests(model, chunks, desc=f"attribute k={steps}", progress=progress,
+                                         done=len(requests.chunked(pairs[:state["done"]], per_chunk))):
         work = [(model.prepare(batch([p.cf_inputs for p in chunk] + [p.inputs for p in chunk])),
                  model.prepare(model.decoder_inputs(_ig_rows(chunk, steps))), answers(chunk)) for chunk in group]
         totals = (state["heads"], state["neurons"], state["heads_sq"], state["neurons_sq"])
-        h, n, hq, nq, kept = model.call(_ig_session, work, steps, per_pair, totals, head_score == "abs_elementwise", hold)
+        h, n, hq, nq, kept = model.call(_ig_session, send(work), steps, per_pair, totals, head_score == "abs_elementwise", hold)
         for sums in (h, n):  # checked before a checkpoint keeps them
             finite(sums, "attribute", model)
         state = {"done": state["done"] + sum(map(len, group)), "heads": h, "neurons": n, "heads_sq": hq, "neurons_sq": nq,

@@ -297,7 +297,7 @@ def run_scores(study: Study, task: str, modality: str) -> Scores:
     m = study.model
     per_pair_bytes = 4 * len(discovery) * m.n_layers * (m.n_heads + m.d_mlp) * discovery[0].length
     keep = per_pair_bytes <= study.max_per_pair_bytes
-    s = attribute(m, discovery, steps=study.steps, per_pair=keep, progress=False, head_score=study.method.head_score,
+    s = attribute(m, discovery, steps=study.steps, per_pair=keep, head_score=study.method.head_score,
                   interpolate=study.method.interpolate)
     s.meta["settings"] = study.settings_of(task)
     cache.unlink(missing_ok=True)  # per-pair values of an older run must not outlive it
@@ -315,8 +315,7 @@ def run_curve(study: Study, task: str, modality: str) -> dict:
         s = run_scores(study, task, modality)
         _, evaluation = study.pairs(task, modality)
         agg = study.method.aggregation
-        c = faithfulness_curve(study.model, s, evaluation, study.fractions, threshold=study.threshold, aggregation=agg,
-                               progress=False)
+        c = faithfulness_curve(study.model, s, evaluation, study.fractions, threshold=study.threshold, aggregation=agg)
         cis = [bootstrap(lambda i, ld=ld: faithfulness_values(ld[i], c.ld_full[i], c.ld_empty[i], agg), len(evaluation),
                          resamples=study.resamples, vectorised=True).as_dict() for ld in c.ld_circuits]
         path = study.path(task, "circuit.safetensors", modality)
@@ -363,7 +362,7 @@ def run_position_effect(study: Study, task: str, modality: str) -> dict:
         _, evaluation = study.pairs(task, modality)
         spans = evaluation[0].spans
         probed = probe_positions(spans, evaluation[0].length, study.position_probes)
-        effect = position_effect(study.model, evaluation, positions=probed, progress=False).per_pair.numpy()  # (T, P), NaN unprobed
+        effect = position_effect(study.model, evaluation, positions=probed).per_pair.numpy()  # (T, P), NaN unprobed
         per_span = {}
         for s, (a, b) in spans.items():
             rows = effect[a:b][~np.isnan(effect[a:b, 0])]
@@ -440,8 +439,10 @@ def _resampled_niou(study: Study, scores: tuple, fractions: tuple, idx: list) ->
     matrices idx (text, image), in blocks of resamples of at most about 64 MiB of scores."""
     nodes = sum(s.heads.numel() + s.neurons.numel() for s in scores)
     block = max(1, (64 << 20) // (4 * nodes))
+    starts = tqdm(range(0, len(idx[0]), block), desc=f"nIoU resamples ({block} a block)", unit="block", leave=False,
+                  disable=len(idx[0]) <= block)
     parts = [resampled_niou(*(Circuit.resampled(s, i[b:b + block], fraction=f) for s, i, f in zip(scores, idx, fractions)),
-                            niou_formula=study.method.niou) for b in range(0, len(idx[0]), block)]
+                            niou_formula=study.method.niou) for b in starts]
     return {s: np.concatenate([p[s] for p in parts]) for s in SPANS}
 
 
@@ -451,7 +452,7 @@ def _candidate_scores(study: Study, task: str, modality: str, scores: Scores, fr
     discovery, _ = study.pairs(task, modality)
     for slack in (0.5, 0.25, 0.125):
         kept = candidates(scores, fraction, idx, slack)
-        again = attribute(study.model, discovery, steps=study.steps, per_pair=kept, progress=False,
+        again = attribute(study.model, discovery, steps=study.steps, per_pair=kept,
                           head_score=study.method.head_score, interpolate=study.method.interpolate)
         scores.per_pair, scores.kept = again.per_pair, kept
         failed = certify(scores, fraction, idx)
@@ -478,7 +479,7 @@ def run_interchange(study: Study, task: str, n_random: int = 5) -> dict:
         for s in SPANS:
             both = interchange_both(study.model, text, image, ev_text, ev_image, s, n_random=n_random, seed=study.seed,
                                     draw=study.method.random_draw, aggregation=study.method.aggregation,
-                                    resamples=study.resamples, progress=False)
+                                    resamples=study.resamples)
             result[s] = {"score": both.score.as_dict(),
                          **{f"{name}_{k}": v for name, r in (("visual", both.visual), ("text", both.text)) for k, v in
                             (("score", r.score), ("f_original", r.f_original), ("f_swapped", r.f_swapped),
@@ -491,7 +492,7 @@ def run_alignment(study: Study, task: str) -> dict:
     """Per layer, max cosine similarity of image-token residuals to the aligned textual data tokens."""
     def compute():
         image, text = study.candidates(task, "image"), study.candidates(task, "text")
-        a = alignment(study.model, image, text, resamples=study.resamples, progress=False)
+        a = alignment(study.model, image, text, resamples=study.resamples)
         return {"per_layer": a.per_layer.tolist(), "ci": [c.as_dict() for c in a.ci], "n_prompts": len(a.per_prompt)}
     return _step(study, study.path(task, "alignment.json"), compute)
 
@@ -511,7 +512,7 @@ def run_backpatch(study: Study, task: str) -> dict:
         result = {}
         for modality in ("image", "text"):
             r = backpatch(study.model, study.candidates(task, modality), resamples=study.resamples, seed=study.seed,
-                          select_on=study.method.backpatch_selection, progress=False)
+                          select_on=study.method.backpatch_selection)
             result[modality] = {"config": {"src": r.config[0], "dst": r.config[1], "window": r.config[2]},
                                 "base": r.base.as_dict(), "patched": r.patched.as_dict(), "gain_points": r.gain.as_dict(),
                                 "n_selection": r.n_selection, "n_test": r.n_test, "selection": r.selection,
