@@ -54,7 +54,7 @@ def _check(model, truth, task, modality):
     assert not weak, f"{task}/{modality}: planted nodes without effect on {len(pairs)} pairs: {weak[:5]}"
 
 
-@pytest.mark.parametrize("seed,control", [(1, False), (2, True)])
+@pytest.mark.parametrize("seed,control", [(1, False), (3, False), (2, True)])
 def test_truth_is_exact(seed, control):
     model, truth = O.organism(seed, control=control)
     for task in O.TASKS:
@@ -103,8 +103,8 @@ def test_validate_small(tmp_path, capsys):
         assert r["precision"] == 1.0  # the top-ranked nodes are planted ones
         assert 0 < r["recall"] <= 1 and r["found"] <= r["planted"]
     f = record["findings"]
-    assert set(f) == {"visual_larger", "overlap_D_below_G", "interchange_G_above_D", "alignment_rises",
-                      "backpatch_gain"}
+    assert set(f) == {"visual_larger", "overlap_D_below_G", "overlap_Q_between", "interchange_G_above_D",
+                      "alignment_rises", "backpatch_gain"}
     assert all(f[k]["planted"] for k in f)
     assert f["overlap_D_below_G"]["detected"] and math.isclose(f["overlap_D_below_G"]["value"], 1.0)
     assert "precision" in capsys.readouterr().out
@@ -118,7 +118,7 @@ def test_report_section_from_committed_recovery(tmp_path):
     assert organism_section(tmp_path) == []
     lines = organism_section(Path(__file__).resolve().parent.parent / "results" / "organism")
     assert lines[0] == "## Does the method recover planted circuits?"
-    assert sum(line.startswith("| seed 0 control | ") for line in lines) == 5  # 4 circuits and the findings row
+    assert sum(line.startswith("| seed 0 control | ") for line in lines) == 7  # 6 circuits and the findings row
 
 
 def test_a_data_position_patched_alone_weighs_amp():
@@ -169,3 +169,17 @@ def test_query_units_partly_shared(control):
             else:
                 assert not shared["D"] and every["Q"]
                 assert bool(shared["Q"]) == (kind == "neurons")  # the relays, not the gathers
+
+
+def test_q_between_needs_both_differences():
+    """overlap_Q_between: detected only when nIoU(Q) − nIoU(D) and nIoU(G) − nIoU(Q) both lie above zero."""
+    from modality_circuits.study.validate import _both, _difference
+
+    def span(value, low, high):
+        return {"value": value, "low": low, "high": high}
+
+    d, g = span(0.0, 0.0, 0.1), span(1.0, 0.9, 1.0)
+    between = _both(_difference(span(0.5, 0.4, 0.6), d), _difference(g, span(0.5, 0.4, 0.6)))
+    assert between == {"value": 0.5, "ci": [0.30000000000000004, 0.6]}  # min(0.4 − 0.1, 0.9 − 0.6), min(0.6, 0.6)
+    like_g = _both(_difference(span(0.95, 0.9, 1.0), d), _difference(g, span(0.95, 0.9, 1.0)))
+    assert like_g["ci"][0] < 0 < like_g["ci"][1]  # Q as shared as G: not between
