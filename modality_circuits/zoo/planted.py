@@ -1,7 +1,7 @@
 """A model organism: a small LLaVA whose task circuits are known exactly, by construction (docs/validation.md).
 
 `organism(seed)` compiles a LlavaForConditionalGeneration (CLIP vision tower + Llama decoder, the toy's
-tokenizer, processor and wording) by hand for counting and colour ordering, and returns it with its
+tokenizer, processor and wording) by hand for counting, colour ordering and sentiment, and returns it with its
 ground truth: the (layer, unit, position) nodes whose counterfactual patching changes the metric.
 
 How the truth is exact: every head and neuron outside the planted roles keeps random query/key/value
@@ -13,20 +13,25 @@ therefore matters only at the positions where it carries data that differs betwe
 later planted unit reads; those positions are the truth.
 
 The circuit of each task (D: data, Q: query, G: generation span; every stage is one head and two neurons):
-  text D   layer 0: a self-attending head copies each data word's code (its colour, or an object's canonical
-           colour) to a pre-code, two neurons write it as a 2-d colour code;
-  image D  layers 0..T: the same stage repeated T + 1 times on the image tokens' own features (patch colour
-           from the vision tower), the last writing the text code: image tokens become text-like at layer T;
+  text D   layer 0: a self-attending head copies each data word's code (its colour, an object's canonical
+           colour, an event's sentiment) to a pre-code, two neurons write it as a 2-d code;
+  image D  layers 0..T: the same stage repeated T + 1 times on the image tokens' own features (patch colour, or
+           icon quarter sentiment, from the vision tower), the last writing the text code: image tokens become
+           text-like at layer T;
   Q        at "?": a gathering head (counting: the tokens whose code matches the queried object plus a BOS
            sink, so its output is c / (c + 1); colour ordering: the k-th colour word or row-1 patch from the
-           left or right, a rotary position lookup) and two relay neurons; the early gathers read layer 1,
-           the late gathers of the image route layer T + 1;
+           left or right, a rotary position lookup; sentiment: the event word, or the icon quarters, averaged);
+           the early gathers read layer 1, the late gathers of the image route layer T + 1; both write the
+           same dims, read by two relay neurons per kind at layer T + 1 (shared by the modalities). A gather
+           reads AMP x its target's code minus (AMP - 1) x the code of its raw data, so a data position's
+           nodes patched alone move the answer AMP times as far (`code_ov`);
   G        a relay head and two neurons at "ASSISTANT", then at ":"; the unembedding reads the result.
 Planted findings (`control=True` or `separate_data=False`: none): image D units differ from text D units
-(overlap, interchange), image tokens become text-like only at layer T (alignment), the image circuit has
+(overlap, interchange; Q gathers differ, Q relays are shared), image tokens become text-like only at layer T
+(alignment), the image circuit has
 more nodes per position (size), and the late colour route only serves "from the left" questions, so
 back-patching image tokens from layer >= T into layer 0 lets the early route answer the rest.
-Only the vision front end's patch classifier is fitted (patch -> fill colour). Counting questions about "fish"
+Only the vision front end's patch classifier is fitted (patch -> fill colour or sentiment). Counting questions about "fish"
 (whose plural is the data word itself) are answered wrongly by design; the study keeps correct pairs only.
 """
 from __future__ import annotations
