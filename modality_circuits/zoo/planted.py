@@ -159,7 +159,7 @@ class _Compiler:
         self.dims, nxt = {}, V
         for name, size in (("NORM_T", 1), ("NORM_I", 1), ("BOSD", 1), ("CFLAG", 1), ("OFLAG", 1), ("IFLAG", 1),
                            ("SFLAG", 1), ("QINFO", 1), ("PRE", 2), ("CODE", 2), ("QOBJ", 2), ("ORD", 4), ("SIDE", 2),
-                           ("GX", 1), ("GCL", 2), ("GCR", 2), ("GS", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("RAWS", 3),
+                           ("GX", 1), ("GCL", 2), ("GCR", 2), ("GS", 2), ("GXI", 1), ("GCLI", 2), ("GCRI", 2), ("GSI", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("RAWS", 3),
                            ("IPRE0", 2), ("ICODE0", 2), ("IPRE1", 2), ("ICODE1", 2), ("IPRE2", 2),
                            ("G0", 3), ("G0P", 3), ("G1", 3), ("FIN", 3)):
             self.dims[name] = list(range(nxt, nxt + size))
@@ -246,9 +246,10 @@ class _Compiler:
         for i, dd in enumerate(dst):
             attn.o_proj.weight[dd, h * HEAD_DIM:h * HEAD_DIM + len(src)] = M[i] / x
 
-    def relay(self, layer, n, gate_dims: list[int], x_gate: float, src: int, x_src: float, dst: int,
+    def relay(self, layer, n, gate_dims: list[int], x_gate: float, src, x_src: float, dst: int,
               gain: float) -> None:
-        """Neuron n = silu(10 * Σ x̂[gate_dims] / x_gate) * x̂[src]; writes gain * (h[src]) into dst."""
+        """Neuron n = silu(10 * Σ x̂[gate_dims] / x_gate) * Σ x̂[src] (src: a dim or several); writes gain * (h[src])
+        into dst."""
         mlp = self.layers()[layer].mlp
         for g in gate_dims:
             mlp.gate_proj.weight[n, g] = 10.0 / x_gate
@@ -445,28 +446,38 @@ class _Compiler:
                 out, gain = (self.dims["CODE"], NORM) if s == T else (self.dims[f"ICODE{s}"], 1.0)
                 self.stage(s, f"image D stage {s}", ins[s], 1 / NORM, pres[s], out, M, 1 / NORM, gain)
         # ---- gathers at "?": early (layer 1) read the code at layer 1 (text tokens; image tokens too when T = 0);
-        # late (layer T + 1, separate data and T >= 1) image tokens only, the translated code. Both write the same
-        # dims, read by one relay pair per kind at layer T + 1 (Q units shared between the modalities)
+        # late (layer T + 1, separate data and T >= 1) image tokens only, the translated code, into their own dims
         late = self.late = T + 1
         image_early = self.sep and T == 0
         self.count_gather(1, "count gather (early)", d("GX"))
         for side, name in (("left", "GCL"), ("right", "GCR")):
             self.colour_gather(1, f"colour gather {side} (early)", side, self.dims[name], text=True,
                                classes=image_early)
-        self.sentiment_gather(1, "sentiment gather (early)", text=True, classes=image_early)
+        self.sentiment_gather(1, "sentiment gather (early)", self.dims["GS"], text=True, classes=image_early)
+        kinds = [("count", "GX", [0, 0], self.dims["QX"] * 2, 0.5), ("colour left", "GCL", [0, 1], self.dims["QC"], 1.0),
+                 ("colour right", "GCR", [0, 1], self.dims["QC"], 1.0), ("sentiment", "GS", [0, 1], self.dims["QC"], 1.0)]
+        late_kinds = []
         if self.sep and T >= 1:
-            self.count_gather(late, "count gather (late)", d("GX"))
+            self.count_gather(late, "count gather (late)", d("GXI"))
             for side in ("left",) if self.weak else ("left", "right"):
                 self.colour_gather(late, f"colour gather {side} (late)", side,
-                                   self.dims["GCL" if side == "left" else "GCR"], text=False, classes=True)
-            self.sentiment_gather(late, "sentiment gather (late)", text=False, classes=True)
-        self.units["count relay"] = (None, self.relay_pair(late, "count relay", qmark, [d("GX")] * 2,
-                                                           [d("QX")] * 2, 0.5))
-        for side, name in (("left", "GCL"), ("right", "GCR")):
-            self.units[f"colour relay {side}"] = (None, self.relay_pair(late, f"colour relay {side}", qmark,
-                                                                        self.dims[name], self.dims["QC"], 1.0))
-        self.units["sentiment relay"] = (None, self.relay_pair(late, "sentiment relay", qmark, self.dims["GS"],
-                                                               self.dims["QC"], 1.0))
+                                   self.dims["GCLI" if side == "left" else "GCRI"], text=False, classes=True)
+            self.sentiment_gather(late, "sentiment gather (late)", self.dims["GSI"], text=False, classes=True)
+            late_kinds = [k for k in ("count", "colour left", "colour right", "sentiment")
+                          if k != "colour right" or not self.weak]
+        # ---- relays at "?" (layer T + 1), two per kind and route: the first reads both routes' dims (a Q unit shared
+        # by the modalities), the second its own route's
+        for kind, name, index, dst, gain in kinds:
+            text, image = self.dims[name], self.dims[name + "I"]
+            n = self.neuron(late, f"{kind} relay (shared)")
+            self.relay(late, n, [qmark], 1 / NORM, [text[index[0]], image[index[0]]], 1 / NORM, dst[0], gain)
+            self.units[f"{kind} relay shared"] = (None, [(late, n)])
+            for route, dims in (("text", text), ("image", image)):
+                if route == "image" and kind not in late_kinds:
+                    continue
+                n = self.neuron(late, f"{kind} relay ({route})")
+                self.relay(late, n, [qmark], 1 / NORM, dims[index[1]], 1 / NORM, dst[1], gain)
+                self.units[f"{kind} relay {route}"] = (None, [(late, n)])
         # ---- G: a relay at ASSISTANT reading "?", then at ":" reading ASSISTANT
         self.g_relay(late + 1, "G relay ASSISTANT", assistant, qmark, self.dims["QX"] + self.dims["QC"],
                      self.dims["G0"], self.dims["G0P"])
@@ -530,7 +541,7 @@ class _Compiler:
         self.code_ov(layer, h, dst, words=text, classes=classes)
         self.units[role] = ((layer, h), [])
 
-    def sentiment_gather(self, layer, role, *, text: bool, classes: bool) -> None:
+    def sentiment_gather(self, layer, role, dst, *, text: bool, classes: bool) -> None:
         """At "?": every token flagged with a sentiment (an event word, an icon quarter), equally; value: `code_ov`
         (the sentiment's code). The late one reads image tokens only."""
         h = self.head(layer, role)
@@ -538,7 +549,7 @@ class _Compiler:
         self.score(layer, h, _PAIR_TOKEN, self.id("?"), self.d("SFLAG"), 2 * SINK, 1 / NORM, math.sqrt(0.5) / NORM)
         if not text:
             self.text_below(layer, h, _PAIR_MATCH)
-        self.code_ov(layer, h, self.dims["GS"], words=text, classes=classes)
+        self.code_ov(layer, h, dst, words=text, classes=classes)
         self.units[role] = ((layer, h), [])
 
     def g_relay(self, layer, role, at_tok, from_tok, src, mid, out) -> None:
@@ -659,14 +670,16 @@ class _Compiler:
                     groups = [("text D", pos["D"])]
                 when = "late" if image_route and late else "early"
                 if task == "counting":
-                    kinds = [("count gather", "count relay")]
+                    kinds = ["count"]
                 elif task == "color_ordering":
-                    sides = ("left",) if when == "late" and self.weak else ("left", "right")
-                    kinds = [(f"colour gather {s}", f"colour relay {s}") for s in sides]
+                    kinds = [f"colour {s}" for s in (("left",) if when == "late" and self.weak else ("left", "right"))]
                 else:
-                    kinds = [("sentiment gather", "sentiment relay")]
-                for gather, relay in kinds:
-                    groups += [(f"{gather} ({when})", [pos["?"]]), (relay, [pos["?"]])]
+                    kinds = ["sentiment"]
+                route = "image" if when == "late" else "text"
+                for kind in kinds:
+                    gather = kind.replace(" ", " gather ", 1) if " " in kind else f"{kind} gather"
+                    groups += [(f"{gather} ({when})", [pos["?"]]), (f"{kind} relay shared", [pos["?"]]),
+                               (f"{kind} relay {route}", [pos["?"]])]
                 kind = "count" if task == "counting" else "colour"  # sentiment: the code, as colour
                 groups += [(f"G relay ASSISTANT ({kind})", [pos["G0"]]), (f"G relay ':' ({kind})", [pos["G1"]])]
                 heads, neurons = [], []
