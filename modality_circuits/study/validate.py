@@ -163,8 +163,8 @@ def table(record: dict) -> str:
 
 def _excludes(f: dict) -> str:
     """A note when an absent finding's interval excludes zero in either direction (two-sided)."""
-    return f" (excludes 0 in {', '.join(f['tasks_excluding_zero'])})" if f["tasks_excluding_zero"] and not f["planted"] \
-        else ""
+    tasks = f["tasks_excluding_zero"]
+    return f" (excludes 0 in {', '.join(tasks)})" if tasks and not f["planted"] else ""
 
 
 def _records(folder: Path) -> list[dict]:

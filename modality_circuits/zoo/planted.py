@@ -21,8 +21,9 @@ The circuit of each task (D: data, Q: query, G: generation span; every stage is 
   Q        at "?": a gathering head (counting: the tokens whose code matches the queried object plus a BOS
            sink, so its output is c / (c + 1); colour ordering: the k-th colour word or row-1 patch from the
            left or right, a rotary position lookup; sentiment: the event word, or the icon quarters, averaged);
-           the early gathers read layer 1, the late gathers of the image route layer T + 1; both write the
-           same dims, read by two relay neurons per kind at layer T + 1 (shared by the modalities). A gather
+           the early gathers read layer 1, the late gathers of the image route layer T + 1, each route into
+           its own dims; per kind two relay neurons at layer T + 1, one reading both routes' dims (shared by
+           the modalities), one its route's. A gather
            reads AMP x its target's code minus (AMP - 1) x the code of its raw data, so a data position's
            nodes patched alone move the answer AMP times as far (`code_ov`);
   G        a relay head and two neurons at "ASSISTANT", then at ":"; the unembedding reads the result.
@@ -31,8 +32,8 @@ Planted findings (`control=True` or `separate_data=False`: none): image D units 
 (alignment), the image circuit has
 more nodes per position (size), and the late colour route only serves "from the left" questions, so
 back-patching image tokens from layer >= T into layer 0 lets the early route answer the rest.
-Only the vision front end's patch classifier is fitted (patch -> fill colour or sentiment). Counting questions about "fish"
-(whose plural is the data word itself) are answered wrongly by design; the study keeps correct pairs only.
+Only the vision front end's patch classifier is fitted (patch -> fill colour or sentiment). Counting questions
+about "fish" (whose plural is the data word itself) are answered wrongly by design; the study keeps correct pairs only.
 """
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ class _Compiler:
         self.dims, nxt = {}, V
         for name, size in (("NORM_T", 1), ("NORM_I", 1), ("BOSD", 1), ("CFLAG", 1), ("OFLAG", 1), ("IFLAG", 1),
                            ("SFLAG", 1), ("QINFO", 1), ("PRE", 2), ("CODE", 2), ("QOBJ", 2), ("ORD", 4), ("SIDE", 2),
-                           ("GX", 1), ("GCL", 2), ("GCR", 2), ("GS", 2), ("GXI", 1), ("GCLI", 2), ("GCRI", 2), ("GSI", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("RAWS", 3),
+                           ("GX", 1), ("GCL", 2), ("GCR", 2), ("GS", 2), ("GXI", 1), ("GCLI", 2), ("GCRI", 2),
+                           ("GSI", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("RAWS", 3),
                            ("IPRE0", 2), ("ICODE0", 2), ("IPRE1", 2), ("ICODE1", 2), ("IPRE2", 2),
                            ("G0", 3), ("G0P", 3), ("G1", 3), ("FIN", 3)):
             self.dims[name] = list(range(nxt, nxt + size))
@@ -248,8 +250,8 @@ class _Compiler:
 
     def relay(self, layer, n, gate_dims: list[int], x_gate: float, src, x_src: float, dst: int,
               gain: float) -> None:
-        """Neuron n = silu(10 * Σ x̂[gate_dims] / x_gate) * Σ x̂[src] (src: a dim or several); writes gain * (h[src])
-        into dst."""
+        """Neuron n = silu(10 * Σ x̂[gate_dims] / x_gate) * Σ x̂[src] (src: a dim or several); writes
+        gain * (h[src]) into dst."""
         mlp = self.layers()[layer].mlp
         for g in gate_dims:
             mlp.gate_proj.weight[n, g] = 10.0 / x_gate
@@ -447,15 +449,16 @@ class _Compiler:
                 self.stage(s, f"image D stage {s}", ins[s], 1 / NORM, pres[s], out, M, 1 / NORM, gain)
         # ---- gathers at "?": early (layer 1) read the code at layer 1 (text tokens; image tokens too when T = 0);
         # late (layer T + 1, separate data and T >= 1) image tokens only, the translated code, into their own dims
-        late = self.late = T + 1
+        late = T + 1
         image_early = self.sep and T == 0
         self.count_gather(1, "count gather (early)", d("GX"))
         for side, name in (("left", "GCL"), ("right", "GCR")):
             self.colour_gather(1, f"colour gather {side} (early)", side, self.dims[name], text=True,
                                classes=image_early)
         self.sentiment_gather(1, "sentiment gather (early)", self.dims["GS"], text=True, classes=image_early)
-        kinds = [("count", "GX", [0, 0], self.dims["QX"] * 2, 0.5), ("colour left", "GCL", [0, 1], self.dims["QC"], 1.0),
-                 ("colour right", "GCR", [0, 1], self.dims["QC"], 1.0), ("sentiment", "GS", [0, 1], self.dims["QC"], 1.0)]
+        qc = self.dims["QC"]
+        kinds = [("count", "GX", [0, 0], self.dims["QX"] * 2, 0.5), ("colour left", "GCL", [0, 1], qc, 1.0),
+                 ("colour right", "GCR", [0, 1], qc, 1.0), ("sentiment", "GS", [0, 1], qc, 1.0)]
         late_kinds = []
         if self.sep and T >= 1:
             self.count_gather(late, "count gather (late)", d("GXI"))
