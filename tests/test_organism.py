@@ -54,7 +54,7 @@ def _check(model, truth, task, modality):
     assert not weak, f"{task}/{modality}: planted nodes without effect on {len(pairs)} pairs: {weak[:5]}"
 
 
-@pytest.mark.parametrize("seed,control", [(1, False), (2, True)])
+@pytest.mark.parametrize("seed,control", [(1, False), (3, False), (2, True)])
 def test_truth_is_exact(seed, control):
     model, truth = O.organism(seed, control=control)
     for task in O.TASKS:
@@ -103,8 +103,8 @@ def test_validate_small(tmp_path, capsys):
         assert r["precision"] == 1.0  # the top-ranked nodes are planted ones
         assert 0 < r["recall"] <= 1 and r["found"] <= r["planted"]
     f = record["findings"]
-    assert set(f) == {"visual_larger", "overlap_D_below_G", "interchange_G_above_D", "alignment_rises",
-                      "backpatch_gain"}
+    assert set(f) == {"visual_larger", "overlap_D_below_G", "overlap_Q_between", "interchange_G_above_D",
+                      "alignment_rises", "backpatch_gain"}
     assert all(f[k]["planted"] for k in f)
     assert f["overlap_D_below_G"]["detected"] and math.isclose(f["overlap_D_below_G"]["value"], 1.0)
     assert "precision" in capsys.readouterr().out
@@ -118,4 +118,68 @@ def test_report_section_from_committed_recovery(tmp_path):
     assert organism_section(tmp_path) == []
     lines = organism_section(Path(__file__).resolve().parent.parent / "results" / "organism")
     assert lines[0] == "## Does the method recover planted circuits?"
-    assert sum(line.startswith("| seed 0 control | ") for line in lines) == 5  # 4 circuits and the findings row
+    assert sum(line.startswith("| seed 0 control | ") for line in lines) == 7  # 6 circuits and the findings row
+
+
+def test_a_data_position_patched_alone_weighs_amp():
+    """Patching every planted node of one data position moves the answer's code AMP times as far (docs/validation.md):
+    colour ordering, text, the asked word: LD becomes −(2 AMP − 1) LD(p); sentiment, image, one of the three icon
+    quarters the gather averages: LD(p) (1 − 2 AMP / 3). Exact patching by plain torch hooks."""
+    model, truth = O.organism(0)
+    # tolerance: the relays' positions carry the longer code, so their RMSNorm divides by a little more (~1 %); the
+    # icon quarters' flags are fitted (1e-4), so the sentiment gather's weights are 1/3 to within a few %
+    for task, modality, target, expected, tol in (
+            ("color_ordering", "text", lambda p: p.spans["D"][0] + 2 * p.prompt.meta["index"], 1 - 2 * O.AMP, 0.03),
+            ("sentiment", "image", lambda p: p.spans["D"][0] + 6, 1 - 2 * O.AMP / 3, 0.1)):
+        pairs = keep_correct(model, build_pairs(task, modality, model, n=8, seed=3))[:4]
+        ph, pn = truth.masks(task, modality, pairs[0].length)
+        for p in pairs:
+            t = target(p)
+            heads, neurons = torch.zeros_like(ph), torch.zeros_like(pn)
+            heads[..., t], neurons[..., t] = ph[..., t], pn[..., t]
+            assert heads.any() and neurons.any()
+            delta = float(patched_effects(model, p, heads[None], neurons[None])[0])
+            ids = torch.tensor([p.answer_id, p.cf_answer_id])
+            with torch.no_grad():
+                logits = model.hf_model(**p.inputs).logits[0, -1, ids]
+            base = float(logits[0] - logits[1])
+            assert base > 1.0
+            assert math.isclose(base + delta, expected * base, rel_tol=tol), (task, modality, base + delta, base)
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_query_units_partly_shared(control):
+    """At "?" the planted image route has its own gather heads but the text route's relay neurons (so Q overlaps
+    between D, disjoint, and G, shared); the control's routes share every Q, D and G unit."""
+    _, truth = O.organism(0, control=control)
+
+    def units(task, modality, kind, span):
+        nodes = truth.nodes[task][modality]
+        length = nodes["length"]
+        at = {"D": lambda t: t < length - 3, "Q": lambda t: t == length - 3, "G": lambda t: t >= length - 2}[span]
+        return {(layer, unit) for layer, unit, t in nodes[kind] if at(t)}
+
+    for task in O.TASKS:
+        for kind in ("heads", "neurons"):
+            shared = {s: units(task, "text", kind, s) & units(task, "image", kind, s) for s in ("D", "Q", "G")}
+            every = {s: units(task, "text", kind, s) | units(task, "image", kind, s) for s in ("D", "Q", "G")}
+            assert shared["G"] == every["G"]
+            if control:
+                assert shared == every
+            else:
+                assert not shared["D"] and every["Q"]
+                assert bool(shared["Q"]) == (kind == "neurons")  # the relays, not the gathers
+
+
+def test_q_between_needs_both_differences():
+    """overlap_Q_between: detected only when nIoU(Q) − nIoU(D) and nIoU(G) − nIoU(Q) both lie above zero."""
+    from modality_circuits.study.validate import _both, _difference
+
+    def span(value, low, high):
+        return {"value": value, "low": low, "high": high}
+
+    d, g = span(0.0, 0.0, 0.1), span(1.0, 0.9, 1.0)
+    between = _both(_difference(span(0.5, 0.4, 0.6), d), _difference(g, span(0.5, 0.4, 0.6)))
+    assert between == {"value": 0.5, "ci": [0.30000000000000004, 0.6]}  # min(0.4 − 0.1, 0.9 − 0.6), min(0.6, 0.6)
+    like_g = _both(_difference(span(0.95, 0.9, 1.0), d), _difference(g, span(0.95, 0.9, 1.0)))
+    assert like_g["ci"][0] < 0 < like_g["ci"][1]  # Q as shared as G: not between

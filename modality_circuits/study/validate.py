@@ -19,7 +19,8 @@ from ..execution.store import read_json, write_json
 
 #: The curve's fractions: every 0.04 % up to 4 % (the organism's circuits are 0.5-2.5 % of the nodes).
 FRACTIONS = tuple(round(4e-4 * i, 6) for i in range(1, 101))
-FINDINGS = ("visual_larger", "overlap_D_below_G", "interchange_G_above_D", "alignment_rises", "backpatch_gain")
+FINDINGS = ("visual_larger", "overlap_D_below_G", "overlap_Q_between", "interchange_G_above_D", "alignment_rises",
+            "backpatch_gain")
 
 
 def check_tasks(tasks) -> tuple[str, ...]:
@@ -40,6 +41,11 @@ def _interval(value: float, low: float, high: float) -> dict:
 def _difference(a: dict, b: dict) -> dict:
     """a − b with the interval [a.low − b.high, a.high − b.low] (conservative: both intervals at their ends)."""
     return _interval(a["value"] - b["value"], a["low"] - b["high"], a["high"] - b["low"])
+
+
+def _both(a: dict, b: dict) -> dict:
+    """Both differences above zero: the smaller value, and the interval of the smaller one at each end."""
+    return _interval(min(a["value"], b["value"]), min(a["ci"][0], b["ci"][0]), min(a["ci"][1], b["ci"][1]))
 
 
 def _fraction_interval(curve: dict) -> dict:
@@ -64,9 +70,11 @@ def findings_of(folder: Path, task: str) -> dict:
         return {k: (np.nan if c[k] is None else c[k]) for k in ("value", "low", "high")}
 
     gain = nan(bp["image"]["gain_points"])  # accuracy points
+    niou = {s: nan(ov[s]["niou"]) for s in ("D", "Q", "G")}
     return {
         "visual_larger": _difference(_fraction_interval(curves["image"]), _fraction_interval(curves["text"])),
-        "overlap_D_below_G": _difference(nan(ov["G"]["niou"]), nan(ov["D"]["niou"])),
+        "overlap_D_below_G": _difference(niou["G"], niou["D"]),
+        "overlap_Q_between": _both(_difference(niou["Q"], niou["D"]), _difference(niou["G"], niou["Q"])),
         "interchange_G_above_D": _difference(nan(ic["G"]["score"]), nan(ic["D"]["score"])),
         "alignment_rises": _difference(nan(al["ci"][-1]), nan(al["ci"][0])),
         "backpatch_gain": _interval(gain["value"], gain["low"], gain["high"]),
@@ -110,8 +118,13 @@ def validate(seed: int, control: bool = False, out: str = "results/organism", *,
             entry[modality] = recovery(circuit, truth.masks(task, modality, length))
         found = findings_of(study.dir, task)
         per_task[task] = {name: {"planted": bool(truth.findings[task][name]),
-                                 "detected": bool(found[name]["ci"][0] > 0), **found[name]} for name in FINDINGS}
-        record["tasks"][task] = {**entry, "findings": per_task[task]}
+                                 "detected": bool(found[name]["ci"][0] > 0),
+                                 "excludes_zero": bool(found[name]["ci"][0] > 0 or found[name]["ci"][1] < 0),
+                                 **found[name]} for name in FINDINGS}
+        ov = read_json(study.dir / task / "overlap.json")
+        niou = {s: {"value": ov[s]["niou"]["value"], "ci": [ov[s]["niou"]["low"], ov[s]["niou"]["high"]]}
+                for s in ("D", "Q", "G")}
+        record["tasks"][task] = {**entry, "findings": per_task[task], "overlap_niou": niou}
     for name in FINDINGS:
         rows = [per_task[t][name] for t in tasks]
         planted = [r for r in rows if r["planted"]]
@@ -123,6 +136,8 @@ def validate(seed: int, control: bool = False, out: str = "results/organism", *,
             "value": float(np.mean([r["value"] for r in shown])),
             "ci": [float(min(r["ci"][0] for r in shown)), float(max(r["ci"][1] for r in shown))],
             "tasks_detected": [t for t, r in zip(tasks, rows) if r["detected"]],
+            # two-sided: the tasks whose interval excludes zero in either direction (on the control: should be none)
+            "tasks_excluding_zero": [t for t, r in zip(tasks, rows) if r["excludes_zero"]],
         }
     record["time"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
     record["settings"] = {"n": n, "resamples": resamples, "fractions": [FRACTIONS[0], FRACTIONS[-1], len(FRACTIONS)],
@@ -142,8 +157,14 @@ def table(record: dict) -> str:
     lines.append(f"{'finding':24s}{'planted':>8s}{'detected':>9s}  value [95 % interval]")
     for name, f in record["findings"].items():
         lines.append(f"{name:24s}{f['planted']!s:>8s}{f['detected']!s:>9s}  {f['value']:.3f} "
-                     f"[{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]")
+                     f"[{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]{_excludes(f)}")
     return "\n".join(lines)
+
+
+def _excludes(f: dict) -> str:
+    """A note when an absent finding's interval excludes zero in either direction (two-sided)."""
+    tasks = f["tasks_excluding_zero"]
+    return f" (excludes 0 in {', '.join(tasks)})" if tasks and not f["planted"] else ""
 
 
 def _records(folder: Path) -> list[dict]:
@@ -165,7 +186,8 @@ def organism_tables(folder: Path) -> list[str]:
     for r in records:
         name = f"seed {r['seed']}" + (" control" if r["control"] else "")
         cells = [f"{'planted' if f['planted'] else 'absent'}, {'detected' if f['detected'] else 'not detected'}: "
-                 f"{f['value']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]" for f in (r["findings"][k] for k in FINDINGS)]
+                 f"{f['value']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]{_excludes(f)}"
+                 for f in (r["findings"][k] for k in FINDINGS)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -178,4 +200,5 @@ def organism_section(folder: Path) -> list[str]:
             ("The same pipeline on a model organism whose circuits are known by construction, and on its control "
              "(same sizes, no planted finding): `modality-circuits validate` (docs/validation.md). Precision and "
              "recall of the discovered circuit's nodes against the planted ones; a finding is detected when its 95 % "
-             "interval lies above zero."), "", *organism_tables(folder), ""]
+             "interval lies above zero; an absent finding whose interval excludes zero in either direction is marked "
+             "so."), "", *organism_tables(folder), ""]

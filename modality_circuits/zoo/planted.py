@@ -1,7 +1,7 @@
 """A model organism: a small LLaVA whose task circuits are known exactly, by construction (docs/validation.md).
 
 `organism(seed)` compiles a LlavaForConditionalGeneration (CLIP vision tower + Llama decoder, the toy's
-tokenizer, processor and wording) by hand for counting and colour ordering, and returns it with its
+tokenizer, processor and wording) by hand for counting, colour ordering and sentiment, and returns it with its
 ground truth: the (layer, unit, position) nodes whose counterfactual patching changes the metric.
 
 How the truth is exact: every head and neuron outside the planted roles keeps random query/key/value
@@ -13,21 +13,27 @@ therefore matters only at the positions where it carries data that differs betwe
 later planted unit reads; those positions are the truth.
 
 The circuit of each task (D: data, Q: query, G: generation span; every stage is one head and two neurons):
-  text D   layer 0: a self-attending head copies each data word's code (its colour, or an object's canonical
-           colour) to a pre-code, two neurons write it as a 2-d colour code;
-  image D  layers 0..T: the same stage repeated T + 1 times on the image tokens' own features (patch colour
-           from the vision tower), the last writing the text code: image tokens become text-like at layer T;
+  text D   layer 0: a self-attending head copies each data word's code (its colour, an object's canonical
+           colour, an event's sentiment) to a pre-code, two neurons write it as a 2-d code;
+  image D  layers 0..T: the same stage repeated T + 1 times on the image tokens' own features (patch colour, or
+           icon quarter sentiment, from the vision tower), the last writing the text code: image tokens become
+           text-like at layer T;
   Q        at "?": a gathering head (counting: the tokens whose code matches the queried object plus a BOS
            sink, so its output is c / (c + 1); colour ordering: the k-th colour word or row-1 patch from the
-           left or right, a rotary position lookup) and two relay neurons; the early gathers read layer 1,
-           the late gathers of the image route layer T + 1;
+           left or right, a rotary position lookup; sentiment: the event word, or the icon quarters, averaged);
+           the early gathers read layer 1, the late gathers of the image route layer T + 1, each route into
+           its own dims; per kind two relay neurons at layer T + 1, one reading both routes' dims (shared by
+           the modalities), one its route's. A gather
+           reads AMP x its target's code minus (AMP - 1) x the code of its raw data, so a data position's
+           nodes patched alone move the answer AMP times as far (`code_ov`);
   G        a relay head and two neurons at "ASSISTANT", then at ":"; the unembedding reads the result.
 Planted findings (`control=True` or `separate_data=False`: none): image D units differ from text D units
-(overlap, interchange), image tokens become text-like only at layer T (alignment), the image circuit has
+(overlap, interchange; Q gathers differ, Q relays are shared), image tokens become text-like only at layer T
+(alignment), the image circuit has
 more nodes per position (size), and the late colour route only serves "from the left" questions, so
 back-patching image tokens from layer >= T into layer 0 lets the early route answer the rest.
-Only the vision front end's patch classifier is fitted (patch -> fill colour). Counting questions about "fish"
-(whose plural is the data word itself) are answered wrongly by design; the study keeps correct pairs only.
+Only the vision front end's patch classifier is fitted (patch -> fill colour or sentiment). Counting questions
+about "fish" (whose plural is the data word itself) are answered wrongly by design; the study keeps correct pairs only.
 """
 from __future__ import annotations
 
@@ -39,9 +45,14 @@ import numpy as np
 import torch
 
 #: The organism's tasks (built-in tasks, toy wording).
-TASKS = ("counting", "color_ordering")
+TASKS = ("counting", "color_ordering", "sentiment")
 MODALITIES = ("text", "image")
 COLOURS8 = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "gray")
+SENTIMENTS = ("happy", "sad", "neutral")
+#: a sentiment's code angle: halfway between two colours' (so a colour word never ties with a sentiment word)
+SENTIMENT_ANGLE = {s: math.pi / 8 * (1 + 6 * i) for i, s in enumerate(SENTIMENTS)}
+ICON_QUARTERS = (0, 1, 2)  # the scene icon's quarters (row-major in its 2x2 cells) that carry its sentiment
+AMP = 3.0  # a gather reads its target's code AMP times and the target's raw data AMP - 1 times negatively
 LAYERS, HEADS, HEAD_DIM, NEURONS, HIDDEN = 6, 6, 64, 12, 384
 ROPE_THETA = 1e6
 NORM = 100.0  # every token carries NORM on its modality's norm dimension: the residual norm is ~constant
@@ -54,6 +65,7 @@ _SELF_PAIRS = (0, 2, 4)  # frequencies 1, 0.42, 0.18
 # text D: colour words at D offsets 0, 2, 4, 6 ("?" is 19 - 2 i tokens later); image: row-1 patches at D
 # offsets 4..7 ("?" is 23 - i tokens later); counting: the seven words or the first seven patches
 _TEXT_OFFSETS = [19 - 2 * i for i in range(4)]
+_ICON_CELLS, _PERSON_CELLS = (6, 7, 10, 11), (4, 5, 8, 9)  # a scene's icon and person (render.scene)
 _IMAGE_OFFSETS = [23 - i for i in range(4)]
 
 
@@ -147,9 +159,10 @@ class _Compiler:
         V = model.config.text_config.vocab_size
         self.dims, nxt = {}, V
         for name, size in (("NORM_T", 1), ("NORM_I", 1), ("BOSD", 1), ("CFLAG", 1), ("OFLAG", 1), ("IFLAG", 1),
-                           ("QINFO", 1), ("PRE", 2), ("CODE", 2), ("QOBJ", 2), ("ORD", 4), ("SIDE", 2), ("GX", 1),
-                           ("GCL", 2), ("GCR", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("IPRE0", 2), ("ICODE0", 2),
-                           ("IPRE1", 2), ("ICODE1", 2), ("IPRE2", 2), ("LX", 1), ("LCL", 2), ("LCR", 2),
+                           ("SFLAG", 1), ("QINFO", 1), ("PRE", 2), ("CODE", 2), ("QOBJ", 2), ("ORD", 4), ("SIDE", 2),
+                           ("GX", 1), ("GCL", 2), ("GCR", 2), ("GS", 2), ("GXI", 1), ("GCLI", 2), ("GCRI", 2),
+                           ("GSI", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("RAWS", 3),
+                           ("IPRE0", 2), ("ICODE0", 2), ("IPRE1", 2), ("ICODE1", 2), ("IPRE2", 2),
                            ("G0", 3), ("G0P", 3), ("G1", 3), ("FIN", 3)):
             self.dims[name] = list(range(nxt, nxt + size))
             nxt += size
@@ -157,6 +170,14 @@ class _Compiler:
         # data words and the colour each stands for (brown and gray are no words of the toy vocabulary)
         self.colour_of = {**render.OBJECT_COLOURS, **{c: c for c in COLOURS8[:6]}}
         self.object_of = {c: o for o, c in render.OBJECT_COLOURS.items()}
+        self.sentiment_of = {e: v[0] for e, v in tasks.EVENTS.items()}
+        self.event_of = {v: next(e for e in tasks.EVENTS if self.sentiment_of[e] == v) for v in SENTIMENTS}
+        # the code angle of every data word (colour words, objects: their colour; events: their sentiment)
+        self.angle_of = {**{w: _angle(c) for w, c in self.colour_of.items()},
+                         **{e: SENTIMENT_ANGLE[v] for e, v in self.sentiment_of.items()}}
+        # image token classes: 8 fill colours, then 3 sentiments; their angles and, without separate data, the word
+        self.class_angle = [_angle(c) for c in COLOURS8] + [SENTIMENT_ANGLE[v] for v in SENTIMENTS]
+        self.class_word = [self.object_of[c] for c in COLOURS8] + [self.event_of[v] for v in SENTIMENTS]
         self.plurals = tasks.PLURALS
         self.ordinals, self.sides = tasks.ORDINALS, tasks.SIDES
         self.order_h = [rng.sample(range(HEADS), HEADS) for _ in range(LAYERS)]  # which index gets which role
@@ -216,18 +237,21 @@ class _Compiler:
             self.qk(layer, h, "q", _PAIR_SINK, self.d(name), (1.0, 0.0))
         self.qk(layer, h, "k", _PAIR_SINK, self.d("BOSD"), (SINK, 0.0))
 
-    def ov(self, layer, h, src: list[int], dst: list[int], M, x_src: float) -> None:
-        """Head h's value reads x̂[src] (expected scale x_src); it writes M @ (h[src]) into dst."""
+    def ov(self, layer, h, src: list[int], dst: list[int], M, x_src) -> None:
+        """Head h's value reads x̂[src] (expected scale x_src: one number, or one per src); it writes M @ (h[src])
+        into dst."""
         attn = self.layers()[layer].self_attn
         M = torch.as_tensor(M, dtype=torch.float32).reshape(len(dst), len(src))
+        x = torch.as_tensor(x_src, dtype=torch.float32).expand(len(src))
         for j, s in enumerate(src):
             attn.v_proj.weight[h * HEAD_DIM + j, s] = 1.0
         for i, dd in enumerate(dst):
-            attn.o_proj.weight[dd, h * HEAD_DIM:h * HEAD_DIM + len(src)] = M[i] / x_src
+            attn.o_proj.weight[dd, h * HEAD_DIM:h * HEAD_DIM + len(src)] = M[i] / x
 
-    def relay(self, layer, n, gate_dims: list[int], x_gate: float, src: int, x_src: float, dst: int,
+    def relay(self, layer, n, gate_dims: list[int], x_gate: float, src, x_src: float, dst: int,
               gain: float) -> None:
-        """Neuron n = silu(10 * Σ x̂[gate_dims] / x_gate) * x̂[src]; writes gain * (h[src]) into dst."""
+        """Neuron n = silu(10 * Σ x̂[gate_dims] / x_gate) * Σ x̂[src] (src: a dim or several); writes
+        gain * (h[src]) into dst."""
         mlp = self.layers()[layer].mlp
         for g in gate_dims:
             mlp.gate_proj.weight[n, g] = 10.0 / x_gate
@@ -290,25 +314,39 @@ class _Compiler:
             E[self.id(w), self.d("CFLAG")] = 1.0
         for w in self.plurals:
             E[self.id(w), self.d("OFLAG")] = 1.0
+        for w in self.sentiment_of:
+            E[self.id(w), self.d("SFLAG")] = 1.0
         # a plural that is also a data word ("fish") cannot be told from it: such questions go unanswered
         plurals = [w for w in self.plurals.values() if w not in self.plurals]
         for w in (*plurals, *self.ordinals, *self.sides):
             E[self.id(w), self.d("QINFO")] = 1.0
 
     def patch_classes(self):
-        """(pixel patches (N, 768), colour index) of every distinct object patch of the two tasks' images."""
-        from ..data import render
+        """(pixel patches (N, 768), class) of every distinct non-blank patch of the tasks' images: an object's fill
+        colour (0..7), a scene icon quarter of ICON_QUARTERS its event's sentiment (8..10), anything else None (the
+        person, the icon's other quarter)."""
+        from ..data import render, tasks
 
         patches, labels, seen = [], [], set()
-        for obj in render.OBJECTS:
-            for colour in COLOURS8:
-                img = render.object_grid([obj], 64, [colour])
-                x = self.proc.image_processor(img, return_tensors="pt")["pixel_values"][0]
-                p = x[:, :16, :16].reshape(-1)
+
+        def add(img, cells: dict) -> None:
+            x = self.proc.image_processor(img, return_tensors="pt")["pixel_values"][0]
+            for cell, label in cells.items():
+                r, c = divmod(cell, render.GRID)
+                p = x[:, 16 * r:16 * r + 16, 16 * c:16 * c + 16].reshape(-1)
                 if p.numpy().tobytes() not in seen:
                     seen.add(p.numpy().tobytes())
                     patches.append(p)
-                    labels.append(COLOURS8.index(colour))
+                    labels.append(label)
+
+        for obj in render.OBJECTS:
+            for colour in COLOURS8:
+                add(render.object_grid([obj], 64, [colour]), {0: COLOURS8.index(colour)})
+        for event, (sentiment, shape, colour) in tasks.EVENTS.items():
+            for person in render.PERSONS:
+                icon = {cell: (8 + SENTIMENTS.index(sentiment) if q in ICON_QUARTERS else None)
+                        for q, cell in enumerate(_ICON_CELLS)}
+                add(render.scene(person, shape, colour, 64), {**dict.fromkeys(_PERSON_CELLS), **icon})
         return torch.stack(patches), labels
 
     def vision(self) -> None:
@@ -330,17 +368,20 @@ class _Compiler:
                 lin.bias.zero_()
         P, labels = self.patch_classes()
         P = torch.cat([P, torch.zeros(1, P.shape[1])])  # the blank patch
-        target = torch.zeros(len(P), 9)
-        target[torch.arange(len(labels)), torch.tensor(labels)] = 1.0
-        target[:, 8] = 1.0  # constant: NORM_I
+        K = len(self.class_angle)
+        target = torch.zeros(len(P), K + 1)
+        for i, label in enumerate(labels):
+            if label is not None:
+                target[i, label] = 1.0
+        target[:, K] = 1.0  # constant: NORM_I
         proj = self.m.model.multi_modal_projector
         conv = emb.patch_embedding.weight.view(emb.patch_embedding.weight.shape[0], -1)
         gen = torch.Generator().manual_seed(self.rng.randrange(2 ** 31))
         W0 = (torch.randn(conv.shape, generator=gen) * 0.05).requires_grad_(True)
         W1 = (torch.randn(proj.linear_1.weight.shape, generator=gen) * 0.3).requires_grad_(True)
         b1 = torch.zeros(proj.linear_1.bias.shape).requires_grad_(True)
-        W2 = (torch.randn(9, W1.shape[0], generator=gen) * 0.05).requires_grad_(True)
-        b2 = torch.zeros(9).requires_grad_(True)
+        W2 = (torch.randn(K + 1, W1.shape[0], generator=gen) * 0.05).requires_grad_(True)
+        b2 = torch.zeros(K + 1).requires_grad_(True)
         opt = torch.optim.Adam([W0, W1, b1, W2, b2], lr=1e-2)
         ln = torch.nn.functional.layer_norm
         with torch.enable_grad():
@@ -351,20 +392,22 @@ class _Compiler:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        # then the output layer exactly: least squares on the hidden features (65 patches, 384 features)
+        # then the output layer exactly: least squares on the hidden features (fewer patches than features)
         hidden = torch.nn.functional.gelu(ln(P @ W0.T, (W0.shape[0],), eps=vt.pre_layrnorm.eps) @ W1.T + b1).detach()
         A = torch.cat([hidden, torch.ones(len(P), 1)], 1).double()
         sol = torch.linalg.lstsq(A, target.double(), driver="gelsd").solution.float()
         W2, b2 = sol[:-1].T, sol[-1]
-        err = float((hidden @ W2.T + b2 - target).abs().max())
-        if err > 1e-4:
+        err = float((hidden @ W2.T + b2 - target).abs().max())  # ~1e-4: float32 rounding of the exact solution
+        if err > 1e-3:
             raise RuntimeError(f"the organism's patch classifier did not fit (max error {err:.2e})")
-        R = torch.zeros(HIDDEN, 9)  # class -> image token
-        for k in range(8):
-            R[self.d("IFLAG"), k] = 1.0
-            # separate_data=False: the one-hot of the object word of that canonical colour (the same text code)
-            R[self.d("RAW", k) if self.sep else self.id(self.object_of[COLOURS8[k]]), k] = 1.0
-        R[self.d("NORM_I"), 8] = NORM
+        R = torch.zeros(HIDDEN, K + 1)  # class -> image token
+        for k in range(K):
+            R[self.d("IFLAG" if k < 8 else "SFLAG"), k] = 1.0
+            # separate_data=False: the one-hot of a word of that class (an object of that canonical colour, an event
+            # of that sentiment), so the text units read it
+            raw = self.d("RAW", k) if k < 8 else self.d("RAWS", k - 8)
+            R[raw if self.sep else self.id(self.class_word[k]), k] = 1.0
+        R[self.d("NORM_I"), K] = NORM
         emb.patch_embedding.weight.copy_(W0.detach().view_as(emb.patch_embedding.weight))
         proj.linear_1.weight.copy_(W1.detach())
         proj.linear_1.bias.copy_(b1.detach())
@@ -374,9 +417,10 @@ class _Compiler:
     def decoder(self) -> None:
         T, d = self.T, self.d
         qmark, assistant, colon = self.id("?"), self.id("ASSISTANT"), self.id(":")
-        # ---- layer 0: text D stage; the mover copies the question's object, ordinal and side to "?"
-        words = list(self.colour_of)
-        M = torch.tensor([_circle(_angle(self.colour_of[w])) for w in words]).T
+        # ---- layer 0: text D stage (every data word to its code); the mover copies the question's object, ordinal
+        # and side to "?"
+        words = list(self.angle_of)
+        M = torch.tensor([_circle(self.angle_of[w]) for w in words]).T
         self.stage(0, "text D", [self.id(w) for w in words], 1 / NORM, self.dims["PRE"], self.dims["CODE"], M,
                    1 / NORM, NORM)
         h = self.head(0, "Q mover")
@@ -393,40 +437,50 @@ class _Compiler:
         self.units["Q mover"] = ((0, h), [])
         # ---- image D stages 0..T (own units): a rotated circle, rotated again per stage, the text code at T
         if self.sep:
-            ins = [self.dims["RAW"], self.dims["ICODE0"], self.dims["ICODE1"]]
+            ins = [self.dims["RAW"] + self.dims["RAWS"], self.dims["ICODE0"], self.dims["ICODE1"]]
             pres = [self.dims["IPRE0"], self.dims["IPRE1"], self.dims["IPRE2"]]
             rho = [1.0 + math.pi / 2 * s for s in range(T)] + [0.0]  # the code's rotation after stage s
             for s in range(T + 1):
                 if s == 0:
-                    M = torch.tensor([_circle(_angle(c) + rho[0]) for c in COLOURS8]).T
+                    M = torch.tensor([_circle(a + rho[0]) for a in self.class_angle]).T
                 else:
                     M = _rot(rho[s] - rho[s - 1])
                 out, gain = (self.dims["CODE"], NORM) if s == T else (self.dims[f"ICODE{s}"], 1.0)
                 self.stage(s, f"image D stage {s}", ins[s], 1 / NORM, pres[s], out, M, 1 / NORM, gain)
-        # ---- gathers at "?": early (layer 1) read the code at layer 1; late (T + 1) the translated code
+        # ---- gathers at "?": early (layer 1) read the code at layer 1 (text tokens; image tokens too when T = 0);
+        # late (layer T + 1, separate data and T >= 1) image tokens only, the translated code, into their own dims
+        late = T + 1
+        image_early = self.sep and T == 0
         self.count_gather(1, "count gather (early)", d("GX"))
         for side, name in (("left", "GCL"), ("right", "GCR")):
-            self.colour_gather(1, f"colour gather {side} (early)", side, self.dims[name], text=True)
-        late = T + 1
-        self.late = late
-        if self.sep:
-            self.count_gather(late, "count gather (late)", d("LX"))
+            self.colour_gather(1, f"colour gather {side} (early)", side, self.dims[name], text=True,
+                               classes=image_early)
+        self.sentiment_gather(1, "sentiment gather (early)", self.dims["GS"], text=True, classes=image_early)
+        qc = self.dims["QC"]
+        kinds = [("count", "GX", [0, 0], self.dims["QX"] * 2, 0.5), ("colour left", "GCL", [0, 1], qc, 1.0),
+                 ("colour right", "GCR", [0, 1], qc, 1.0), ("sentiment", "GS", [0, 1], qc, 1.0)]
+        late_kinds = []
+        if self.sep and T >= 1:
+            self.count_gather(late, "count gather (late)", d("GXI"))
             for side in ("left",) if self.weak else ("left", "right"):
                 self.colour_gather(late, f"colour gather {side} (late)", side,
-                                   self.dims["LCL" if side == "left" else "LCR"], text=False)
-        # ---- relays at "?" (the MLP of the gather's layer)
-        self.units["count gather (early)"][1].extend(
-            self.relay_pair(1, "count relay (early)", qmark, [d("GX")] * 2, [d("QX")] * 2, 0.5))
-        for side, name in (("left", "GCL"), ("right", "GCR")):
-            self.units[f"colour gather {side} (early)"][1].extend(
-                self.relay_pair(1, f"colour relay {side} (early)", qmark, self.dims[name], self.dims["QC"], 1.0))
-        if self.sep:
-            self.units["count gather (late)"][1].extend(
-                self.relay_pair(late, "count relay (late)", qmark, [d("LX")] * 2, [d("QX")] * 2, 0.5))
-            for side in ("left",) if self.weak else ("left", "right"):
-                name = "LCL" if side == "left" else "LCR"
-                self.units[f"colour gather {side} (late)"][1].extend(
-                    self.relay_pair(late, f"colour relay {side} (late)", qmark, self.dims[name], self.dims["QC"], 1.0))
+                                   self.dims["GCLI" if side == "left" else "GCRI"], text=False, classes=True)
+            self.sentiment_gather(late, "sentiment gather (late)", self.dims["GSI"], text=False, classes=True)
+            late_kinds = [k for k in ("count", "colour left", "colour right", "sentiment")
+                          if k != "colour right" or not self.weak]
+        # ---- relays at "?" (layer T + 1), two per kind and route: the first reads both routes' dims (a Q unit shared
+        # by the modalities), the second its own route's
+        for kind, name, index, dst, gain in kinds:
+            text, image = self.dims[name], self.dims[name + "I"]
+            n = self.neuron(late, f"{kind} relay (shared)")
+            self.relay(late, n, [qmark], 1 / NORM, [text[index[0]], image[index[0]]], 1 / NORM, dst[0], gain)
+            self.units[f"{kind} relay shared"] = (None, [(late, n)])
+            for route, dims in (("text", text), ("image", image)):
+                if route == "image" and kind not in late_kinds:
+                    continue
+                n = self.neuron(late, f"{kind} relay ({route})")
+                self.relay(late, n, [qmark], 1 / NORM, dims[index[1]], 1 / NORM, dst[1], gain)
+                self.units[f"{kind} relay {route}"] = (None, [(late, n)])
         # ---- G: a relay at ASSISTANT reading "?", then at ":" reading ASSISTANT
         self.g_relay(late + 1, "G relay ASSISTANT", assistant, qmark, self.dims["QX"] + self.dims["QC"],
                      self.dims["G0"], self.dims["G0P"])
@@ -441,14 +495,35 @@ class _Compiler:
             self.qk(layer, h, "q", _PAIR_MATCH, self.d("QOBJ", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
             self.qk(layer, h, "k", _PAIR_MATCH, self.d("CODE", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
         self.ov(layer, h, [self.d("NORM_T"), self.d("NORM_I")], [dst], [[1.0, 1.0]], math.sqrt(0.5))
-        if layer > 1:  # the late gather counts image tokens only: text tokens (NORM_T) lie far below BOS
-            self.qk(layer, h, "q", _PAIR_TOKEN, self.id("?"), (1.0, 0.0))
-            self.qk(layer, h, "k", _PAIR_TOKEN, self.d("NORM_T"), (-4 * SINK * NORM, 0.0))
+        if layer > 1:  # the late gather counts image tokens only
+            self.text_below(layer, h, _PAIR_TOKEN)
         self.units[role] = ((layer, h), [])
 
-    def colour_gather(self, layer, role, side, dst, *, text: bool) -> None:
+    def text_below(self, layer, h, pair) -> None:
+        """Text tokens (NORM_T) score far below BOS at "?" in rotary pair `pair` (a late gather reads image tokens)."""
+        self.qk(layer, h, "q", pair, self.id("?"), (1.0, 0.0))
+        self.qk(layer, h, "k", pair, self.d("NORM_T"), (-4 * SINK * NORM, 0.0))
+
+    def code_ov(self, layer, h, dst, *, words: bool, classes: bool) -> None:
+        """Head h writes AMP x its target's code minus (AMP - 1) x the code of the target's raw data (a data word's
+        one-hot if `words`, an image token's class if `classes`): the code itself, but a D node patched alone moves
+        it AMP times as far (its target code becomes AMP c' - (AMP - 1) c), so every D node weighs AMP times its
+        share of the pairs in the faithfulness of a circuit that lacks it."""
+        x = math.sqrt(0.5) / NORM  # a raw dim (1) at a token that carries the 100-long code
+        src, cols, xs = list(self.dims["CODE"]), [AMP * torch.eye(2)], [math.sqrt(0.5)] * 2
+        if words:
+            src += [self.id(w) for w in self.angle_of]
+            cols.append(-(AMP - 1) * torch.tensor([_circle(a) for a in self.angle_of.values()]).T)
+            xs += [x] * len(self.angle_of)
+        if classes:
+            src += self.dims["RAW"] + self.dims["RAWS"]
+            cols.append(-(AMP - 1) * torch.tensor([_circle(a) for a in self.class_angle]).T)
+            xs += [x] * len(self.class_angle)
+        self.ov(layer, h, src, dst, torch.cat(cols, 1), xs)
+
+    def colour_gather(self, layer, role, side, dst, *, text: bool, classes: bool) -> None:
         """At "?": the colour word (text) or row-1 patch (image) at index k from `side`, by rotary offset from "?";
-        a question about the other side goes to BOS."""
+        a question about the other side goes to BOS. Its value: `code_ov`."""
         h = self.head(layer, role)
         self.sink(layer, h)
         other = self.dims["SIDE"][1 - self.sides.index(side)]
@@ -466,7 +541,18 @@ class _Compiler:
                 a = -omega * offsets[i]  # q = R(-ω δ) k: the score peaks at offset δ
                 self.qk(layer, h, "q", pair, self.d("ORD", k), (LOOKUP / x_side * math.cos(a),
                                                                LOOKUP / x_side * math.sin(a)))
-        self.ov(layer, h, self.dims["CODE"], dst, torch.eye(2), math.sqrt(0.5))
+        self.code_ov(layer, h, dst, words=text, classes=classes)
+        self.units[role] = ((layer, h), [])
+
+    def sentiment_gather(self, layer, role, dst, *, text: bool, classes: bool) -> None:
+        """At "?": every token flagged with a sentiment (an event word, an icon quarter), equally; value: `code_ov`
+        (the sentiment's code). The late one reads image tokens only."""
+        h = self.head(layer, role)
+        self.sink(layer, h)
+        self.score(layer, h, _PAIR_TOKEN, self.id("?"), self.d("SFLAG"), 2 * SINK, 1 / NORM, math.sqrt(0.5) / NORM)
+        if not text:
+            self.text_below(layer, h, _PAIR_MATCH)
+        self.code_ov(layer, h, dst, words=text, classes=classes)
         self.units[role] = ((layer, h), [])
 
     def g_relay(self, layer, role, at_tok, from_tok, src, mid, out) -> None:
@@ -503,7 +589,8 @@ class _Compiler:
 
     def calibrate(self, vlm) -> None:
         """Match score of the count gathers := their BOS score (so the weights are exactly 1 / (c + 1)); then the
-        unembedding: colour words read the final colour code, digits the count (tangent lines at each count)."""
+        unembedding: colour and sentiment words read the final code, digits the count (tangent lines at each
+        count)."""
         from ..data.pairs import build_pairs
 
         self.spans = {}
@@ -514,7 +601,7 @@ class _Compiler:
                 pairs[task, modality] = p
                 self.spans[task, modality] = (p[0].spans, p[0].length)
         gathers = [("count gather (early)", ("counting", "text"))]
-        if self.sep:
+        if "count gather (late)" in self.units:
             gathers.append(("count gather (late)", ("counting", "image")))
         for role, key in gathers:
             (layer, h), _ = self.units[role]
@@ -535,8 +622,7 @@ class _Compiler:
         lm = self.m.lm_head.weight
         lm.zero_()
         fin = self.dims["FIN"]
-        for c in ("red", "orange", "yellow", "green", "blue", "purple"):
-            a = _angle(c)
+        for c, a in (*((c, _angle(c)) for c in COLOURS8[:6]), *SENTIMENT_ANGLE.items()):
             lm[self.id(c), fin[1]] = 100.0 * NORM * math.cos(a)
             lm[self.id(c), fin[2]] = 100.0 * NORM * math.sin(a)
         got = []
@@ -567,46 +653,52 @@ class _Compiler:
         d0 = spans["D"][0]
         if task == "counting":
             data = [d0 + i for i in range(7)]
-        else:
+        elif task == "color_ordering":
             data = [d0 + 2 * i for i in range(4)] if modality == "text" else [d0 + 4 + i for i in range(4)]
+        else:  # sentiment: "a <person> at a <event>", or the icon's quarters
+            data = [d0 + 4] if modality == "text" else [d0 + _ICON_CELLS[q] for q in ICON_QUARTERS]
         return {"D": data, "?": spans["Q"][1] - 1, "G0": spans["G"][0], "G1": spans["G"][0] + 1, "length": length}
 
     def truth(self, settings: dict) -> Truth:
         nodes, findings = {}, {}
-        separate_image = self.sep
+        late = self.sep and self.T >= 1  # the image route has its own (late) gathers
         for task in TASKS:
             nodes[task] = {}
             for modality in MODALITIES:
                 pos = self.positions(task, modality)
-                groups = []
-                if modality == "text" or not separate_image:
-                    groups.append(("text D", pos["D"]))
-                    if task == "counting":
-                        groups.append(("count gather (early)", [pos["?"]]))
-                    else:
-                        groups += [(f"colour gather {s} (early)", [pos["?"]]) for s in ("left", "right")]
+                image_route = modality == "image" and self.sep
+                if image_route:
+                    groups = [(f"image D stage {s}", pos["D"]) for s in range(self.T + 1)]
                 else:
-                    groups += [(f"image D stage {s}", pos["D"]) for s in range(self.T + 1)]
-                    if task == "counting":
-                        groups.append(("count gather (late)", [pos["?"]]))
-                    else:
-                        sides = ("left",) if self.weak else ("left", "right")
-                        groups += [(f"colour gather {s} (late)", [pos["?"]]) for s in sides]
-                kind = "count" if task == "counting" else "colour"
+                    groups = [("text D", pos["D"])]
+                when = "late" if image_route and late else "early"
+                if task == "counting":
+                    kinds = ["count"]
+                elif task == "color_ordering":
+                    kinds = [f"colour {s}" for s in (("left",) if when == "late" and self.weak else ("left", "right"))]
+                else:
+                    kinds = ["sentiment"]
+                route = "image" if when == "late" else "text"
+                for kind in kinds:
+                    gather = kind.replace(" ", " gather ", 1) if " " in kind else f"{kind} gather"
+                    groups += [(f"{gather} ({when})", [pos["?"]]), (f"{kind} relay shared", [pos["?"]]),
+                               (f"{kind} relay {route}", [pos["?"]])]
+                kind = "count" if task == "counting" else "colour"  # sentiment: the code, as colour
                 groups += [(f"G relay ASSISTANT ({kind})", [pos["G0"]]), (f"G relay ':' ({kind})", [pos["G1"]])]
                 heads, neurons = [], []
                 for role, where in groups:
-                    (layer, h), ns = self.units[role]
+                    head, ns = self.units[role]
                     for t in where:
-                        heads.append((layer, h, t))
+                        if head is not None:
+                            heads.append((*head, t))
                         neurons += [(ln, n, t) for ln, n in ns]
                 nodes[task][modality] = {"heads": sorted(heads), "neurons": sorted(neurons),
                                          "length": pos["length"]}
             size = {m: len(nodes[task][m]["heads"]) / nodes[task][m]["length"] for m in MODALITIES}
             findings[task] = {
                 "visual_larger": size["image"] > size["text"],
-                "overlap_D_below_G": separate_image, "interchange_G_above_D": separate_image,
-                "alignment_rises": separate_image and self.T >= 1,
-                "backpatch_gain": separate_image and self.T >= 1 and self.weak and task == "color_ordering",
+                "overlap_D_below_G": self.sep, "overlap_Q_between": late, "interchange_G_above_D": self.sep,
+                "alignment_rises": late,
+                "backpatch_gain": late and self.weak and task == "color_ordering",
             }
         return Truth(nodes, dict(self.roles), findings, settings)
