@@ -34,6 +34,8 @@ HOW = {
     "experiments/bench_attribution.py": "compiled only: no quick mode (a timed benchmark: 6 subprocesses, ~20 s CPU)",
     "experiments/bench_import.py": "test_bench_import_once (--repeats 1)",
     "experiments/bench_study.py": "compiled only: a timed benchmark of one whole task (minutes of CPU per repeat)",
+    "experiments/bench_reproducibility.py": "compiled only: 14 fresh processes (minutes); what it measures is tested "
+                                            "in tests/test_reproducibility.py",
     "experiments/counting_errors.py": "test_small_runs",
     "experiments/method_ablation.py": "test_small_runs",
     "experiments/train_toy_vlm.py": "test_small_runs",
