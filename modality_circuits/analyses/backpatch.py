@@ -20,7 +20,7 @@ from ..circuits.stats import CI, bootstrap_mean
 from ..data import tasks
 from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
 from ..execution import budget, requests
-from ..execution.bodies import decoder_inputs
+from ..execution.bodies import decoder_inputs, feed_stack
 from ..execution.checks import finite
 from ..execution.remote import server_body
 
@@ -76,7 +76,7 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     stack, inject, keys = model.decoder_stack(), model.injects(inputs), model.adapter.injections
     with model.session():
         with root.trace(**inputs, **opts):  # cache pass
-            e, g = decoder_inputs(layers, stack, keys, inject)  # (P, T, d); g (n, P, T, d) or None
+            e, g, q = decoder_inputs(layers, stack, keys, inject, token_key=model.token_inputs)  # (P, T, d); g, q or None
             cache, below = [], {}
             for i, layer in enumerate(layers):
                 h = layer.output[0] if tuple_out else layer.output
@@ -89,6 +89,8 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
         for n, writes, dst in chunks:
             rows = {key: torch.cat([value] * n) for key, value in decoder.items()}
             with root.trace(**rows, **opts):
+                if q is not None:  # the layers read the prompts' own per-token input (Gemma 4's per-layer embeddings)
+                    feed_stack(stack, torch.cat([e] * n), model.token_inputs, torch.cat([q] * n))
                 if dst in skip_below:
                     same = torch.cat([below[dst]] * n)
                     for i in range(dst):  # layers below dst: only the last one's output is read
