@@ -56,7 +56,7 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     heads_sum, neurons_sum, heads_sq, neurons_sq = totals
     keep_all, index = per_pair is True, per_pair if isinstance(per_pair, tuple) else None
     stack, inject, keys = model.decoder_stack(), model.injects(chunks[0][0]), model.adapter.injections
-    token_key = model.token_inputs  # a per-token input beside e (Gemma 4's per-layer embeddings): moves with e
+    token_key = model.adapter.token_inputs  # a per-token input beside e (Gemma 4's per-layer embeddings): moves with e
     with model.session():
         kept = []
         for both, rows, ids in chunks:

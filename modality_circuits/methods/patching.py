@@ -31,14 +31,15 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     heads_at, moe = model.layer_heads, [model.experts_of(layer) for layer in layers]
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
+    token_key = model.adapter.token_inputs  # read here: the trace blocks below run on a server
     with model.session():
-        e, g, q, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe, token_key=model.token_inputs)
+        e, g, q, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe, token_key=token_key)
         effects = []
         for n, plan in chunks:
             rows_in = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
             with root.trace(**rows_in, **opts):
                 if q is not None:  # each row's own prompt's per-token input (Gemma 4's per-layer embeddings)
-                    feed_stack(stack, repeat_rows(e, P, n), model.token_inputs, repeat_rows(q, P, n))
+                    feed_stack(stack, repeat_rows(e, P, n), token_key, repeat_rows(q, P, n))
                 layers[0].input = repeat_rows(e, P, n)
                 for i in range(len(sites)):
                     if moe[i] is not None:  # every row routed as its prompt p, p' rows too; after the heads' writes

@@ -189,11 +189,6 @@ class VLM:
         """The module holding the decoder layers (whose forward receives `Adapter.injections`)."""
         return operator.attrgetter(self.adapter.layers.rsplit(".", 1)[0])(self.nn if root is None else root)
 
-    @property
-    def token_inputs(self) -> str | None:
-        """The decoder stack's per-token input besides its embeddings (`Adapter.token_inputs`), or None."""
-        return self.adapter.token_inputs
-
     def injects(self, inputs: dict) -> bool:
         """Whether a forward on `inputs` adds visual features after the first decoder layers (`Adapter.injections`)."""
         return bool(self.adapter.injections) and self.adapter.vision_inputs[0] in inputs
