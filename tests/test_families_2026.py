@@ -170,3 +170,79 @@ def test_sited_model_computes_what_the_unsited_model_computes(family):
     with torch.no_grad():
         torch.testing.assert_close(sited.hf_model(**pair.inputs).logits, plain(**pair.inputs).logits,
                                    atol=1e-6, rtol=1e-5)
+
+
+def test_gemma4_head_widths_come_from_each_layers_config():
+    """Gemma 4's full-attention layers have wider heads (the per-layer config's head_dim) than its sliding ones; a
+    sliding head's slice is the one that reads its key-value head: zero that KV head's v_proj rows and exactly the
+    slices of the heads of its group vanish."""
+    model = get_tiny("gemma4")
+    tc, layers = model.text_config, model.layers(model.hf_model)
+    assert tc.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert model.layer_head_dims == (8, 16, 8, 16) and model.layer_heads == (4, 4, 4, 4)
+    for layer, d in zip(layers, model.layer_head_dims):
+        assert model.head_site(layer).in_features == tc.num_attention_heads * d
+    pair = build_pairs("counting", "image", model, n=1)[0]
+    attn, H, d = layers[0].self_attn, model.layer_heads[0], model.layer_head_dims[0]
+    group = H // (attn.v_proj.out_features // d)  # heads per KV head
+    seen = []
+    handle = attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        _logits(model, pair.inputs)
+        saved = attn.v_proj.weight.data.clone()
+        attn.v_proj.weight.data[:d] = 0  # KV head 0
+        try:
+            _logits(model, pair.inputs)
+        finally:
+            attn.v_proj.weight.data.copy_(saved)
+    finally:
+        handle.remove()
+    clean, zeroed = (s.view(*s.shape[:2], H, d) for s in seen)
+    assert not zeroed[:, :, :group].any() and clean[:, :, :group].abs().sum() > 0
+    torch.testing.assert_close(zeroed[:, :, group:], clean[:, :, group:], atol=0, rtol=0)
+
+
+def test_gemma4_token_input_differs_between_the_prompts_and_is_each_rows_own():
+    """The per-layer token embeddings (the stack's `per_layer_inputs`) of a text pair differ between p and p' at the
+    data positions (an image pair's are the same: image tokens look up the pad token, and the image reaches the
+    per-layer inputs through inputs_embeds). A forward that starts from the merged input and hands the stack p's e
+    and q gives the logits of a plain forward of p; without them (the stack computing the per-layer inputs from the
+    image-less row) it does not."""
+    from modality_circuits.execution.bodies import decoder_inputs, feed_stack
+
+    model = get_tiny("gemma4")
+    layers, stack, key = model.layers(), model.decoder_stack(), model.adapter.token_inputs
+    assert key == "per_layer_inputs"
+
+    def read(inputs):
+        with model.trace(inputs) as tracer:
+            e, _, q = decoder_inputs(layers, stack, (), False, token_key=key)
+            e, q = e.save(), q.save()
+            tracer.stop()
+        return e, q
+
+    for modality in ("text", "image"):
+        pair = build_pairs("counting", modality, model, n=1)[0]
+        (e, q), (_, q_cf) = read(pair.inputs), read(pair.cf_inputs)
+        d0, d1 = pair.spans["D"]
+        assert q.shape[:3] == (1, pair.length, model.n_layers)
+        assert ((q[:, d0:d1] - q_cf[:, d0:d1]).abs().amax() > 0) == (modality == "text")
+    out = {}
+    for fed in (True, False):
+        with model.trace(model.decoder_inputs(pair.inputs)):  # the image pair, without the vision inputs
+            if fed:
+                feed_stack(stack, e, key, q)
+            layers[0].input = e
+            out[fed] = model.nn.output.logits[0, -1].save()
+    torch.testing.assert_close(out[True], _logits(model, pair.inputs), atol=1e-5, rtol=1e-5)
+    assert (out[False] - out[True]).abs().max() > 1e-4
+
+
+def test_gemma4_moe_variant_is_refused_by_name_before_any_work():
+    from modality_circuits.model import wrap
+    from modality_circuits.testing import tiny_model
+
+    fresh = tiny_model("gemma4")  # not the shared cached model: its config is changed here
+    fresh.text_config.enable_moe_block = True
+    with pytest.raises(ValueError, match="gemma4: cannot study a model with enable_moe_block set: its router and experts"):
+        wrap(fresh.hf_model, fresh.processor, name="x")
