@@ -79,9 +79,6 @@ class Adapter:
     # given decoder inputs hand the stack e as inputs_embeds and this input of the row's own prompt; integrated
     # gradients move it along the same straight line as e (docs/method.md section 13). None: no such input.
     token_inputs: str | None = None
-    # Text-config flags the package cannot serve: (flag, why); a model whose text config sets one is refused when
-    # it is wrapped, naming the flag and the reason.
-    unserved: tuple[tuple[str, str], ...] = ()
     # The decoder's attention over the prompt: "causal"; "image_blocks" (causal, but the tokens of one image
     # see each other both ways: Gemma-3); "prefix" (prefix-LM: the whole prompt, image and question, attends
     # both ways, so the data positions see the question: PaliGemma). docs/method.md section 13.
@@ -164,12 +161,12 @@ ADAPTERS: dict[str, Adapter] = {
     # Gemma 4: 256 image tokens (768 px, 16 px patches pooled 3x3) between begin/end markers that are not D, image
     # tokens attending both ways where the config says so (use_bidirectional_attention="vision"); head widths per
     # layer from the per-layer config (sliding 256, full 512); per-layer embeddings of the token ids beside the
-    # residual stream (`token_inputs`). Its MoE text variant is refused (docs/families-2026.md).
+    # residual stream (`token_inputs`). In the MoE text variant the layer-level experts run beside the dense MLP:
+    # one site holds the routed experts' neurons, then the dense MLP's (docs/families-2026.md).
     "gemma4": Adapter("gemma4", "Gemma4ForConditionalGeneration", image_placeholder="<|image|>",
                       processor="Gemma4Processor", image_size=GEMMA4_IMAGE_SIZE, attention="image_blocks",
                       vision_inputs=("pixel_values", "image_position_ids"), token_inputs="per_layer_inputs",
-                      unserved=(("enable_moe_block", "its router and experts run beside the dense MLP in one layer: "
-                                 "two neuron sites per layer, which the package does not define yet"),)),
+                      experts="experts"),
     # PaliGemma (2): prefix-LM attention (the whole prompt, image and question, attends both ways; the processor's
     # token_type_ids, all 0, switch it on) and no chat template: <image> x N (SigLIP patches, no merge: 1024 at
     # 448 px), <bos>, the task-prefixed prompt, "\n". Back-patching refuses it (analyses/backpatch.py).
@@ -240,8 +237,7 @@ def default_image_size(adapter: Adapter, config) -> int:
 
 
 def layer_heads(adapter: Adapter, text_config) -> list[tuple[str, str]]:
-    """Per decoder layer, the config fields of its head count and head width; refuses unknown layer types and
-    unserved flags (`Adapter.unserved`).
+    """Per decoder layer, the config fields of its head count and head width; refuses unknown layer types.
 
     A layer type (text config `layer_types`) is known when it is an attention type (ATTENTION_TYPES) or
     listed in `Adapter.layer_heads`; anything else would be a layer whose heads the package cannot name."""
@@ -252,7 +248,4 @@ def layer_heads(adapter: Adapter, text_config) -> list[tuple[str, str]]:
         raise ValueError(f"{adapter.family}: unknown decoder layer type(s) {', '.join(map(repr, unknown))}: the package "
                          f"knows {', '.join(sorted({*ATTENTION_TYPES, *kinds}))} for this family, so it cannot say "
                          "which module holds such a layer's heads (docs/families-2026.md)")
-    for flag, why in adapter.unserved:
-        if getattr(text_config, flag, None):
-            raise ValueError(f"{adapter.family}: cannot study a model with {flag} set: {why} (docs/families-2026.md)")
     return [kinds.get(kind, ("num_attention_heads", "head_dim")) for kind in types]

@@ -296,9 +296,10 @@ def _gemma3(tok):
 
 
 def _gemma4(tok):
-    """Gemma 4's dense text model: layers (sliding, full, sliding, full), 4 heads of 8 on sliding layers and of 16
+    """Gemma 4's MoE text model: layers (sliding, full, sliding, full), 4 heads of 8 on sliding layers and of 16
     on full ones (per-layer config), full layers' keys as values (1 KV head), the last two layers reusing the first
-    two's keys and values with a double-wide MLP (96 neurons, 48 elsewhere), per-layer embeddings of width 8; image
+    two's keys and values with a double-wide MLP (96 neurons, 48 elsewhere), beside it in every layer 4 experts of
+    12 neurons, top-2 (site: 48 expert neurons, then the dense MLP's); per-layer embeddings of width 8; image
     tokens attend both ways. q_norm's weights are 1/sqrt(head width) (at transformers' init of 1 the unscaled
     attention logits make the random model so sharp that IG tracks single-node patching only at r ≈ 0.5-0.7). The real image processor and processor (without video and audio): a 64 px image is
     resized to 96 px, 4 px patches pooled 3x3: 64 image tokens."""
@@ -310,7 +311,8 @@ def _gemma4(tok):
                  layer_types=["sliding_attention", "full_attention"] * 2, attention_k_eq_v=True,
                  num_global_key_value_heads=1, num_kv_shared_layers=2, use_double_wide_mlp=True,
                  vocab_size_per_layer_input=len(tok), hidden_size_per_layer_input=8,
-                 use_bidirectional_attention="vision")
+                 use_bidirectional_attention="vision", enable_moe_block=True, num_experts=4, top_k_experts=2,
+                 moe_intermediate_size=12)
     vision = T.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
                                   position_embedding_size=32)
