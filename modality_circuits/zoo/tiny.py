@@ -300,8 +300,8 @@ def _gemma4(tok):
     on full ones (per-layer config), full layers' keys as values (1 KV head), the last two layers reusing the first
     two's keys and values with a double-wide MLP (96 neurons, 48 elsewhere), beside it in every layer 4 experts of
     12 neurons, top-2 (site: 48 expert neurons, then the dense MLP's); per-layer embeddings of width 8; image
-    tokens attend both ways. q_norm's weights are 1/sqrt(head width) (at transformers' init of 1 the unscaled
-    attention logits make the random model so sharp that IG tracks single-node patching only at r ≈ 0.5-0.7). The real image processor and processor (without video and audio): a 64 px image is
+    tokens attend both ways. q_norm's weights are 1/sqrt(head width): at transformers' init of 1 the unscaled
+    attention logits make the random model so sharp that IG tracks single-node patching well below r = 0.8. The real image processor and processor (without video and audio): a 64 px image is
     resized to 96 px, 4 px patches pooled 3x3: 64 image tokens."""
     ids = tok.convert_tokens_to_ids
     ip = T.Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
