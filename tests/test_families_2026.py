@@ -245,3 +245,33 @@ def test_gemma4_token_input_differs_between_the_prompts_and_is_each_rows_own():
             out[fed] = model.nn.output.logits[0, -1].save()
     torch.testing.assert_close(out[True], _logits(model, pair.inputs), atol=1e-5, rtol=1e-5)
     assert (out[False] - out[True]).abs().max() > 1e-4
+
+
+def test_gemma4_dense_variant_uses_the_mlp_site():
+    """Gemma 4's dense text variant (E2B, E4B: no experts) has `mlp.down_proj` as neuron site, double-wide on the
+    KV-shared layers; IG through nnsight equals step-at-a-time hooks and F(full) = 1, F(empty) = 0 on it."""
+    import hooks
+
+    from modality_circuits.circuits.circuit import Circuit
+    from modality_circuits.methods.ablation import faithfulness
+    from modality_circuits.methods.attribution import attribute
+    from modality_circuits.model import wrap
+
+    tiny = get_tiny("gemma4")
+    config = tiny.hf_model.config.__class__.from_dict(tiny.hf_model.config.to_dict())
+    config.text_config.enable_moe_block = False
+    torch.manual_seed(0)
+    hf = T.Gemma4ForConditionalGeneration(config)
+    for layer in hf.model.language_model.layers:  # the tiny recipe's temperature
+        layer.self_attn.q_norm.weight.data.fill_(layer.self_attn.head_dim ** -0.5)
+    dense = wrap(hf, tiny.processor, name="dense", image_size=64, wording="toy")
+    layers = dense.layers(dense.hf_model)
+    assert all(dense.experts_of(layer) is None and dense.neuron_site(layer) is layer.mlp.down_proj for layer in layers)
+    assert dense.layer_neurons == (48, 48, 96, 96)
+    pairs = build_pairs("counting", "text", dense, n=2, seed=1)
+    scores = attribute(dense, pairs[:1], steps=3, progress=False)
+    heads, neurons = hooks.ig_scores(dense, pairs[0], 3)
+    torch.testing.assert_close(scores.heads, heads, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(scores.neurons, neurons, atol=1e-6, rtol=1e-4)
+    assert faithfulness(dense, Circuit.full(scores, True), pairs).value == pytest.approx(1.0, abs=1e-4)
+    assert faithfulness(dense, Circuit.full(scores, False), pairs).value == pytest.approx(0.0, abs=1e-4)
