@@ -8,6 +8,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   scale-projection  results/scale/*.json               (the projection stored with the measurements)
   toy-time          results/toy/<task>/**/*.json       (the step times every record stores)
   organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
+  budget-linear     results/budget/linear_qwen3_5.json (python experiments/budget_linear.py --json ...)
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -155,9 +156,24 @@ def organism_recovery() -> str:
                       "Time of each invocation (a rerun reuses the finished steps): " + "; ".join(times) + "."])
 
 
+def budget_linear() -> str:
+    r = _read("results/budget/linear_qwen3_5.json")
+    lines = ["| per-row bytes of | measured | measured / model without the linear-layer terms | with them |",
+             "|---|---|---|---|"]
+    for p in r["package"]:
+        what = f"{'IG' if p['kind'] == 'ig' else 'forward'} row, {p['layers']} layers"
+        lines.append(f"| {what} ({p['source']}) | {p['measured_bytes'] / 1e6:.1f} MB | {p['ratio_without']:.2f}× |"
+                     f" {p['ratio_with']:.2f}× |")
+    layer = ", ".join(f"T = {x['T']} {'forward' if x['mode'] == 'fwd' else 'backward'} ×{x['calls']}: "
+                      f"{x['units']:.1f}" for x in r["layer"])
+    return "\n".join(lines + ["", f"One Gated DeltaNet layer alone, per row, in ({r['chunk']}-padded T, value width) "
+                               f"float32 tensors: {layer}; the model counts {r['live']} live and {r['kept']} kept per "
+                               "layer."])
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
-              "organism-recovery": organism_recovery}
+              "organism-recovery": organism_recovery, "budget-linear": budget_linear}
 
 
 def render(text: str, where: str = "") -> str:

@@ -34,6 +34,7 @@ HOW = {
     "experiments/bench_attribution.py": "compiled only: no quick mode (a timed benchmark: 6 subprocesses, ~20 s CPU)",
     "experiments/bench_import.py": "test_bench_import_once (--repeats 1)",
     "experiments/bench_study.py": "compiled only: a timed benchmark of one whole task (minutes of CPU per repeat)",
+    "experiments/budget_linear.py": "compiled only: 12 subprocesses at Qwen3.5-27B width (about 2 minutes, 1 GB)",
     "experiments/counting_errors.py": "test_small_runs",
     "experiments/method_ablation.py": "test_small_runs",
     "experiments/train_toy_vlm.py": "test_small_runs",
