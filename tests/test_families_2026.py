@@ -249,7 +249,8 @@ def test_gemma4_token_input_differs_between_the_prompts_and_is_each_rows_own():
 
 def test_gemma4_dense_variant_uses_the_mlp_site():
     """Gemma 4's dense text variant (E2B, E4B: no experts) has `mlp.down_proj` as neuron site, double-wide on the
-    KV-shared layers; IG through nnsight equals step-at-a-time hooks and F(full) = 1, F(empty) = 0 on it."""
+    KV-shared layers, and is not refused for a server as the MoE variant is; IG through nnsight equals
+    step-at-a-time hooks and F(full) = 1, F(empty) = 0 on it."""
     import hooks
 
     from modality_circuits.circuits.circuit import Circuit
@@ -268,6 +269,7 @@ def test_gemma4_dense_variant_uses_the_mlp_site():
     layers = dense.layers(dense.hf_model)
     assert all(dense.experts_of(layer) is None and dense.neuron_site(layer) is layer.mlp.down_proj for layer in layers)
     assert dense.layer_neurons == (48, 48, 96, 96)
+    assert dataclasses.replace(dense, remote="http://localhost:1").remote  # no sparse layer: a server may host it
     pairs = build_pairs("counting", "text", dense, n=2, seed=1)
     scores = attribute(dense, pairs[:1], steps=3, progress=False)
     heads, neurons = hooks.ig_scores(dense, pairs[0], 3)

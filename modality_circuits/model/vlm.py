@@ -76,7 +76,8 @@ class VLM:
                                      for c, (heads, width) in zip(configs, kinds))
         self.head_dim = max(self.layer_head_dims)
         self.n_heads = max(self.layer_heads)
-        if self.adapter.experts and _remote.is_hosted(self.remote):  # the server's copy has no neuron site
+        sparse = any(self.experts_of(layer) is not None for layer in self.layers(self.hf_model))
+        if sparse and _remote.is_hosted(self.remote):  # the server's copy has no neuron site (a dense Gemma 4 is fine)
             raise ValueError(f"{self.name}: a hosted mixture-of-experts model has no expert-neuron site on the "
                              "server (docs/families-2026.md); run it here or with remote='local'")
         self.layer_neurons = tuple(self.neuron_site(layer).in_features if self.experts_of(layer) is None
