@@ -7,14 +7,14 @@ method's `max_rows` (default: no cap), and is what every method passes to `reque
 
 The per-row model (b bytes per element of the model's dtype; d hidden size, I MLP width, H heads,
 L layers, T tokens, V vocabulary):
-  forward:  T·(8d + 10I)·b + 2·H·T²·b + 4V         one layer's live activations, the site inputs an
-            (+ 18·T'·W·4 with linear layers)        intervention holds, attention scores, fp32 last logits
-  backward: L·T·(18d + 12I)·b + L·H·T²·b + forward  what autograd keeps for every layer, and the site
-            + L_lin·16·T'·W·4                       inputs and their gradients the attribution reads
-Linear-attention layers (L_lin of them, the layer types of `Adapter.layer_heads`: Qwen3.5's Gated DeltaNet) run
-transformers' chunked recurrence in float32 on the sequence padded to T' (a multiple of LINEAR_CHUNK), with W =
+  forward:  T·(8d + 10I)·b + 2·H·T²·b + 4V + 18·T′·W·4
+            one layer's live activations, the site inputs an intervention holds, attention scores, fp32 last logits
+  backward: L·T·(18d + 12I)·b + L·H·T²·b + L_lin·16·T′·W·4 + forward
+            what autograd keeps for every layer, and the site inputs and their gradients the attribution reads
+Linear-attention layers (L_lin of them, the layer types of `Adapter.layer_heads`: Qwen3.5's Gated DeltaNet; W = 0
+without them) run transformers' chunked recurrence in float32 on the sequence padded to T′ (a multiple of LINEAR_CHUNK), with W =
 value heads × value-head width: its copies of queries, keys, values, their β-scaled and decayed forms, the chunk
-matrices and the output are about 18 such (T', W) float32 tensors live in a forward and 16 kept per layer for the
+matrices and the output are about 18 such (T′, W) float32 tensors live in a forward and 16 kept per layer for the
 backward (measured on one Qwen3.5-27B layer in bfloat16, docs/families-2026.md).
 experiments/bench_scale.py compares it with measured peaks (docs/scale.md); docs/method.md section 10 quotes it.
 """
