@@ -12,6 +12,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   ndif-e2e          results/ndif/e2e.json              (MC_CI_REMOTE=1 bash .ci/remote-server)
   study-share       results/toy/bench_study.json       (python experiments/bench_study.py --json ...)
   teach             results/teach/*.json               (modality-circuits teach: the model folder's teach_report.json)
+  budget-linear     results/budget/linear_qwen3_5.json (python experiments/budget_linear.py --json ...)
 
     python scripts/docs_numbers.py           # rewrite the blocks in place
     python scripts/docs_numbers.py --check   # exit 1, naming the stale blocks, when a file differs
@@ -221,10 +222,26 @@ def teach() -> str:
     return "\n".join(rows)
 
 
+def budget_linear() -> str:
+    r = _read("results/budget/linear_qwen3_5.json")
+    lines = ["| per-row bytes of | measured | measured / model without the linear-layer terms | with them |",
+             "|---|---|---|---|"]
+    for p in r["package"]:
+        what = f"{'IG' if p['kind'] == 'ig' else 'forward'} row, {p['layers']} layers"
+        lines.append(f"| {what} ({p['source']}) | {p['measured_bytes'] / 1e6:.1f} MB | {p['ratio_without']:.2f}× |"
+                     f" {p['ratio_with']:.2f}× |")
+    layer = ", ".join(f"T = {x['T']} {'forward' if x['mode'] == 'fwd' else 'backward'} ×{x['calls']}: "
+                      f"{x['units']:.1f}" for x in r["layer"])
+    return "\n".join(lines + ["", f"One Gated DeltaNet layer alone, per row, in ({r['chunk']}-padded T, value width) "
+                               f"float32 tensors: {layer}; the model counts {r['live']} live and {r['kept']} kept per "
+                               "layer."])
+
+
 GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-results": toy_results,
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
               "organism-recovery": organism_recovery, "reproducibility": reproducibility,
-              "ndif-e2e": ndif_e2e, "study-share": study_share, "teach": teach}
+              "ndif-e2e": ndif_e2e, "study-share": study_share, "teach": teach,
+              "budget-linear": budget_linear}
 
 
 def render(text: str, where: str = "") -> str:

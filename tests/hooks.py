@@ -108,7 +108,7 @@ def ig_scores(model, pair, steps, absolute=False, hold=None):
     reference's "tokens" interpolation; injected features, which live at image positions only, are p's too).
     Δa always comes from separate forwards of p' and p."""
     layer0 = model.layers(model.hf_model)[0]
-    stack, keys = model.decoder_stack(model.hf_model), model.adapter.injections
+    stack, keys, token = model.decoder_stack(model.hf_model), model.adapter.injections, model.adapter.token_inputs
     merged = {}
 
     def grab(module, args):
@@ -116,13 +116,14 @@ def ig_scores(model, pair, steps, absolute=False, hold=None):
 
     def grab_injected(module, args, kwargs):  # DeepStack-style features, handed to the decoder stack as a keyword
         merged["g"] = [t.detach().clone() for t in kwargs[keys[0]]] if keys and kwargs.get(keys[0]) else None
+        merged["q"] = kwargs[token].detach().clone() if token else None  # Gemma 4's per-layer token embeddings
 
     for name, inp in (("p", pair.inputs), ("cf", pair.cf_inputs)):
         handle = stack.register_forward_pre_hook(grab_injected, with_kwargs=True)
         with _pre_hooks([(layer0, grab)]), torch.no_grad():
             model.hf_model(**inp)
         handle.remove()
-        merged[name], merged["g_" + name] = merged.pop("x"), merged.pop("g")
+        merged[name], merged["g_" + name], merged["q_" + name] = merged.pop("x"), merged.pop("g"), merged.pop("q")
     a_p, a_cf = activations(model, pair.inputs), activations(model, pair.cf_inputs, clean=pair.inputs)
     mods, held, T = _modules(model), held_routing(model, pair.inputs), pair.length
     grads = [[0.0, 0.0] for _ in mods]
@@ -144,6 +145,11 @@ def ig_scores(model, pair, steps, absolute=False, hold=None):
             if merged["g_p"] is not None:
                 a = 1.0 if hold is not None else alpha
                 kwargs[keys[0]] = [c + a * (p - c) for p, c in zip(merged["g_p"], merged["g_cf"])]
+            if token:  # the stack computes the per-layer inputs from its embeddings and the token input: both move
+                q = merged["q_cf"] + alpha * (merged["q_p"] - merged["q_cf"])
+                if hold is not None:
+                    q[:, hold] = merged["q_p"][:, hold]
+                kwargs["inputs_embeds"], kwargs[token] = x.clone(), q
             return args, kwargs
 
         handle = stack.register_forward_pre_hook(swap_injected, with_kwargs=True)

@@ -185,10 +185,10 @@ def test_smolvlm_is_served_by_the_idefics3_row(tmp_path):
     assert heads.shape == (1, pair.length, model.n_heads * model.head_dim)
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "qwen3_vl_moe", "glm46v"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "qwen3_vl_moe", "glm46v", "gemma4"])
 def test_reproduce_completes(tmp_path, family):
     """`modality-circuits reproduce --model tiny-<family> --all-prompts --tasks counting`: DeepStack, hybrid linear
-    attention, routed experts, a shared expert."""
+    attention, routed experts, a shared expert, per-layer token embeddings and KV-shared layers."""
     import json
 
     from modality_circuits.study.cli import main
@@ -243,6 +243,8 @@ def _real_processor(family, tok):
         return without_video(T.Glm4vProcessor)(image_processor=T.Glm4vImageProcessorPil(), tokenizer=tok)
     if family == "glm46v":  # GLM-4.6V: 14 px patches, 2x2 merge (the PIL processor's defaults)
         return without_video(T.Glm46VProcessor)(image_processor=T.Glm46VImageProcessorPil(), tokenizer=tok)
+    if family == "gemma4":  # Gemma 4: 16 px patches pooled 3x3, at most 280 soft tokens (the PIL processor's defaults)
+        return without_video(T.Gemma4Processor)(image_processor=T.Gemma4ImageProcessorPil(), tokenizer=tok)
     if family == "internvl":  # InternVL3-8B-hf: 448 px tiles of 256 tokens, up to 12 tiles
         ip = T.GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True)
         return without_video(T.InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=256)
@@ -266,7 +268,7 @@ def _real_processor(family, tok):
     ("qwen3_vl", "<|image_pad|>", 64, 64), ("qwen3_vl_moe", "<|image_pad|>", 64, 64), ("qwen3_5", "<|image_pad|>", 64, 64),
     ("glm4v", "<|image|>", 81, 83), ("glm46v", "<|image|>", 81, 83), ("internvl", "<IMG_CONTEXT>", 256, 258),
     ("llava_onevision", "<image>", 1485, 1485), ("idefics3", "<image>", 17 * 81, 17 * 81 + 18 + 17),
-    ("aya_vision", "<|IMG_PATCH|>", 169, 172), ("paligemma", "<image>", 1024, 1024)])
+    ("aya_vision", "<|IMG_PATCH|>", 169, 172), ("paligemma", "<image>", 1024, 1024), ("gemma4", "<|image|>", 256, 256)])
 def test_real_checkpoint_image_layouts(family, image_token, image_tokens, d_tokens):
     """At the family's image size and its checkpoint's processor settings, an image becomes the README's tokens:
     image tokens, and the D span with its markers and tile names (Idefics3: 18 frame markers, 16 tile names and

@@ -13,7 +13,7 @@ from modality_circuits.data.pairs import LayoutError, build_pairs, patch_grid
 GRIDS = {"llava": (4, 4), "pixtral": (4, 4), "mistral3": (2, 2), "qwen2_vl": (2, 2), "qwen2_5_vl": (2, 2), "qwen3_vl": (2, 2),
          "gemma3": (2, 2), "paligemma": (4, 4), "llava_onevision": (4, 4), "internvl": (2, 2), "aya_vision": (2, 2),
          "glm4v": (2, 2), "idefics3": (2, 2), "qwen3_5": (2, 2), "qwen3_vl_moe": (2, 2),
-         "glm46v": (2, 2)}
+         "glm46v": (2, 2), "gemma4": (8, 8)}
 
 
 def test_pair_tokens_name_every_image_patch_row_major(tiny):

@@ -38,6 +38,25 @@ def test_budget_parsing_and_rows(llava):
     assert budget.rows(dataclasses.replace(llava, memory_budget="1TB"), 20, max_rows=64) == 64
 
 
+def test_budget_counts_linear_attention_layers():
+    """Qwen3.5's Gated DeltaNet layers add float32 tensors of the sequence padded to the chunk (64) times the value
+    heads' width: 18 live in a forward, 16 kept per linear layer for a backward (docs/families-2026.md); a model
+    without linear layers is unchanged (llava above)."""
+    from conftest import get_tiny
+
+    model = get_tiny("qwen3_5")
+    tc = model.text_config
+    n_linear = tc.layer_types.count("linear_attention")
+    width = tc.linear_num_value_heads * tc.linear_value_head_dim
+    for T, padded in ((20, 64), (64, 64), (65, 128)):
+        tensor = padded * width * 4
+        b, d, i, h = 4, tc.hidden_size, model.d_mlp, model.n_heads  # float32 tiny model
+        dense = T * (8 * d + 10 * i) * b + 2 * h * T * T * b + 4 * tc.vocab_size
+        assert budget.row_bytes(model, T) == dense + 18 * tensor
+        assert budget.row_bytes(model, T, backward=True) == (model.n_layers * (T * (18 * d + 12 * i) * b + h * T * T * b)
+                                                              + n_linear * 16 * tensor + dense + 18 * tensor)
+
+
 @pytest.mark.parametrize("modality", ["text", "image"])
 def test_a_tight_budget_splits_every_step_and_changes_no_number(tiny, modality):
     """One row per forward (budget of 1 byte) gives the numbers of one big forward."""

@@ -36,6 +36,7 @@ HOW = {
     "experiments/bench_study.py": "compiled only: a timed benchmark of one whole task (minutes of CPU per repeat)",
     "experiments/bench_reproducibility.py": "compiled only: 14 fresh processes (minutes); what it measures is tested "
                                             "in tests/test_reproducibility.py",
+    "experiments/budget_linear.py": "compiled only: 12 subprocesses at Qwen3.5-27B width (about 2 minutes, 1 GB)",
     "experiments/counting_errors.py": "test_small_runs",
     "experiments/method_ablation.py": "test_small_runs",
     "experiments/train_toy_vlm.py": "test_small_runs",

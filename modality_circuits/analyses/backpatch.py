@@ -20,7 +20,7 @@ from ..circuits.stats import CI, bootstrap_mean
 from ..data import tasks
 from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
 from ..execution import budget, requests
-from ..execution.bodies import decoder_inputs
+from ..execution.bodies import decoder_inputs, feed_stack
 from ..execution.checks import finite
 from ..execution.remote import server_body
 
@@ -74,9 +74,10 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     decoder = {key: value for key, value in inputs.items() if key not in vision}
     P = len(inputs["input_ids"])
     stack, inject, keys = model.decoder_stack(), model.injects(inputs), model.adapter.injections
+    token_key = model.adapter.token_inputs  # read here: the trace blocks below run on a server
     with model.session():
         with root.trace(**inputs, **opts):  # cache pass
-            e, g = decoder_inputs(layers, stack, keys, inject)  # (P, T, d); g (n, P, T, d) or None
+            e, g, q = decoder_inputs(layers, stack, keys, inject, token_key=token_key)  # (P, T, d); g, q or None
             cache, below = [], {}
             for i, layer in enumerate(layers):
                 h = layer.output[0] if tuple_out else layer.output
@@ -89,6 +90,8 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
         for n, writes, dst in chunks:
             rows = {key: torch.cat([value] * n) for key, value in decoder.items()}
             with root.trace(**rows, **opts):
+                if q is not None:  # the layers read the prompts' own per-token input (Gemma 4's per-layer embeddings)
+                    feed_stack(stack, torch.cat([e] * n), token_key, torch.cat([q] * n))
                 if dst in skip_below:
                     same = torch.cat([below[dst]] * n)
                     for i in range(dst):  # layers below dst: only the last one's output is read
@@ -136,7 +139,11 @@ def backpatch_logits(model, pairs: list[Pair], configs: list[Config], *, max_row
         raise ValueError("vocab_max=True needs ids (without them every logit comes back)")
     ids = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
     order = sorted(range(len(configs)), key=lambda c: configs[c][1])  # by dst, stable
-    skip_below = () if model.adapter.layer_returns_tuple else tuple(sorted({d for _, d, _ in configs if d > 0}))
+    # layers below dst are skipped (their cached output given) unless a later layer reads more of them than the
+    # residual stream: the keys and values of KV-shared layers (Gemma 4's `num_kv_shared_layers`)
+    shares_kv = getattr(model.text_config, "num_kv_shared_layers", 0)
+    skip_below = () if model.adapter.layer_returns_tuple or shares_kv else tuple(sorted({d for _, d, _ in configs
+                                                                                           if d > 0}))
     (start, end), d = pairs[0].spans["D"], model.text_config.hidden_size
     b = torch.finfo(model.dtype).bits // 8
     held = L * (end - start) * d * b + (1 + len(skip_below)) * pairs[0].length * d * b  # the cache, per prompt

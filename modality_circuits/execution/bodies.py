@@ -11,35 +11,42 @@ from __future__ import annotations
 import torch
 
 
-def decoder_inputs(layers, stack, keys: tuple, inject: bool, dtype=None):
-    """Inside an embedding trace: (e, g) where e is the decoder input (rows, T, d) and g (n, rows, T, d) the visual
-    features added after the first n layers at the image positions (zero elsewhere), or None without injections.
+def decoder_inputs(layers, stack, keys: tuple, inject: bool, dtype=None, token_key=None):
+    """Inside an embedding trace: (e, g, q) where e is the decoder input (rows, T, d), g (n, rows, T, d) the visual
+    features added after the first n layers at the image positions (zero elsewhere), or None without injections,
+    and q the decoder stack's per-token input `token_key` (rows, T, ...) (`Adapter.token_inputs`), or None.
 
-    e is a copy in the model's dtype, or cast to `dtype` (e.g. float32); g has e's dtype and device. The features are
-    read from the decoder stack's keyword inputs `keys` = (features, image-position mask), before layer 0 runs.
+    e and q are copies in the model's dtype, or cast to `dtype` (e.g. float32); g has e's dtype and device. The
+    features and q are read from the decoder stack's keyword inputs (`keys` = (features, image-position mask)),
+    before layer 0 runs.
     """
-    if inject:  # docs/method.md section 13
+    if inject or token_key:
         kwargs = stack.inputs[1]
+    if inject:  # docs/method.md section 13
         feats, where = torch.stack(kwargs[keys[0]]), kwargs[keys[1]]
+    q = None
+    if token_key:
+        q = kwargs[token_key].clone() if dtype is None else kwargs[token_key].to(dtype)
     e = layers[0].input.clone() if dtype is None else layers[0].input.to(dtype)
     if not inject:
-        return e, None
+        return e, None, q
     g = e.new_zeros(len(feats), *e.shape)
     g[:, where.to(e.device)] = feats.to(e.device, e.dtype)
-    return e, g
+    return e, g, q
 
 
-def embed_pass(root, inputs: dict, opts: dict, layers, stack, keys: tuple, inject: bool, dtype=None, moe=None):
+def embed_pass(root, inputs: dict, opts: dict, layers, stack, keys: tuple, inject: bool, dtype=None, moe=None,
+               token_key=None):
     """In a session: one trace of `inputs` (p' rows, then p rows) stopped at decoder layer 0, giving
-    `decoder_inputs`' (e, g) (the vision tower runs here, once per prompt; every later row starts from e).
+    `decoder_inputs`' (e, g, q) (the vision tower runs here, once per prompt; every later row starts from e).
 
     moe: per layer its experts' envoy (None for a dense layer). With a sparse layer the trace runs to the end and
-    (e, g, held) is returned, held[i] = the p rows' routing at layer i, ((P·T, k) indices, weights) or None:
+    (e, g, q, held) is returned, held[i] = the p rows' routing at layer i, ((P·T, k) indices, weights) or None:
     every later row is routed as its prompt p (docs/families-2026.md)."""
     sparse = moe is not None and any(m is not None for m in moe)
     held = [None] * len(layers)
     with root.trace(**inputs, **opts) as embed:
-        e, g = decoder_inputs(layers, stack, keys, inject, dtype)
+        e, g, q = decoder_inputs(layers, stack, keys, inject, dtype, token_key)
         for i in range(len(layers) if sparse else 0):
             if moe[i] is not None:
                 (_, top, w), _ = moe[i].inputs
@@ -47,7 +54,18 @@ def embed_pass(root, inputs: dict, opts: dict, layers, stack, keys: tuple, injec
                 held[i] = (top[half:].clone(), w[half:].detach().clone())
         if not sparse:
             embed.stop()
-    return (e, g) if moe is None else (e, g, held)
+    return (e, g, q) if moe is None else (e, g, q, held)
+
+
+def feed_stack(stack, e: torch.Tensor, token_key, q) -> None:
+    """Inside a trace whose decoder starts from given inputs: with a per-token input (`Adapter.token_inputs`, q its
+    rows (rows, T, ...)) the decoder stack reads e (rows, T, d) as its inputs_embeds and q as `token_key`, from which
+    it computes what each layer reads beside the residual stream (Gemma 4's per-layer inputs). No-op without one.
+    Call before layer 0's input is written (execution order)."""
+    if token_key:
+        args, kwargs = stack.inputs
+        stack.inputs = (args, {**kwargs, "inputs_embeds": e.to(kwargs["inputs_embeds"].device),
+                               token_key: q.to(kwargs["inputs_embeds"].device)})
 
 
 def route_as_held(experts, held: tuple, P: int, n: int) -> None:

@@ -11,10 +11,15 @@ into its records) and warned (docs/reproducibility.md).
 
 The per-row model (b bytes per element of the model's dtype; d hidden size, I MLP width, H heads,
 L layers, T tokens, V vocabulary):
-  forward:  T·(8d + 10I)·b + 2·H·T²·b + 4V         one layer's live activations, the site inputs an
-                                                   intervention holds, attention scores, fp32 last logits
-  backward: L·T·(18d + 12I)·b + L·H·T²·b + forward  what autograd keeps for every layer, and the site
-                                                   inputs and their gradients the attribution reads
+  forward:  T·(8d + 10I)·b + 2·H·T²·b + 4V + 18·T′·W·4
+            one layer's live activations, the site inputs an intervention holds, attention scores, fp32 last logits
+  backward: L·T·(18d + 12I)·b + L·H·T²·b + L_lin·16·T′·W·4 + forward
+            what autograd keeps for every layer, and the site inputs and their gradients the attribution reads
+Linear-attention layers (L_lin of them, the layer types of `Adapter.layer_heads`: Qwen3.5's Gated DeltaNet; W = 0
+without them) run transformers' chunked recurrence in float32 on the sequence padded to T′ (a multiple of LINEAR_CHUNK), with W =
+value heads × value-head width: its copies of queries, keys, values, their β-scaled and decayed forms, the chunk
+matrices and the output are about 18 such (T′, W) float32 tensors live in a forward and 16 kept per layer for the
+backward (measured on one Qwen3.5-27B layer in bfloat16, docs/families-2026.md).
 experiments/bench_scale.py compares it with measured peaks (docs/scale.md); docs/method.md section 10 quotes it.
 """
 from __future__ import annotations
@@ -28,6 +33,10 @@ import torch
 #: buffers); on the CPU, other processes share the RAM.
 SAFE_SHARE = {"cuda": 0.8, "cpu": 0.5}
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+#: transformers' chunk length of the gated delta rule (`torch_chunk_gated_delta_rule`): the sequence is padded to it.
+LINEAR_CHUNK = 64
+#: (T', W) float32 tensors of a linear-attention layer live in a forward, and kept per layer for a backward.
+LINEAR_LIVE, LINEAR_KEPT = 18, 16
 
 
 def parse(budget) -> int | str:
@@ -67,10 +76,15 @@ def row_bytes(model, length: int, *, backward: bool = False) -> int:
     tc = model.text_config
     b = torch.finfo(model.dtype).bits // 8
     d, i, h, layers, t = tc.hidden_size, model.d_mlp, model.n_heads, model.n_layers, length
-    forward = t * (8 * d + 10 * i) * b + 2 * h * t * t * b + 4 * tc.vocab_size
+    types = getattr(tc, "layer_types", None) or ()
+    recurrent = {kind for kind, *_ in model.adapter.layer_heads}  # the adapter's non-attention layer types
+    linear = [k for k, kind in enumerate(types) if kind in recurrent]  # Qwen3.5's Gated DeltaNet layers
+    chunked = -(-t // LINEAR_CHUNK) * LINEAR_CHUNK * max((model.layer_heads[k] * model.layer_head_dims[k]
+                                                          for k in linear), default=0) * 4  # one (T', W) fp32 tensor
+    forward = t * (8 * d + 10 * i) * b + 2 * h * t * t * b + 4 * tc.vocab_size + LINEAR_LIVE * chunked
     if not backward:
         return forward
-    return layers * (t * (18 * d + 12 * i) * b + h * t * t * b) + forward
+    return layers * (t * (18 * d + 12 * i) * b + h * t * t * b) + len(linear) * LINEAR_KEPT * chunked + forward
 
 
 #: Token rows (rows × tokens) of one canonical chunk on the CPU, a forward or a forward+backward: fixed, so the

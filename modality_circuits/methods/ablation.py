@@ -17,7 +17,7 @@ from ..circuits.circuit import Circuit
 from ..circuits.metrics import faithfulness_value
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
-from ..execution.bodies import add_to_output, embed_pass, logit_diff, repeat_rows, route_as_held
+from ..execution.bodies import add_to_output, embed_pass, feed_stack, logit_diff, repeat_rows, route_as_held
 from ..execution.checks import finite
 from ..execution.remote import server_body
 
@@ -77,14 +77,17 @@ def _ablate_session(model, chunks: list, both: dict, ids: torch.Tensor, vision: 
     bits = torch.arange(8, dtype=torch.uint8)
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
+    token_key = model.adapter.token_inputs  # read here: the trace blocks below run on a server
     with model.session():
-        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # e (2P, T, d), g, held routing
+        e, g, q, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe, token_key=token_key)
         lds = []
         for n, masks, circ_of_row in chunks:
             keeps = [((packed[:, None] >> bits) & 1).bool().flatten()[:size].view(shape) for packed, shape, size in masks]
             rows = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
             src = torch.arange(len(circ_of_row)) % P
             with root.trace(**rows, **opts):
+                if q is not None:  # each row's own prompt's per-token input (Gemma 4's per-layer embeddings)
+                    feed_stack(stack, repeat_rows(e, P, n), token_key, repeat_rows(q, P, n))
                 layers[0].input = repeat_rows(e, P, n)
                 for i in range(len(sites)):
                     for j in range(2):  # heads, then neurons

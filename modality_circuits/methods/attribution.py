@@ -12,7 +12,7 @@ import torch
 from ..circuits.circuit import Scores
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
-from ..execution.bodies import add_to_output, embed_pass, logit_diff
+from ..execution.bodies import add_to_output, embed_pass, feed_stack, logit_diff
 from ..execution.checkpoint import Checkpoint, fingerprint
 from ..execution.checks import finite
 from ..execution.remote import server_body
@@ -42,7 +42,9 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     "tokens" interpolation); row 0 is p' untouched, so Δa still compares the two prompts.
     Families that add visual features after the first decoder layers (`Adapter.injections`, Qwen3-VL's
     DeepStack): the first pass also reads them, g' and g, and row j adds g' + α_j (g − g') to those layers'
-    outputs, so every input that differs between p and p' moves along the path. Mixture-of-experts layers: every
+    outputs; a per-token input beside e (`Adapter.token_inputs`, Gemma 4's per-layer embeddings) is read too,
+    q' and q, and row j's decoder stack reads x_j and q' + α_j (q − q'), so every input that differs between p and
+    p' moves along the path. Mixture-of-experts layers: every
     row is routed as its pair's p (the α=1 row), the routing weights held constant (docs/families-2026.md).
     """
     L, H, k = model.n_layers, model.n_heads, steps
@@ -54,15 +56,20 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
     heads_sum, neurons_sum, heads_sq, neurons_sq = totals
     keep_all, index = per_pair is True, per_pair if isinstance(per_pair, tuple) else None
     stack, inject, keys = model.decoder_stack(), model.injects(chunks[0][0]), model.adapter.injections
+    token_key = model.adapter.token_inputs  # a per-token input beside e (Gemma 4's per-layer embeddings): moves with e
     with model.session():
         kept = []
         for both, rows, ids in chunks:
             P = len(ids)
-            e0, g0 = embed_pass(root, both, opts, layers, stack, keys, inject, torch.float32)  # e', e rows; float32
+            e0, g0, q0 = embed_pass(root, both, opts, layers, stack, keys, inject, torch.float32, token_key=token_key)
             with root.trace(**rows, **opts):
                 e_cf, e = e0[:P].unsqueeze(1), e0[P:].unsqueeze(1)
                 a = alpha.to(e.device)
                 x = e_cf + a * (e - e_cf)
+                if token_key:  # the per-token input moves along the same path: (P, k+1, T, ...)
+                    q_cf, q = q0[:P].unsqueeze(1), q0[P:].unsqueeze(1)
+                    aq = a.view(*a.shape, *[1] * (q.dim() - a.dim()))
+                    q_rows = q_cf + aq * (q - q_cf)
                 if inject:  # the injected features move along the same path: (n, P·(k+1), T, d)
                     g_cf, g = g0[:, :P].unsqueeze(2), g0[:, P:].unsqueeze(2)
                     g_rows = g_cf + a.unsqueeze(0) * (g - g_cf)
@@ -72,9 +79,13 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
                     x = torch.where(held, e, x)
                     if inject:
                         g_rows = torch.where(held.unsqueeze(0), g, g_rows)
+                    if token_key:
+                        q_rows = torch.where(held.view(*held.shape, *[1] * (q.dim() - held.dim())), q, q_rows)
                 if inject:
                     g_rows = g_rows.to(dtype).flatten(1, 2)  # (n, P·(k+1), T, d) in the model's dtype
                 x = x.to(dtype).flatten(0, 1).detach().requires_grad_(True)  # frozen weights: grads flow via x
+                if token_key:
+                    feed_stack(stack, x, token_key, q_rows.to(dtype).flatten(0, 1))
                 layers[0].input = x
                 heads, neurons = [], []
                 for i in range(L):  # nnsight serves values in execution order
@@ -114,6 +125,8 @@ def _ig_session(model, chunks: list, steps: int, per_pair, totals: tuple, absolu
             del e0, e_cf, e, a, x, heads, neurons, logits, metric  # the next chunk must not hold these too
             if inject:
                 del g0, g_cf, g, g_rows
+            if token_key:
+                del q0, q_cf, q, q_rows
             if keep_all:  # (L, P, T, units) -> (P, L, units, T)
                 kept.append(tuple(torch.stack(v).permute(1, 0, 3, 2).cpu() for v in each))
             elif index is not None:  # (P, n_kept) at flat indices of the (L, units, T) layout

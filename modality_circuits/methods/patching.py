@@ -10,7 +10,7 @@ import torch
 
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
-from ..execution.bodies import add_to_output, embed_pass, logit_diff, repeat_rows, route_as_held
+from ..execution.bodies import add_to_output, embed_pass, feed_stack, logit_diff, repeat_rows, route_as_held
 from ..execution.checks import finite
 from ..execution.remote import server_body
 from .ablation import answers, logit_diffs
@@ -31,12 +31,15 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     heads_at, moe = model.layer_heads, [model.experts_of(layer) for layer in layers]
     decoder = {key: value for key, value in both.items() if key not in vision}
     stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
+    token_key = model.adapter.token_inputs  # read here: the trace blocks below run on a server
     with model.session():
-        e, g, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe)  # e (2P, T, d), g, held routing
+        e, g, q, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe, token_key=token_key)
         effects = []
         for n, plan in chunks:
             rows_in = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
             with root.trace(**rows_in, **opts):
+                if q is not None:  # each row's own prompt's per-token input (Gemma 4's per-layer embeddings)
+                    feed_stack(stack, repeat_rows(e, P, n), token_key, repeat_rows(q, P, n))
                 layers[0].input = repeat_rows(e, P, n)
                 for i in range(len(sites)):
                     if moe[i] is not None:  # every row routed as its prompt p, p' rows too; after the heads' writes

@@ -73,6 +73,12 @@ class Adapter:
     # layer from layer 0, keyword holding the (batch, pos) image mask). Empty: image features enter only
     # at the decoder input. Algorithms add them back explicitly (docs/method.md section 13).
     injections: tuple[str, ...] = ()
+    # Keyword of the decoder stack's forward holding a per-token input besides its embeddings, (batch, pos, ...):
+    # Gemma 4's per-layer embeddings ("per_layer_inputs", looked up from the token ids; the stack adds a projection
+    # of its inputs_embeds and hands each layer its slice). It differs between p and p'. Forwards that start from
+    # given decoder inputs hand the stack e as inputs_embeds and this input of the row's own prompt; integrated
+    # gradients move it along the same straight line as e (docs/method.md section 13). None: no such input.
+    token_inputs: str | None = None
     # The decoder's attention over the prompt: "causal"; "image_blocks" (causal, but the tokens of one image
     # see each other both ways: Gemma-3); "prefix" (prefix-LM: the whole prompt, image and question, attends
     # both ways, so the data positions see the question: PaliGemma). docs/method.md section 13.
@@ -104,6 +110,9 @@ FALLBACK_IMAGE_SIZE = 448
 STUDY_IMAGE_SIZE = 252
 #: Gemma-3's processor resizes every image to 896x896 (256 image tokens): render at that size, not upsample.
 GEMMA3_IMAGE_SIZE = 896
+#: Gemma 4's processor resizes a square image to the largest side whose 16 px patches, pooled 3x3, fit its 280
+#: soft tokens: 768 px (48x48 patches, 16x16 = 256 image tokens). Rendered at that size, not upsampled.
+GEMMA4_IMAGE_SIZE = 768
 #: LLaVA-OneVision's SigLIP tile: every square image up to 384 px gives the same 1485 image tokens.
 LLAVA_ONEVISION_IMAGE_SIZE = 384
 
@@ -149,6 +158,15 @@ ADAPTERS: dict[str, Adapter] = {
     "mistral3": Adapter("mistral3", "Mistral3ForConditionalGeneration", **_MISTRAL),
     "gemma3": Adapter("gemma3", "Gemma3ForConditionalGeneration", image_placeholder="<start_of_image>",
                       image_size=GEMMA3_IMAGE_SIZE, attention="image_blocks"),
+    # Gemma 4: 256 image tokens (768 px, 16 px patches pooled 3x3) between begin/end markers that are not D, image
+    # tokens attending both ways where the config says so (use_bidirectional_attention="vision"); head widths per
+    # layer from the per-layer config (sliding 256, full 512); per-layer embeddings of the token ids beside the
+    # residual stream (`token_inputs`). In the MoE text variant the layer-level experts run beside the dense MLP:
+    # one site holds the routed experts' neurons, then the dense MLP's (docs/families-2026.md).
+    "gemma4": Adapter("gemma4", "Gemma4ForConditionalGeneration", image_placeholder="<|image|>",
+                      processor="Gemma4Processor", image_size=GEMMA4_IMAGE_SIZE, attention="image_blocks",
+                      vision_inputs=("pixel_values", "image_position_ids"), token_inputs="per_layer_inputs",
+                      experts="experts"),
     # PaliGemma (2): prefix-LM attention (the whole prompt, image and question, attends both ways; the processor's
     # token_type_ids, all 0, switch it on) and no chat template: <image> x N (SigLIP patches, no merge: 1024 at
     # 448 px), <bos>, the task-prefixed prompt, "\n". Back-patching refuses it (analyses/backpatch.py).

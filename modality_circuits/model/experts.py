@@ -3,8 +3,9 @@
 transformers stores a sparse layer's experts fused (`gate_up_proj` (E, 2I, d), `down_proj` (E, d, I)), so an
 expert's neurons are not the input of any module. `install_neuron_sites` gives each experts module a child
 `neurons` (a plain `torch.nn.Identity`) and an eager forward that passes the (tokens, E·I) neuron tensor
-through it: unit e·I + j is unit j of expert e's act(gate)·up, zero at tokens not routed to e, and a shared expert's
-neurons follow at E·I + j (every token; GLM-4.6V: `sited_block_forward`). The numbers
+through it: unit e·I + j is unit j of expert e's act(gate)·up, zero at tokens not routed to e, and an always-on
+MLP's neurons follow at E·I + j (every token): GLM-4.6V's shared expert (`sited_block_forward`), or Gemma 4's dense
+MLP beside its layer-level experts (`sited_parallel_mlp_forward`). The numbers
 are the eager implementation's; the site is read, written and differentiated like any other module input,
 here and in the serialisation dry run (remote="local"). A hosted server has its own copy of the model,
 without the site: `VLM.with_remote` refuses hosted MoE models.
@@ -24,10 +25,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Te
     return x @ weight if transposed else F.linear(x, weight)
 
 
-def sited_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    """hidden (N, d), top_k_index and top_k_weights (N, K) -> (N, d); neurons (N, E·I) go through `self.neurons`.
+def sited_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  dense: torch.Tensor | None = None):
+    """hidden (N, d), top_k_index and top_k_weights (N, K) -> (N, d); neurons (N, E·I (+ I_s)) go through `self.neurons`.
 
-    Only routed tokens are computed, expert by expert (the eager implementation's loop)."""
+    Only routed tokens are computed, expert by expert (the eager implementation's loop). The units after E·I are an
+    always-on MLP's: GLM's shared expert (computed here, its output added), or the neurons `dense` (N, I_s) of a dense
+    MLP beside the experts (Gemma 4: `sited_parallel_mlp_forward`), then (output, dense neurons after the site) is
+    returned."""
     n_experts, transposed = self.num_experts, getattr(self, "is_transposed", False)
     width = self.down_proj.shape[1] if transposed else self.down_proj.shape[-1]
     hit = [int(e) for e in torch.unique(top_k_index) if int(e) < n_experts]  # EP sentinels (== E) skipped
@@ -38,18 +43,19 @@ def sited_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
         column = torch.full_like(tokens, e)
         acts = acts.index_put((tokens, column), self._apply_gate(gate_up))  # out of place: gradients flow
     shared = self.__dict__.get("_shared")  # GLM's shared expert: every token, its neurons after the routed ones
-    if shared is None:
+    always = dense if shared is None else shared.act_fn(shared.gate_proj(hidden_states)) * shared.up_proj(hidden_states)
+    out = torch.zeros_like(hidden_states)
+    if always is None:
         acts = getattr(self, SITE)(acts.flatten(1)).view(acts.shape)
-        out = torch.zeros_like(hidden_states)
     else:
-        both = getattr(self, SITE)(torch.cat([acts.flatten(1), shared.act_fn(shared.gate_proj(hidden_states))
-                                              * shared.up_proj(hidden_states)], dim=1))
-        acts = both[:, :acts[0].numel()].view(acts.shape)
-        out = shared.down_proj(both[:, acts[0].numel():])
+        both = getattr(self, SITE)(torch.cat([acts.flatten(1), always.to(acts.dtype)], dim=1))
+        acts, always = both[:, :acts[0].numel()].view(acts.shape), both[:, acts[0].numel():]
+        if shared is not None:
+            out = shared.down_proj(always)
     for e, (tokens, slot) in zip(hit, routed):
         y = _linear(acts[tokens, e], self.down_proj[e], transposed) * top_k_weights[tokens, slot, None]
         out = out.index_add(0, tokens, y.to(out.dtype))
-    return out
+    return out if dense is None else (out, always)
 
 
 def sited_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -58,6 +64,29 @@ def sited_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     shape = hidden_states.shape
     _, top_k_weights, top_k_index = self.gate(hidden_states)
     return self.experts(hidden_states.view(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
+
+
+def sited_parallel_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A sparse Gemma 4 layer's feed-forward part, as the dense MLP `self` of a layer whose `enable_moe_block` is off:
+    x (batch, T, d) = pre_feedforward_layernorm(residual) -> the sum of the two normed branches (batch, T, d).
+
+    The dense MLP's neurons go into the experts' call (`dense`), so that they pass through the experts' site after
+    the routed ones; the router and the experts read the residual stream, which the layer's pre-feedforward norm
+    handed over (`_keep_residual`). Computes what transformers' sparse layer computes (tests/test_families_2026.py)."""
+    layer, residual = self.__dict__["_layer"], self.__dict__.pop("_residual")
+    flat = residual.reshape(-1, residual.shape[-1])
+    _, top_k_weights, top_k_index = layer.router(flat)
+    act = (self.act_fn(self.gate_proj(x)) * self.up_proj(x)).reshape(len(flat), -1)
+    routed, act = layer.experts(layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights, dense=act)
+    dense = layer.post_feedforward_layernorm_1(self.down_proj(act).reshape(x.shape))
+    return dense + layer.post_feedforward_layernorm_2(routed.reshape(residual.shape))
+
+
+def _keep_residual(self, residual: torch.Tensor) -> torch.Tensor:
+    """A Gemma 4 sparse layer's pre-feedforward norm that hands its input, the residual stream, to the dense MLP's
+    sited forward (called right after it)."""
+    self.__dict__["_mlp"].__dict__["_residual"] = residual
+    return type(self).forward(self, residual)
 
 
 def check_experts(module) -> None:
@@ -95,11 +124,17 @@ def install_neuron_sites(layers, path: str) -> None:
         if hasattr(block, "shared_experts"):  # not a child of the experts: the module tree stays the model's
             module.__dict__["_shared"] = block.shared_experts
             block.forward = types.MethodType(sited_block_forward, block)
+        elif block is layer and hasattr(layer, "mlp"):  # Gemma 4: a dense MLP beside layer-level experts
+            module.__dict__["_dense"], layer.mlp.__dict__["_layer"] = layer.mlp, layer
+            layer.pre_feedforward_layernorm.__dict__["_mlp"] = layer.mlp
+            layer.pre_feedforward_layernorm.forward = types.MethodType(_keep_residual, layer.pre_feedforward_layernorm)
+            layer.mlp.forward = types.MethodType(sited_parallel_mlp_forward, layer.mlp)
+            layer.enable_moe_block = False  # the layer's own sparse branch is the dense MLP's sited forward now
 
 
 def n_neurons(module) -> int:
-    """E·I (+ the shared expert's neurons): the width of an experts module's neuron site."""
+    """E·I (+ the shared expert's or the dense MLP's neurons): the width of an experts module's neuron site."""
     transposed = getattr(module, "is_transposed", False)
-    shared = module.__dict__.get("_shared")
+    always = module.__dict__.get("_shared", module.__dict__.get("_dense"))  # GLM's shared expert, Gemma 4's dense MLP
     return (module.num_experts * (module.down_proj.shape[1] if transposed else module.down_proj.shape[-1])
-            + (shared.down_proj.in_features if shared is not None else 0))
+            + (always.down_proj.in_features if always is not None else 0))

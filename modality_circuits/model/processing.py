@@ -56,12 +56,34 @@ class MiniProcessor:
         return BatchFeature(data)
 
 
-def without_video(cls):
-    """The transformers processor class `cls` without its video processor (every video processor needs torchvision).
+#: The processor parts `without_video` leaves out: every video processor needs torchvision, and no prompt has audio.
+LEFT_OUT = ("video_processor", "feature_extractor")
+#: The parts it keeps, in the order transformers hands them over positionally (`ProcessorMixin.from_pretrained`).
+KEPT = ("image_processor", "tokenizer")
 
-    Its image processor and tokenizer are built as usual (`from_pretrained` too); only videos are refused.
-    `ProcessorMixin.get_attributes` (checked against transformers 5.24) lists the parts a processor builds."""
-    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: ["image_processor", "tokenizer"])})
+
+def without_video(cls):
+    """The transformers processor class `cls` without its video processor (every video processor needs torchvision)
+    and audio feature extractor (Gemma 4's).
+
+    Its image processor and tokenizer are built as usual (`from_pretrained` too); only videos (and audio) are refused.
+    A class whose constructor names the parts left out gets None for them, and they are not handed on to
+    `ProcessorMixin`, which builds the parts `get_attributes` lists (checked against transformers 5.24)."""
+    import inspect
+
+    from transformers import ProcessorMixin
+
+    named = [part for part in LEFT_OUT if part in inspect.signature(cls.__init__).parameters]
+
+    class Parts(ProcessorMixin):  # after `cls` in the method order: drops the parts left out
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{k: v for k, v in kwargs.items() if k not in named})
+
+    def init(self, *args, **kwargs):
+        kwargs.update(zip(KEPT, args))  # positional parts arrive in KEPT's order, whatever cls's own order is
+        cls.__init__(self, **{part: None for part in named}, **kwargs)
+
+    return type(cls.__name__, (cls, Parts), {"get_attributes": classmethod(lambda _: list(KEPT)), "__init__": init})
 
 
 def load_processor(path: str, adapter):

@@ -46,7 +46,7 @@ class VLM:
     remote: InitVar[Any] = None  # these five (None: the default) make `settings`
     n_layers: int = field(init=False)
     n_heads: int = field(init=False)  # the most heads of any layer (Scores pad the others: docs/families-2026.md)
-    head_dim: int = field(init=False)
+    head_dim: int = field(init=False)  # the widest head of any layer
     d_mlp: int = field(init=False)  # the most neurons of any layer
     layer_heads: tuple[int, ...] = field(init=False)  # heads of each layer
     layer_head_dims: tuple[int, ...] = field(init=False)  # head width of each layer
@@ -68,13 +68,16 @@ class VLM:
         self.settings = Settings(**{k: v for k, v in given.items() if v is not None})
         tc = operator.attrgetter(self.adapter.text_config)(self.hf_model.config)
         self.n_layers = tc.num_hidden_layers
-        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         kinds = layer_heads(self.adapter, tc)  # refuses layer types the package does not know
-        self.layer_heads = tuple(getattr(tc, heads) for heads, _ in kinds)
-        self.layer_head_dims = tuple(getattr(tc, width, None) or tc.hidden_size // getattr(tc, heads)
-                                     for heads, width in kinds)
+        own = getattr(tc, "per_layer_config", None)  # transformers' per-layer overrides (Gemma 4's head widths)
+        configs = [own[i] if own is not None else tc for i in range(len(kinds))]
+        self.layer_heads = tuple(getattr(c, heads) for c, (heads, _) in zip(configs, kinds))
+        self.layer_head_dims = tuple(getattr(c, width, None) or c.hidden_size // getattr(c, heads)
+                                     for c, (heads, width) in zip(configs, kinds))
+        self.head_dim = max(self.layer_head_dims)
         self.n_heads = max(self.layer_heads)
-        if self.adapter.experts and _remote.is_hosted(self.remote):  # the server's copy has no neuron site
+        sparse = any(self.experts_of(layer) is not None for layer in self.layers(self.hf_model))
+        if sparse and _remote.is_hosted(self.remote):  # the server's copy has no neuron site (a dense Gemma 4 is fine)
             raise ValueError(f"{self.name}: a hosted mixture-of-experts model has no expert-neuron site on the "
                              "server (docs/families-2026.md); run it here or with remote='local'")
         self.layer_neurons = tuple(self.neuron_site(layer).in_features if self.experts_of(layer) is None

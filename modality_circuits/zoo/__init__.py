@@ -29,6 +29,10 @@ SHORT_NAMES = {
     "qwen3-vl-30b-a3b": "Qwen/Qwen3-VL-30B-A3B-Instruct",
     "glm-4.6v": "zai-org/GLM-4.6V",  # 106B MoE (glm4v_moe_text)
     "glm-4.6v-flash": "zai-org/GLM-4.6V-Flash",  # the small checkpoint of the same family
+    # Gemma 4 (hub ids as transformers' gemma4 sources name them; not loaded here): E2B dense with per-layer
+    # embeddings and KV-shared layers, 26B-A4B with experts beside the dense MLP.
+    "gemma-4-e2b": "google/gemma-4-e2b-it",
+    "gemma-4-26b-a4b": "google/gemma-4-26B-A4B-it",
     "gemma-3-12b": "google/gemma-3-12b-it",
     "gemma": "google/gemma-3-12b-it",
     # PaliGemma 2 "mix" (tuned on a task mixture, prompted by task prefix; gated): 448 px, 1024 image tokens.

@@ -61,6 +61,12 @@ GEMMA = Template(("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_
                   "<image_soft_token>"), "<bos><start_of_turn>user\n{body}<end_of_turn>\n<start_of_turn>model\n",
                  "<start_of_image>", (("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
                                       ("image_token", "<image_soft_token>")))
+# Gemma 4's image, audio and video tokens, named as its processor reads them (tokenizer.image_token, .boi_token, ...;
+# the processor refuses a tokenizer without the audio markers). The real checkpoint's token strings are not verified.
+GEMMA4 = Template(("<bos>", "<eos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>",
+                   "<|audio|>", "<|video|>"), "<bos><|turn>user\n{body}<turn|>\n<|turn>model\n", "<|image|>",
+                  (("boi_token", "<|image>"), ("eoi_token", "<image|>"), ("image_token", "<|image|>"),
+                   ("boa_token", "<|audio>"), ("eoa_token", "<audio|>"), ("audio_token", "<|audio|>")))
 # PaliGemma has no chat template (its recipe drops this one): prompts follow the adapter's `prompt_format`, whose
 # task prefix the tokenizer learns as words. "\n" is a token of its own, as in the real Gemma tokenizer.
 PALIGEMMA = Template(("<bos>", "<eos>", "<image>", "\n"), "{body}", "<image>", words=("answer", "en"))
@@ -289,6 +295,37 @@ def _gemma3(tok):
     return T.Gemma3ForConditionalGeneration(cfg), proc
 
 
+def _gemma4(tok):
+    """Gemma 4's MoE text model: layers (sliding, full, sliding, full), 4 heads of 8 on sliding layers and of 16
+    on full ones (per-layer config), full layers' keys as values (1 KV head), the last two layers reusing the first
+    two's keys and values with a double-wide MLP (96 neurons, 48 elsewhere), beside it in every layer 4 experts of
+    12 neurons, top-2 (site: 48 expert neurons, then the dense MLP's); per-layer embeddings of width 8; image
+    tokens attend both ways. q_norm's weights are 1/sqrt(head width): at transformers' init of 1 the unscaled
+    attention logits make the random model so sharp that IG tracks single-node patching well below r = 0.8. The real image processor and processor (without video and audio): a 64 px image is
+    resized to 96 px, 4 px patches pooled 3x3: 64 image tokens."""
+    ids = tok.convert_tokens_to_ids
+    ip = T.Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    proc = without_video(T.Gemma4Processor)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template,
+                                            image_seq_length=64)
+    text = _text(T.Gemma4TextConfig, tok, num_hidden_layers=4, global_head_dim=16, sliding_window=64,
+                 layer_types=["sliding_attention", "full_attention"] * 2, attention_k_eq_v=True,
+                 num_global_key_value_heads=1, num_kv_shared_layers=2, use_double_wide_mlp=True,
+                 vocab_size_per_layer_input=len(tok), hidden_size_per_layer_input=8,
+                 use_bidirectional_attention="vision", enable_moe_block=True, num_experts=4, top_k_experts=2,
+                 moe_intermediate_size=12)
+    vision = T.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                                  position_embedding_size=32)
+    cfg = T.Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=None,
+                         image_token_id=ids("<|image|>"), boi_token_id=ids("<|image>"), eoi_token_id=ids("<image|>"),
+                         video_token_id=ids("<|video|>"), audio_token_id=ids("<|audio|>"),
+                         boa_token_id=ids("<|audio>"), eoa_token_index=ids("<audio|>"))
+    model = T.Gemma4ForConditionalGeneration(cfg)
+    for layer in model.model.language_model.layers:  # Gemma 4 attends with scaling 1 and learns the temperature in
+        layer.self_attn.q_norm.weight.data.fill_(layer.self_attn.head_dim ** -0.5)  # q_norm: 1/sqrt(d) here
+    return model, proc
+
+
 def _paligemma(tok):
     """16 SigLIP patches of 16 px (no merge), Gemma-2 text model; the real processor, no chat template."""
     tok.chat_template, tok.bos_token, tok.eos_token = None, "<bos>", "<eos>"
@@ -323,6 +360,7 @@ TINY: dict[str, Tiny] = {
     "pixtral": Tiny(MISTRAL, _pixtral),
     "mistral3": Tiny(MISTRAL, _mistral3),
     "gemma3": Tiny(GEMMA, _gemma3),
+    "gemma4": Tiny(GEMMA4, _gemma4),
     "idefics3": Tiny(IDEFICS3, _idefics3),
     "paligemma": Tiny(PALIGEMMA, _paligemma),
     "aya_vision": Tiny(AYA, _aya_vision),
