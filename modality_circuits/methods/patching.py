@@ -37,6 +37,7 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
         effects = []
         for n, plan in chunks:
             rows_in = {key: repeat_rows(value, P, n) for key, value in decoder.items()}
+            a = view = None  # a chunk of padding units only (a narrower layer) writes nothing
             with root.trace(**rows_in, **opts):
                 if q is not None:  # each row's own prompt's per-token input (Gemma 4's per-layer embeddings)
                     feed_stack(stack, repeat_rows(e, P, n), token_key, repeat_rows(q, P, n))
