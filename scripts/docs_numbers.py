@@ -8,6 +8,7 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   scale-projection  results/scale/*.json               (the projection stored with the measurements)
   toy-time          results/toy/<task>/**/*.json       (the step times every record stores)
   organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
+  organism-seeds    results/organism-seeds/*/recovery.json (modality-circuits validate --seed S, more seeds)
   reproducibility   results/reproducibility/bench.json (python experiments/bench_reproducibility.py --json ...)
   ndif-e2e          results/ndif/e2e.json              (MC_CI_REMOTE=1 bash .ci/remote-server)
   study-share       results/toy/bench_study.json       (python experiments/bench_study.py --json ...)
@@ -160,6 +161,12 @@ def organism_recovery() -> str:
                       "Time of each invocation (a rerun reuses the finished steps): " + "; ".join(times) + "."])
 
 
+def organism_seeds() -> str:
+    from modality_circuits.study.validate import organism_tables
+
+    return "\n".join(organism_tables(ROOT / "results" / "organism-seeds"))
+
+
 def reproducibility() -> str:
     r = _read("results/reproducibility/bench.json")
     mode = {"strict": "strict (default)", "off": "off"}
@@ -241,7 +248,7 @@ GENERATORS = {"short-names": short_names, "toy-training": toy_training, "toy-res
               "scale-ratios": scale_ratios, "scale-projection": scale_projection, "toy-time": toy_time,
               "organism-recovery": organism_recovery, "reproducibility": reproducibility,
               "ndif-e2e": ndif_e2e, "study-share": study_share, "teach": teach,
-              "budget-linear": budget_linear}
+              "budget-linear": budget_linear, "organism-seeds": organism_seeds}
 
 
 def render(text: str, where: str = "") -> str:

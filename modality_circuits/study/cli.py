@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", action="store_true", help="the control organism: same sizes, no planted finding")
     p.add_argument("--out", required=True, help="folder for recovery.json and the study's files")
     p.add_argument("--tasks", nargs="+", default=None, help="the organism's tasks (default: all of them)")
-    p.add_argument("--n", type=int, default=48, help="correctly answered pairs per task and modality")
+    p.add_argument("--n", type=int, default=96, help="correctly answered pairs per task and modality (24 of them "
+                   "evaluate: fewer can leave a rarely needed planted position out at F >= 0.8)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     p.set_defaults(func=cmd_validate)
     return parser

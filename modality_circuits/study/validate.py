@@ -90,7 +90,7 @@ def recovery(circuit: Circuit, planted: tuple) -> dict:
             "found": found, "planted_heads": int(planted[0].sum()), "found_heads": int(circuit.heads.sum())}
 
 
-def validate(seed: int, control: bool = False, out: str = "results/organism", *, tasks=None, n: int = 48,
+def validate(seed: int, control: bool = False, out: str = "results/organism", *, tasks=None, n: int = 96,
              resamples: int = 1000, progress: bool = True) -> dict:
     """Run the ordinary study on organism(seed, control) and write <out>/recovery.json; returns its record."""
     from ..execution.store import check_writable
