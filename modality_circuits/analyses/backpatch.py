@@ -20,7 +20,7 @@ from ..circuits.stats import CI, bootstrap_mean
 from ..data import tasks
 from ..data.pairs import Pair, answer_token, batch, chat_text, check_layout, split
 from ..execution import budget, requests
-from ..execution.bodies import decoder_inputs, feed_stack
+from ..execution.bodies import decoder_inputs, feed_stack, rerun_from
 from ..execution.checks import finite
 from ..execution.remote import server_body
 
@@ -71,10 +71,8 @@ def _backpatch_session(model, chunks: list, inputs: dict, span: tuple, ids, visi
     start, end = span
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     tuple_out = model.adapter.layer_returns_tuple
-    decoder = {key: value for key, value in inputs.items() if key not in vision}
     P = len(inputs["input_ids"])
-    stack, inject, keys = model.decoder_stack(), model.injects(inputs), model.adapter.injections
-    token_key = model.adapter.token_inputs  # read here: the trace blocks below run on a server
+    decoder, stack, keys, inject, token_key = rerun_from(model, inputs, vision)
     with model.session():
         with root.trace(**inputs, **opts):  # cache pass
             e, g, q = decoder_inputs(layers, stack, keys, inject, token_key=token_key)  # (P, T, d); g, q or None

@@ -57,6 +57,14 @@ def embed_pass(root, inputs: dict, opts: dict, layers, stack, keys: tuple, injec
     return (e, g, q) if moe is None else (e, g, q, held)
 
 
+def rerun_from(model, inputs: dict, vision: tuple) -> tuple:
+    """(decoder-only inputs, decoder stack, injected features' keys, whether `inputs` inject features, per-token input
+    key): what a body that reruns the decoder from merged inputs reads of `model`, before its session (its trace
+    blocks run on a server, where they cannot read the adapter)."""
+    decoder = {key: value for key, value in inputs.items() if key not in vision}
+    return decoder, model.decoder_stack(), model.adapter.injections, model.injects(inputs), model.adapter.token_inputs
+
+
 def feed_stack(stack, e: torch.Tensor, token_key, q) -> None:
     """Inside a trace whose decoder starts from given inputs: with a per-token input (`Adapter.token_inputs`, q its
     rows (rows, T, ...)) the decoder stack reads e (rows, T, d) as its inputs_embeds and q as `token_key`, from which

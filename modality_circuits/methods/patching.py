@@ -10,7 +10,7 @@ import torch
 
 from ..data.pairs import Pair, batch, check_layout
 from ..execution import budget, requests
-from ..execution.bodies import add_to_output, embed_pass, feed_stack, logit_diff, repeat_rows, route_as_held
+from ..execution.bodies import add_to_output, embed_pass, feed_stack, logit_diff, repeat_rows, rerun_from, route_as_held
 from ..execution.checks import finite
 from ..execution.remote import server_body
 from .ablation import answers, logit_diffs
@@ -29,9 +29,7 @@ def _patch_session(model, chunks: list, both: dict, ids: torch.Tensor, base: tor
     root, layers, opts = model.nn, model.layers(), model.FORWARD
     sites = [(model.head_site(layer), model.neuron_site(layer)) for layer in layers]
     heads_at, moe = model.layer_heads, [model.experts_of(layer) for layer in layers]
-    decoder = {key: value for key, value in both.items() if key not in vision}
-    stack, inject, keys = model.decoder_stack(), model.injects(both), model.adapter.injections
-    token_key = model.adapter.token_inputs  # read here: the trace blocks below run on a server
+    decoder, stack, keys, inject, token_key = rerun_from(model, both, vision)
     with model.session():
         e, g, q, held = embed_pass(root, both, opts, layers, stack, keys, inject, moe=moe, token_key=token_key)
         effects = []
