@@ -6,8 +6,9 @@ now (CUDA: 80 % of the free device memory; CPU: 50 % of MemAvailable, the machin
 canonical chunk (`canonical_rows`: on a GPU what fits the card's total memory, on the CPU `CANONICAL_TOKENS`)
 and at the method's `max_rows` (default: no cap); every method passes it to `requests.chunked`. The canonical
 cap makes a chunk's composition, and with it the last float bits of a BLAS kernel's sums, independent of the
-memory free now: any budget that holds a canonical chunk gives the same chunks. A budget or `max_rows` below it gives smaller chunks, noted in `REDUCED` (the study writes the notes
-into its records) and warned (docs/reproducibility.md).
+memory free now: any budget that holds a canonical chunk gives the same chunks. A budget or `max_rows` below it
+gives smaller chunks, noted in `REDUCED` (the study writes the notes into its records) and warned
+(docs/reproducibility.md).
 
 The per-row model (b bytes per element of the model's dtype; d hidden size, I MLP width, H heads,
 L layers, T tokens, V vocabulary):
@@ -98,8 +99,8 @@ REDUCED: set[str] = set()
 def canonical_rows(model, length: int, *, backward: bool = False, extra: int = 0) -> int:
     """Rows of `length` tokens in a canonical chunk (at least 1), never derived from the memory free now: on a CUDA
     device, what fits SAFE_SHARE of the card's total memory less the weights (a property of the card: what "auto"
-    gives on an otherwise idle card); for a model
-    on a server, what fits the budget given in bytes (the server's memory, as stated); else CANONICAL_TOKENS."""
+    gives on an otherwise idle card); for a model on a server, what fits the budget given in bytes (the server's
+    memory, as stated); else CANONICAL_TOKENS."""
     device, stated = model.device, parse(model.memory_budget)
     if device.type == "cuda":
         weights = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -354,15 +356,32 @@ def _user_errors() -> tuple:
     return ValueError, OSError, steps.TooFewPairs, store.FolderInUse, RemoteUnavailable
 
 
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C: raise KeyboardInterrupt now and again every 0.2 s until the command ends. nnsight (0.8.1,
+    intervention/interleaver.py `cancel`) turns an exception raised while it unwinds an intervention into a
+    warning, so one KeyboardInterrupt can be swallowed and the run go on."""
+    signal.signal(signal.SIGALRM, _interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+    raise KeyboardInterrupt
+
+
 def _guarded(args, func) -> None:
     """Run func(args) holding --out's lock; an error is one line on stderr (exit 1) unless --debug."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    before = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:
         with contextlib.ExitStack() as held:
             args.held = held
             func(args)
     except KeyboardInterrupt:  # every result file is written atomically: what finished is kept, nothing is half
-        print(f"interrupted: finished steps are kept under {getattr(args, 'out', '.')}; the same command resumes",
-              file=sys.stderr)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        from tqdm.auto import tqdm
+
+        bars = list(tqdm._instances)  # tqdm 4.70's open bars: closed now, so the message below is the last line
+        for bar in bars:
+            bar.close()
+        print(("\n" if bars else "") + f"interrupted: finished steps are kept under {getattr(args, 'out', '.')}; the "
+              "same command resumes", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:  # every error ends the command the same way
         if getattr(args, "debug", False):
@@ -371,6 +390,10 @@ def _guarded(args, func) -> None:
         if not isinstance(err, _user_errors()):
             text = f"{type(err).__name__}: {text} (an unexpected error: --debug shows where)"
         raise SystemExit(f"modality-circuits: error: {text}") from None
+    finally:
+        if main_thread:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGINT, before)
 
 
 def main(argv=None) -> None:
