@@ -98,7 +98,7 @@ def main() -> None:
                 for name, (threads, max_rows) in RUNS.items():
                     out = f"{tmp}/{mode}-{family}-{threads}-{max_rows}.pt"
                     run_child(mode, ["values", family, modality, str(threads), str(max_rows or "-"), out])
-                    got[name] = torch.load(out)
+                    got[name] = torch.load(out, weights_only=True)
                 reference = got["1 thread"]
                 for name in list(RUNS)[1:]:
                     diff = {k: float((got[name][k] - v).abs().max() / v.abs().max()) for k, v in reference.items()}
