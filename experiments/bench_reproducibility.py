@@ -29,6 +29,7 @@ RUNS = {"1 thread": (1, None), "2 threads": (2, None), "2 threads, max_rows=1": 
 def child_values(family: str, modality: str, threads: int, max_rows, out: str) -> None:
     """Attribution sums and ablation LDs of one setting, saved to `out`."""
     import torch
+    from safetensors.torch import save_file
 
     from modality_circuits.circuits.circuit import Circuit
     from modality_circuits.data.pairs import build_pairs
@@ -41,7 +42,7 @@ def child_values(family: str, modality: str, threads: int, max_rows, out: str) -
     pairs = build_pairs("counting", modality, model, n=16, seed=1)
     s = attribute(model, pairs, steps=3, max_rows=max_rows, progress=False)
     lds = ablation_lds(model, [Circuit.from_scores(s, fraction=0.2)], pairs, max_rows=max_rows)
-    torch.save({"heads": s.heads, "neurons": s.neurons, "LDs": lds}, out)
+    save_file({"heads": s.heads.contiguous(), "neurons": s.neurons.contiguous(), "LDs": lds.contiguous()}, out)
 
 
 def child_time(repeats: int, out: str) -> None:
@@ -88,7 +89,7 @@ def main() -> None:
         else:
             child_time(int(rest[0]), rest[1])
         return
-    import torch
+    from safetensors.torch import load_file
 
     result = {"differences": [], "cpu_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,9 +97,9 @@ def main() -> None:
             for family, modality in CASES:
                 got = {}
                 for name, (threads, max_rows) in RUNS.items():
-                    out = f"{tmp}/{mode}-{family}-{threads}-{max_rows}.pt"
+                    out = f"{tmp}/{mode}-{family}-{threads}-{max_rows}.safetensors"
                     run_child(mode, ["values", family, modality, str(threads), str(max_rows or "-"), out])
-                    got[name] = torch.load(out, weights_only=True)
+                    got[name] = load_file(out)
                 reference = got["1 thread"]
                 for name in list(RUNS)[1:]:
                     diff = {k: float((got[name][k] - v).abs().max() / v.abs().max()) for k, v in reference.items()}
