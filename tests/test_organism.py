@@ -121,17 +121,31 @@ def test_report_section_from_committed_recovery(tmp_path):
     assert sum(line.startswith("| seed 0 control | ") for line in lines) == 7  # 6 circuits and the findings row
 
 
+def _changed_word(p):
+    """The data position of the one word a minimal counting pair changes."""
+    (i,) = [i for i, (a, b) in enumerate(zip(p.prompt.meta["words"], p.cf.meta["words"])) if a != b]
+    return p.spans["D"][0] + i
+
+
 def test_a_data_position_patched_alone_weighs_amp():
-    """Patching every planted node of one data position moves the answer's code AMP times as far (docs/validation.md):
+    """Patching every planted node of one data position moves the answer AMP times as far (docs/validation.md):
     colour ordering, text, the asked word: LD becomes −(2 AMP − 1) LD(p); sentiment, image, one of the three icon
-    quarters the gather averages: LD(p) (1 − 2 AMP / 3). Exact patching by plain torch hooks."""
+    quarters the gather averages: LD(p) (1 − 2 AMP / 3); counting, both modalities, a minimal pair of counts one
+    apart, the changed word (LD is linear in the count): −(2 AMP_COUNT − 1) LD(p). Exact patching by plain torch
+    hooks."""
     model, truth = O.organism(0)
     # tolerance: the relays' positions carry the longer code, so their RMSNorm divides by a little more (~1 %); the
     # icon quarters' flags are fitted (1e-4), so the sentiment gather's weights are 1/3 to within a few %
     for task, modality, target, expected, tol in (
             ("color_ordering", "text", lambda p: p.spans["D"][0] + 2 * p.prompt.meta["index"], 1 - 2 * O.AMP, 0.03),
-            ("sentiment", "image", lambda p: p.spans["D"][0] + 6, 1 - 2 * O.AMP / 3, 0.1)):
-        pairs = keep_correct(model, build_pairs(task, modality, model, n=8, seed=3))[:4]
+            ("sentiment", "image", lambda p: p.spans["D"][0] + 6, 1 - 2 * O.AMP / 3, 0.1),
+            ("counting", "text", _changed_word, 1 - 2 * O.AMP_COUNT, 0.03),
+            ("counting", "image", _changed_word, 1 - 2 * O.AMP_COUNT, 0.03)):
+        pairs = keep_correct(model, build_pairs(task, modality, model, n=64, seed=3, counterfactuals="minimal"))
+        if task == "counting":
+            pairs = [p for p in pairs if abs(p.prompt.meta["count"] - p.cf.meta["count"]) == 1]
+        pairs = pairs[:4]
+        assert len(pairs) == 4
         ph, pn = truth.masks(task, modality, pairs[0].length)
         for p in pairs:
             t = target(p)
@@ -149,7 +163,7 @@ def test_a_data_position_patched_alone_weighs_amp():
 
 @pytest.mark.parametrize("control", [False, True])
 def test_query_units_partly_shared(control):
-    """At "?" the planted image route has its own gather heads but the text route's relay neurons (so Q overlaps
+    """At "?" the planted image route has its own code gathers but the text route's relay neurons (so Q overlaps
     between D, disjoint, and G, shared); the control's routes share every Q, D and G unit."""
     _, truth = O.organism(0, control=control)
 
@@ -168,7 +182,8 @@ def test_query_units_partly_shared(control):
                 assert shared == every
             else:
                 assert not shared["D"] and every["Q"]
-                assert bool(shared["Q"]) == (kind == "neurons")  # the relays, not the gathers
+                # the relays, and counting's raw count (it reads no D unit), not the gathers of the codes
+                assert bool(shared["Q"]) == (kind == "neurons" or task == "counting")
 
 
 def test_q_between_needs_both_differences():

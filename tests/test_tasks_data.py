@@ -231,3 +231,30 @@ def test_a_registered_task_goes_everywhere_a_builtin_does(tmp_path):
     with pytest.raises(ValueError, match="known tasks: counting"):
         get_task("shapes")
     REGISTRY.pop("shape_naming")
+
+
+def test_minimal_counting_counterfactuals():
+    """counterfactuals="minimal": p' is p with |c − c'| words changed, all toward p''s count; "random" is the default
+    (the study's independent sequence); other tasks keep their own draw; an unknown setting is refused."""
+    from modality_circuits.data.tasks import sample_pairs
+    from modality_circuits.study.steps import check_settings
+
+    for p, cf in sample_pairs("counting", "text", 200, seed=1, counterfactuals="minimal"):
+        obj, c, c_cf = p.meta["obj"], p.meta["count"], cf.meta["count"]
+        changed = [i for i, (a, b) in enumerate(zip(p.meta["words"], cf.meta["words"])) if a != b]
+        assert c != c_cf and len(changed) == abs(c - c_cf) and cf.meta["words"].count(obj) == c_cf
+        assert all((p.meta["words"][i] == obj) == (c_cf < c) for i in changed)
+    random = sample_pairs("counting", "text", 50, seed=1)
+    assert [(p.data, cf.data) for p, cf in random] == [(p.data, cf.data) for p, cf in
+                                                        sample_pairs("counting", "text", 50, seed=1,
+                                                                     counterfactuals="random")]
+    assert sum(sum(a != b for a, b in zip(p.meta["words"], cf.meta["words"])) > abs(p.meta["count"] - cf.meta["count"])
+               for p, cf in random) > 25  # independent sequences change more words than the count needs
+    colour = sample_pairs("color_ordering", "text", 5, seed=2)
+    assert [(p.data, cf.data) for p, cf in colour] == [(p.data, cf.data) for p, cf in
+                                                        sample_pairs("color_ordering", "text", 5, seed=2,
+                                                                     counterfactuals="minimal")]
+    with pytest.raises(ValueError, match="counterfactuals must be one of random, minimal"):
+        sample_pairs("counting", "text", 2, counterfactuals="nearest")
+    with pytest.raises(ValueError, match="counterfactuals must be one of"):
+        check_settings(("counting",), n=8, steps=1, resamples=10, counterfactuals="nearest")

@@ -365,10 +365,11 @@ def check_layout(pairs: list[Pair]) -> None:
 
 
 def build_pairs(task: "str | Task", modality: str, model, *, n: int = 32, seed: int = 0, data_dir=None, image_size=None,
-                wording: str | None = None, positions: str = "model") -> list[Pair]:
+                wording: str | None = None, positions: str = "model", counterfactuals: str = "random") -> list[Pair]:
     """n aligned pairs of one task (a name or a `Task`) and modality for `model`, all with the same token layout and
     distinct prompts. wording: "study" or "toy" (default: the model's, `VLM.wording`). positions: "model" (the
     model's own, M-RoPE included) or "1d" (plain 1-D positions, as the reference code's Qwen2-VL port had them).
+    counterfactuals: "random" (the study's) or "minimal" (`sample_pairs`).
 
     Candidates whose counterfactual cannot be aligned, or whose prompt repeats an earlier pair's, are
     skipped; of the rest, the most common layout (length and spans) is kept. A warning counts what was
@@ -385,7 +386,7 @@ def build_pairs(task: "str | Task", modality: str, model, *, n: int = 32, seed: 
     if modality == "image":
         check_image_size(model, (size, size))
     candidates = sample_pairs(task, modality, 5 * n, seed=seed, image_size=size, data_dir=data_dir,
-                              wording=wording or model.wording)
+                              wording=wording or model.wording, counterfactuals=counterfactuals)
     layouts, rejected, seen = {}, [], set()
     for p, cf in candidates:
         if prompt_key(p) in seen:  # a repeated prompt adds no information

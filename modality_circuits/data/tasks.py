@@ -24,6 +24,9 @@ from . import render
 #: The five built-in tasks (the study's); `REGISTRY` holds them and any the user registers.
 TASKS = ("counting", "arithmetic", "color_ordering", "factual_recall", "sentiment")
 MODALITIES = ("text", "image")
+#: How p' is drawn: "random" (the task's own draw: for counting an independent sequence, as the study) or "minimal"
+#: (where a task defines one, p' changes only what the answer needs; the others keep their own).
+COUNTERFACTUALS = ("random", "minimal")
 
 # counting
 N_WORDS, MAX_COUNT = 7, 6
@@ -107,6 +110,19 @@ def _pair_counting(rng, rows):
     obj = rng.choice(OBJECTS)
     c, c_cf = rng.sample(range(1, MAX_COUNT + 1), 2)
     return _count_meta(rng, obj, c), _count_meta(rng, obj, c_cf)
+
+
+def _minimal_counting(rng, rows):
+    """p' = p with |c − c'| words changed, all the same way (matches replaced by other objects, or others by the
+    queried object): every changed word moves the count toward p''s."""
+    obj = rng.choice(OBJECTS)
+    c, c_cf = rng.sample(range(1, MAX_COUNT + 1), 2)
+    meta = _count_meta(rng, obj, c)
+    words = list(meta["words"])
+    changeable = [i for i, w in enumerate(words) if (w == obj) == (c_cf < c)]
+    for i in rng.sample(changeable, abs(c - c_cf)):
+        words[i] = rng.choice([o for o in OBJECTS if o != obj]) if c_cf < c else obj
+    return meta, {"obj": obj, "count": c_cf, "words": words}
 
 
 def _calc(a: int, op: str, b: int) -> int:
@@ -269,6 +285,7 @@ class Task:
     image(meta, size) -> the visual data part (a PIL image of size x size);
     answers() -> every answer the task can have (back-patching scores over them);
     rows(data_dir) -> the items of a row-based task (a CSV folder, see `load_image_data`), or None;
+    minimal(rng, rows) -> like `pair`, but p' changes only what the answer needs (counterfactuals="minimal"), or None;
     first_token: answers may be several words, the metric reads the first token (the generator makes it differ);
     a one-word answer a tokenizer splits (Tekken: "purple" -> "pur" "ple") is scored at its first token anyway.
     """
@@ -280,6 +297,7 @@ class Task:
     answers: Callable[[], list[str]]
     rows: Callable[[str | Path | None], list[dict]] | None = None
     first_token: bool = False
+    minimal: Callable[[random.Random, list], tuple[dict, dict]] | None = None
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -348,12 +366,15 @@ def _prompt(task: Task, modality: str, meta: dict, size: int, wording: str) -> P
 
 
 def sample_pairs(task: "str | Task", modality: str, n: int, *, seed: int = 0, image_size: int = 64,
-                 data_dir: str | Path | None = None, wording: str = "toy") -> list[tuple[Prompt, Prompt]]:
+                 data_dir: str | Path | None = None, wording: str = "toy",
+                 counterfactuals: str = "random") -> list[tuple[Prompt, Prompt]]:
     """n (prompt, counterfactual) pairs of one task and modality with different answers and the
     same query and slot structure. Deterministic given seed; the same seed gives the same items
     in both modalities. data_dir (CSV, see load_image_data) is read by row-based tasks (factual
-    recall, sentiment), for both modalities. wording: "toy" or "study" (WORDINGS)."""
+    recall, sentiment), for both modalities. wording: "toy" or "study" (WORDINGS). counterfactuals
+    (COUNTERFACTUALS): "random", the task's own p' (the study's); "minimal", its `minimal` one where it has one."""
     task = get_task(task)
+    draw = pair_function(task, counterfactuals)
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
     if wording not in WORDINGS:
@@ -364,7 +385,7 @@ def sample_pairs(task: "str | Task", modality: str, n: int, *, seed: int = 0, im
     rows = task.rows(data_dir) if task.rows is not None else []
     pairs = []
     for _ in range(n):
-        meta, cf = task.pair(rng, rows)
+        meta, cf = draw(rng, rows)
         pairs.append((_prompt(task, modality, meta, image_size, wording),
                       _prompt(task, modality, cf, image_size, wording)))
     return pairs
@@ -375,6 +396,14 @@ def _arith_results() -> tuple[str, ...]:
     results = {_calc(a, op, b) for op in OPS for a in range(10, 100) for b in range(10, 100)
                if op == "+" or op == "*" or a >= b}
     return tuple(str(r) for r in sorted(results))
+
+
+def pair_function(task: "str | Task", counterfactuals: str = "random") -> Callable:
+    """The generator of (p, p') metas the `counterfactuals` setting picks for `task`."""
+    if counterfactuals not in COUNTERFACTUALS:
+        raise ValueError(f"counterfactuals must be one of {', '.join(COUNTERFACTUALS)}, got {counterfactuals!r}")
+    task = get_task(task)
+    return task.minimal if counterfactuals == "minimal" and task.minimal is not None else task.pair
 
 
 def answer_set(task: "str | Task") -> list[str]:
@@ -436,7 +465,7 @@ def load_image_data(data_dir: str | Path, task: str) -> list[dict]:
 
 for _task in (
     Task("counting", _pair_counting, _text_counting, lambda m, size: render.object_grid(m["words"], size),
-         lambda: [str(c) for c in range(1, MAX_COUNT + 1)]),
+         lambda: [str(c) for c in range(1, MAX_COUNT + 1)], minimal=_minimal_counting),
     Task("arithmetic", _pair_arithmetic, _text_arithmetic,
          lambda m, size: render.char_grid(f"{m['a']}{m['op']}{m['b']}", size), _arith_results, first_token=True),
     Task("color_ordering", _pair_color_ordering, _text_color_ordering,

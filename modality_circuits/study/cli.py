@@ -87,6 +87,9 @@ def _study_args(p: argparse.ArgumentParser, tasks_arg: bool = True, *, threshold
     p.add_argument("--reference", action="store_true",
                    help="reproduce the study's code: its head score, interpolation, 1-D positions, mean of ratios, "
                         "nIoU formula, random draw and back-patching selection (docs/method.md section 11)")
+    p.add_argument("--counterfactuals", choices=tasks.COUNTERFACTUALS, default="random",
+                   help="how p' is drawn: 'random' (the task's own draw, as the study: for counting an independent "
+                        "sequence) or 'minimal' (counting: p' changes only the words the new count needs)")
     p.add_argument("--position-probes", type=int, default=64,
                    help="positions the exact position effect probes at most: every Q and G position and evenly spaced "
                         "D positions (0: all)")
@@ -109,7 +112,8 @@ def _study(args):
     chosen = tuple(getattr(args, "tasks", None) or [args.task])  # per-step commands name one --task
     threshold = getattr(args, "threshold", 0.8)
     steps.check_settings(chosen, n=args.n, steps=args.steps, resamples=args.resamples, threshold=threshold,
-                         image_size=args.image_size, data_dir=args.data_dir)  # before loading the model
+                         image_size=args.image_size, data_dir=args.data_dir,
+                         counterfactuals=args.counterfactuals)  # before loading the model
     from ..execution.store import check_writable
 
     check_writable(Path(args.out))
@@ -124,7 +128,7 @@ def _study(args):
                         threshold=threshold, resamples=args.resamples, all_prompts=args.all_prompts,
                         data_dir=args.data_dir, force=args.force, image_size=args.image_size,
                         memory_budget=args.memory_budget, position_probes=args.position_probes or None,
-                        reference=args.reference)
+                        reference=args.reference, counterfactuals=args.counterfactuals)
     for folder, _, _ in os.walk(study.dir):  # a read-only record folder fails here, not after the work
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(f"--out {args.out}: {folder} is not writable (make it writable or give another --out)")
@@ -263,7 +267,8 @@ def cmd_validate(args) -> None:
     """The recovery benchmark: the ordinary study on a model organism with planted circuits (docs/validation.md)."""
     from .validate import table, validate
 
-    record = validate(args.seed, args.control, args.out, tasks=args.tasks, n=args.n, resamples=args.resamples)
+    record = validate(args.seed, args.control, args.out, tasks=args.tasks, n=args.n, resamples=args.resamples,
+                      counterfactuals=args.counterfactuals)
     print(table(record))
     print(f"{record['time']['wall_s']:.0f} s ({record['time']['cpu_s']:.0f} s CPU) -> {Path(args.out) / 'recovery.json'}")
 
@@ -343,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=96, help="correctly answered pairs per task and modality (24 of them "
                    "evaluate: fewer can leave a rarely needed planted position out at F >= 0.8)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    p.add_argument("--counterfactuals", choices=tasks.COUNTERFACTUALS, default="minimal",
+                   help="how p' is drawn ('random': counting's independent sequences leave a word's net effect near "
+                        "zero on some evaluation splits; docs/validation.md)")
     p.set_defaults(func=cmd_validate)
     return parser
 

@@ -119,7 +119,8 @@ def example_pair(model, circuit: Circuit, task: str, modality: str, settings: di
     the circuit's token layout: the first candidate, or else the first of the study's 3n candidates that fits."""
     for n in (1, 3 * settings.get("n", 48)):
         pairs = build_pairs(task, modality, model, n=n, seed=settings.get("seed", 0),
-                            image_size=settings.get("image_size"), data_dir=data_dir)
+                            image_size=settings.get("image_size"), data_dir=data_dir,
+                            counterfactuals=settings.get("counterfactuals", "random"))
         fit = [p for p in pairs if p.length == circuit.heads.shape[-1] and p.spans == circuit.spans]
         if fit:
             return fit[0]

@@ -72,8 +72,11 @@ def _portable(config: dict) -> dict:
 
 
 def check_settings(tasks, *, n: int, steps: int, resamples: int, threshold: float = 0.8, image_size=None,
-                   data_dir=None) -> None:
+                   data_dir=None, counterfactuals: str = "random") -> None:
     """Refuse settings no study can run with, before any model is loaded (a row-based task's data included)."""
+    if counterfactuals not in task_defs.COUNTERFACTUALS:
+        raise ValueError(f"counterfactuals must be one of {', '.join(task_defs.COUNTERFACTUALS)}, got "
+                         f"{counterfactuals!r}")
     for name, (value, least) in {"n": (n, 4), "steps": (steps, 1), "resamples": (resamples, 10)}.items():
         if not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -124,6 +127,7 @@ class Study:
     image_size: int | None = None  # side of rendered images (None: the model's, the study's size for its family)
     position_probes: int | None = 64  # positions the exact position effect probes at most (None: all)
     fractions: tuple[float, ...] | None = None  # circuit fractions of the faithfulness curve (None: MIB + fine grid)
+    counterfactuals: str = "random"  # how p' is drawn: "random" (the study's) or "minimal" (tasks.COUNTERFACTUALS)
     method: Method = OURS  # or REFERENCE, or single reference choices: Method(head_score="abs_elementwise")
     reference: bool = False  # True: method = REFERENCE, the study's code reproduced
     # Mixture-of-experts models: "held" (every forward of a pair routed as its clean prompt p) is the only routing
@@ -137,7 +141,7 @@ class Study:
 
     def __post_init__(self):
         check_settings(self.tasks, n=self.n, steps=self.steps, resamples=self.resamples, threshold=self.threshold,
-                       image_size=self.image_size, data_dir=self.data_dir)
+                       image_size=self.image_size, data_dir=self.data_dir, counterfactuals=self.counterfactuals)
         if self.reference:
             self.method = REFERENCE
         check_routing(self.model, self.routing)
@@ -160,13 +164,14 @@ class Study:
                 "seed": self.seed, "resamples": self.resamples, "threshold": self.threshold,
                 "position_probes": self.position_probes,
                 **({"fractions": list(self.fractions)} if self.fractions else {}),
+                **({"counterfactuals": self.counterfactuals} if self.counterfactuals != "random" else {}),
                 "all_prompts": self.all_prompts, "image_size": self.image_size or self.model.image_size,
                 "wording": self.model.wording, "method": dataclasses.asdict(self.method),
                 "data": fingerprint(data) if data else None}
 
     def settings_of(self, task: str) -> dict:
         """`settings` and the task's definition (`task_key`): what the records of one task depend on."""
-        return {**self.settings, "task": task_key(task)}
+        return {**self.settings, "task": task_key(task, self.counterfactuals)}
 
     @property
     def dir(self) -> Path:
@@ -181,8 +186,8 @@ class Study:
         if key not in self._memo:
             n = self.n if self.all_prompts else 3 * self.n
             pairs = build_pairs(task, modality, self.model, n=n, seed=self.seed, data_dir=self.data_dir,
-                                positions=self.method.positions,
-                                image_size=self.image_size)
+                                positions=self.method.positions, image_size=self.image_size,
+                                counterfactuals=self.counterfactuals)
             need, have = (budget.row_bytes(self.model, pairs[0].length, backward=True),
                           budget.resolve(self.model.memory_budget, self.model.device))
             if need > have and not is_hosted(self.model.remote):  # one row must fit, or the first backward fails
@@ -216,14 +221,15 @@ class Study:
         return self._memo[key]
 
 
-def task_key(task: str) -> str:
-    """A hash of a task's definition: the source of its functions and its answer set, and for a task from a file
-    the whole file that registered it, so that a task edited under the same name is recomputed, not reused."""
+def task_key(task: str, counterfactuals: str = "random") -> str:
+    """A hash of a task's definition: the source of its functions (the pair generator `counterfactuals` picks) and
+    its answer set, and for a task from a file the whole file that registered it, so that a task edited under the
+    same name is recomputed, not reused."""
     import inspect
 
     t = task_defs.get_task(task)
     parts = [t.name, t.first_token, t.answers()]
-    for f in (t.pair, t.text, t.image, t.answers, t.rows):
+    for f in (task_defs.pair_function(t, counterfactuals), t.text, t.image, t.answers, t.rows):
         try:
             parts.append(inspect.getsource(f) if f is not None else None)
         except (OSError, TypeError):  # defined interactively: its compiled code

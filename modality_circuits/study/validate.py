@@ -91,7 +91,7 @@ def recovery(circuit: Circuit, planted: tuple) -> dict:
 
 
 def validate(seed: int, control: bool = False, out: str = "results/organism", *, tasks=None, n: int = 96,
-             resamples: int = 1000, progress: bool = True) -> dict:
+             resamples: int = 1000, counterfactuals: str = "minimal", progress: bool = True) -> dict:
     """Run the ordinary study on organism(seed, control) and write <out>/recovery.json; returns its record."""
     from ..execution.store import check_writable
     from ..zoo.planted import TASKS, check_seed, organism
@@ -99,11 +99,12 @@ def validate(seed: int, control: bool = False, out: str = "results/organism", *,
 
     seed = check_seed(seed)
     tasks = check_tasks(tuple(tasks or TASKS))
-    steps.check_settings(tasks, n=n, steps=5, resamples=resamples)
+    steps.check_settings(tasks, n=n, steps=5, resamples=resamples, counterfactuals=counterfactuals)
     check_writable(Path(out))
     start, cpu = time.perf_counter(), time.process_time()
     model, truth = organism(seed, control=control)
-    study = steps.Study(model, out=str(out), tasks=tasks, n=n, seed=seed, resamples=resamples, fractions=FRACTIONS)
+    study = steps.Study(model, out=str(out), tasks=tasks, n=n, seed=seed, resamples=resamples, fractions=FRACTIONS,
+                        counterfactuals=counterfactuals)
     steps.run(study, ("accuracy", "curve", "overlap", "interchange", "alignment", "backpatch"))
     record = {"seed": seed, "control": bool(control), "tasks": {}, "findings": {}}
     per_task = {}
@@ -140,7 +141,7 @@ def validate(seed: int, control: bool = False, out: str = "results/organism", *,
             "tasks_excluding_zero": [t for t, r in zip(tasks, rows) if r["excludes_zero"]],
         }
     record["time"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
-    record["settings"] = {"n": n, "resamples": resamples, "fractions": [FRACTIONS[0], FRACTIONS[-1], len(FRACTIONS)],
+    record["settings"] = {"n": n, "resamples": resamples, "counterfactuals": counterfactuals, "fractions": [FRACTIONS[0], FRACTIONS[-1], len(FRACTIONS)],
                           "organism": truth.settings, "study_folder": study.dir.name}
     write_json(Path(out) / "recovery.json", record)
     return record

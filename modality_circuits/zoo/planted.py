@@ -19,7 +19,10 @@ The circuit of each task (D: data, Q: query, G: generation span; every stage is 
            icon quarter sentiment, from the vision tower), the last writing the text code: image tokens become
            text-like at layer T;
   Q        at "?": a gathering head (counting: the tokens whose code matches the queried object plus a BOS
-           sink, so its output is c / (c + 1); colour ordering: the k-th colour word or row-1 patch from the
+           sink weighing SINK_WEIGHT, so its output is c / (c + 20), written AMP_COUNT times, and a raw count of
+           the same kind on the tokens' raw data, shared by the modalities, written AMP_COUNT - 1 times
+           negatively by two relay neurons, so a D node patched alone moves the count AMP_COUNT times as far;
+           colour ordering: the k-th colour word or row-1 patch from the
            left or right, a rotary position lookup; sentiment: the event word, or the icon quarters, averaged);
            the early gathers read layer 1, the late gathers of the image route layer T + 1, each route into
            its own dims; per kind two relay neurons at layer T + 1, one reading both routes' dims (shared by
@@ -53,13 +56,15 @@ SENTIMENTS = ("happy", "sad", "neutral")
 SENTIMENT_ANGLE = {s: math.pi / 8 * (1 + 6 * i) for i, s in enumerate(SENTIMENTS)}
 ICON_QUARTERS = (0, 1, 2)  # the scene icon's quarters (row-major in its 2x2 cells) that carry its sentiment
 AMP = 3.0  # a gather reads its target's code AMP times and the target's raw data AMP - 1 times negatively
+AMP_COUNT = 8.0  # the count is read from the codes AMP_COUNT times and from the raw data AMP_COUNT - 1 times negatively
+SINK_WEIGHT = 20.0  # a count gather's BOS weighs this many matches: its output c / (c + 20) is nearly linear in c
 LAYERS, HEADS, HEAD_DIM, NEURONS, HIDDEN = 6, 6, 64, 12, 384
 ROPE_THETA = 1e6
 NORM = 100.0  # every token carries NORM on its modality's norm dimension: the residual norm is ~constant
 SINK = 500.0  # score of the BOS token (zero value) in every planted head
 LOOKUP = 4000.0  # score of a colour gather's target (neighbours >= 1300 below)
 SELF = 2000.0  # scale of the self-attending heads' score (peak 3 * SELF, other positions <= 2.51 * SELF)
-_PAIR_SINK, _PAIR_MATCH, _PAIR_TOKEN = 31, 30, 29  # rotary pairs of ~zero frequency: position-free scores
+_PAIR_SINK, _PAIR_MATCH, _PAIR_TOKEN, _PAIR_CLASS = 31, 30, 29, 28  # rotary pairs of ~zero frequency: position-free
 _PAIR_TEXT, _PAIR_IMAGE = 2, 0  # rotary pairs of the colour lookups (colour words 2 tokens apart, patches 1)
 _SELF_PAIRS = (0, 2, 4)  # frequencies 1, 0.42, 0.18
 # text D: colour words at D offsets 0, 2, 4, 6 ("?" is 19 - 2 i tokens later); image: row-1 patches at D
@@ -161,7 +166,7 @@ class _Compiler:
         for name, size in (("NORM_T", 1), ("NORM_I", 1), ("BOSD", 1), ("CFLAG", 1), ("OFLAG", 1), ("IFLAG", 1),
                            ("SFLAG", 1), ("QINFO", 1), ("PRE", 2), ("CODE", 2), ("QOBJ", 2), ("ORD", 4), ("SIDE", 2),
                            ("GX", 1), ("GCL", 2), ("GCR", 2), ("GS", 2), ("GXI", 1), ("GCLI", 2), ("GCRI", 2),
-                           ("GSI", 2), ("QX", 1), ("QC", 2), ("RAW", 8), ("RAWS", 3),
+                           ("GSI", 2), ("GXR", 1), ("QX", 1), ("QC", 2), ("RAW", 8), ("RAWS", 3),
                            ("IPRE0", 2), ("ICODE0", 2), ("IPRE1", 2), ("ICODE1", 2), ("IPRE2", 2),
                            ("G0", 3), ("G0P", 3), ("G1", 3), ("FIN", 3)):
             self.dims[name] = list(range(nxt, nxt + size))
@@ -185,6 +190,7 @@ class _Compiler:
         self.used_h, self.used_n = [0] * LAYERS, [0] * LAYERS
         self.roles: dict[str, str] = {}
         self.units: dict[str, tuple] = {}  # role group -> ((layer, head), [(layer, neuron), ...])
+        self.count_out: dict[str, tuple] = {}  # count gather -> (its output dim, its gain)
         self.rng = rng
 
     def id(self, word: str) -> int:
@@ -452,6 +458,7 @@ class _Compiler:
         late = T + 1
         image_early = self.sep and T == 0
         self.count_gather(1, "count gather (early)", d("GX"))
+        self.count_gather(1, "count raw gather", d("GXR"), raw=True)  # raw data needs no translation: both routes
         for side, name in (("left", "GCL"), ("right", "GCR")):
             self.colour_gather(1, f"colour gather {side} (early)", side, self.dims[name], text=True,
                                classes=image_early)
@@ -486,18 +493,40 @@ class _Compiler:
                      self.dims["G0"], self.dims["G0P"])
         self.g_relay(late + 2, "G relay ':'", colon, assistant, self.dims["G0P"], self.dims["G1"], self.dims["FIN"])
 
-    def count_gather(self, layer, role, dst) -> None:
-        """At "?": BOS and every token whose code matches the queried object's, equally (`calibrate` sets the match
-        score to the BOS score); value 1 off BOS, so the output is c / (c + 1)."""
+    def count_gather(self, layer, role, dst, *, raw: bool = False) -> None:
+        """At "?": BOS and every token whose code matches the queried object's (raw: whose raw data does, a data word's
+        one-hot, or an image token's class in its own rotary pair), BOS weighing SINK_WEIGHT matches (`calibrate`);
+        value 1 off BOS, so the output is c / (c + SINK_WEIGHT). It writes AMP_COUNT times that; the raw one writes
+        AMP_COUNT - 1 times that, negatively, and two neurons relay it to the count at "?": together the count
+        itself, but a D node patched alone moves it AMP_COUNT times as far."""
         h = self.head(layer, role)
         self.sink(layer, h)
-        for i in range(2):  # q reads QOBJ, k reads CODE; unit strength here, scaled in `calibrate`
-            self.qk(layer, h, "q", _PAIR_MATCH, self.d("QOBJ", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
-            self.qk(layer, h, "k", _PAIR_MATCH, self.d("CODE", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
-        self.ov(layer, h, [self.d("NORM_T"), self.d("NORM_I")], [dst], [[1.0, 1.0]], math.sqrt(0.5))
+        keys = {_PAIR_MATCH: [(self.d("CODE", 0), 0.0), (self.d("CODE", 1), math.pi / 2)]}
+        if raw:  # a raw dim (1) weighs as a code dim (NORM) does; unit strength here, scaled in `calibrate`
+            keys = {_PAIR_MATCH: [(self.id(o), _angle(self.colour_of[o])) for o in self.plurals]}
+            if self.sep:
+                keys[_PAIR_CLASS] = [(self.d("RAW", k), _angle(c)) for k, c in enumerate(COLOURS8)]
+        for pair, reads in keys.items():
+            for i in range(2):  # q reads QOBJ
+                self.qk(layer, h, "q", pair, self.d("QOBJ", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
+            for dim, a in reads:
+                w = NORM if raw else 1.0
+                self.qk(layer, h, "k", pair, dim, (w * math.cos(a), w * math.sin(a)))
+        # x̂[NORM] at a data token: 1/sqrt(2) once it carries the 100-long code (image tokens before layer T + 1: 1)
+        x_image = 1.0 if self.sep and layer <= self.T else math.sqrt(0.5)
+        gain = -(AMP_COUNT - 1) if raw else AMP_COUNT
+        self.count_out[role] = (dst, gain)  # `calibrate` sets the value's scale to the data tokens' exact x̂
+        self.ov(layer, h, [self.d("NORM_T"), self.d("NORM_I")], [dst], [[gain, gain]], [math.sqrt(0.5), x_image])
         if layer > 1:  # the late gather counts image tokens only
             self.text_below(layer, h, _PAIR_TOKEN)
-        self.units[role] = ((layer, h), [])
+        ns = []
+        if raw:
+            qmark, qx = self.id("?"), self.d("QX")
+            for i in range(2):
+                n = self.neuron(layer, f"{role} relay {i}")
+                self.relay(layer, n, [qmark], 1 / NORM, [dst], 1 / NORM, qx, 0.5)
+                ns.append((layer, n))
+        self.units[role] = ((layer, h), ns)
 
     def text_below(self, layer, h, pair) -> None:
         """Text tokens (NORM_T) score far below BOS at "?" in rotary pair `pair` (a late gather reads image tokens)."""
@@ -588,8 +617,8 @@ class _Compiler:
         return (k @ q) / math.sqrt(HEAD_DIM)
 
     def calibrate(self, vlm) -> None:
-        """Match score of the count gathers := their BOS score (so the weights are exactly 1 / (c + 1)); then the
-        unembedding: colour and sentiment words read the final code, digits the count (tangent lines at each
+        """Match score of the count gathers := their BOS score − ln SINK_WEIGHT (so the weights are exactly
+        1 / (c + SINK_WEIGHT)); then the unembedding: colour and sentiment words read the final code, digits the count (tangent lines at each
         count)."""
         from ..data.pairs import build_pairs
 
@@ -597,27 +626,35 @@ class _Compiler:
         pairs = {}
         for task in TASKS:
             for modality in MODALITIES:
-                p = build_pairs(task, modality, vlm, n=24, seed=12345)
+                p = build_pairs(task, modality, vlm, n=64 if task == "counting" else 24, seed=12345)
                 pairs[task, modality] = p
                 self.spans[task, modality] = (p[0].spans, p[0].length)
-        gathers = [("count gather (early)", ("counting", "text"))]
+        gathers = [("count gather (early)", "text", _PAIR_MATCH), ("count raw gather", "text", _PAIR_MATCH)]
+        if self.sep:
+            gathers.append(("count raw gather", "image", _PAIR_CLASS))
         if "count gather (late)" in self.units:
-            gathers.append(("count gather (late)", ("counting", "image")))
-        for role, key in gathers:
+            gathers.append(("count gather (late)", "image", _PAIR_MATCH))
+        for role, modality, rot in gathers:
             (layer, h), _ = self.units[role]
-            pair = next(p for p in pairs[key] if self.plurals[p.prompt.meta["obj"]] not in self.plurals)
+            pair = next(p for p in pairs["counting", modality] if self.plurals[p.prompt.meta["obj"]] not in self.plurals)
             x = self.layer_inputs(vlm, pair, layer)
             spans = pair.spans
             q = spans["Q"][1] - 1
             d0 = spans["D"][0]
             match = next(d0 + i for i in range(7) if pair.prompt.meta["words"][i] == pair.prompt.meta["obj"])
             bos = self.head_scores(layer, h, torch.stack([x[q], x[0]]), [_PAIR_SINK])[0]
-            m = self.head_scores(layer, h, torch.stack([x[q], x[match]]), [_PAIR_MATCH])[0]
+            m = self.head_scores(layer, h, torch.stack([x[q], x[match]]), [rot])[0]
             attn = self.layers()[layer].self_attn
-            scale = math.sqrt(float(bos / m))
+            scale = math.sqrt(float((bos - math.log(SINK_WEIGHT)) / m))
             for W in (attn.q_proj.weight, attn.k_proj.weight):
-                W[h * HEAD_DIM + _PAIR_MATCH] *= scale
-                W[h * HEAD_DIM + _PAIR_MATCH + HEAD_DIM // 2] *= scale
+                W[h * HEAD_DIM + rot] *= scale
+                W[h * HEAD_DIM + rot + HEAD_DIM // 2] *= scale
+            dst, gain = self.count_out[role]  # the value: exactly `gain` per matched token of this modality
+            j = MODALITIES.index(modality)
+            attn.o_proj.weight[dst, h * HEAD_DIM + j] = gain / x[match, self.d(("NORM_T", "NORM_I")[j])]
+            if self.sep and modality == "image":  # then each class alone
+                self.calibrate_classes(vlm, layer, h, rot, pairs["counting", "image"])
+
         # unembedding
         lm = self.m.lm_head.weight
         lm.zero_()
@@ -646,6 +683,28 @@ class _Compiler:
         for c, uc in u.items():
             lm[self.id(str(c)), fin[0]] = 2 * A * uc
             lm[self.id(str(c)), self.d("NORM_T")] = -A * uc ** 2
+
+    def calibrate_classes(self, vlm, layer, h, rot, pairs) -> None:
+        """Make the match score of every object's image tokens exactly BOS − ln SINK_WEIGHT, one class at a time: a
+        fitted class is exact to ~1e-4 only, and the count is read AMP_COUNT times. The key of the class's tokens is
+        scaled through the token's class dim (RAW), which patching a D node leaves as it is."""
+        k_proj = self.layers()[layer].self_attn.k_proj.weight
+        rows = [h * HEAD_DIM + rot, h * HEAD_DIM + rot + HEAD_DIM // 2]
+        for obj, colour in self.colour_of.items():
+            if obj not in self.plurals or self.plurals[obj] in self.plurals:
+                continue
+            pair = next((p for p in pairs if p.prompt.meta["obj"] == obj), None)
+            if pair is None:
+                raise RuntimeError(f"calibration pairs ask about no {obj!r}")
+            x = self.layer_inputs(vlm, pair, layer)
+            q, d0 = pair.spans["Q"][1] - 1, pair.spans["D"][0]
+            match = next(d0 + i for i in range(7) if pair.prompt.meta["words"][i] == obj)
+            bos = self.head_scores(layer, h, torch.stack([x[q], x[0]]), [_PAIR_SINK])[0]
+            m = self.head_scores(layer, h, torch.stack([x[q], x[match]]), [rot])[0]
+            dim = self.d("RAW", COLOURS8.index(colour))
+            key = k_proj[rows] @ x[match]  # the class's key now; scaled by f through its class dim
+            f = float((bos - math.log(SINK_WEIGHT)) / m)
+            k_proj[rows, dim] += (f - 1) * key / x[match, dim]
 
     def positions(self, task: str, modality: str) -> dict:
         """Absolute positions of the organism's prompts: D items that matter, "?", ASSISTANT, ":"."""
@@ -683,6 +742,8 @@ class _Compiler:
                     gather = kind.replace(" ", " gather ", 1) if " " in kind else f"{kind} gather"
                     groups += [(f"{gather} ({when})", [pos["?"]]), (f"{kind} relay shared", [pos["?"]]),
                                (f"{kind} relay {route}", [pos["?"]])]
+                    if kind == "count":
+                        groups.append(("count raw gather", [pos["?"]]))
                 kind = "count" if task == "counting" else "colour"  # sentiment: the code, as colour
                 groups += [(f"G relay ASSISTANT ({kind})", [pos["G0"]]), (f"G relay ':' ({kind})", [pos["G1"]])]
                 heads, neurons = [], []
