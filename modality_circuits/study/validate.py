@@ -141,7 +141,8 @@ def validate(seed: int, control: bool = False, out: str = "results/organism", *,
             "tasks_excluding_zero": [t for t, r in zip(tasks, rows) if r["excludes_zero"]],
         }
     record["time"] = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
-    record["settings"] = {"n": n, "resamples": resamples, "counterfactuals": counterfactuals, "fractions": [FRACTIONS[0], FRACTIONS[-1], len(FRACTIONS)],
+    record["settings"] = {"n": n, "resamples": resamples, "counterfactuals": counterfactuals,
+                          "fractions": [FRACTIONS[0], FRACTIONS[-1], len(FRACTIONS)],
                           "organism": truth.settings, "study_folder": study.dir.name}
     write_json(Path(out) / "recovery.json", record)
     return record

@@ -56,7 +56,7 @@ SENTIMENTS = ("happy", "sad", "neutral")
 SENTIMENT_ANGLE = {s: math.pi / 8 * (1 + 6 * i) for i, s in enumerate(SENTIMENTS)}
 ICON_QUARTERS = (0, 1, 2)  # the scene icon's quarters (row-major in its 2x2 cells) that carry its sentiment
 AMP = 3.0  # a gather reads its target's code AMP times and the target's raw data AMP - 1 times negatively
-AMP_COUNT = 8.0  # the count is read from the codes AMP_COUNT times and from the raw data AMP_COUNT - 1 times negatively
+AMP_COUNT = 8.0  # the count is read from the codes AMP_COUNT times, from the raw data AMP_COUNT - 1 times negatively
 SINK_WEIGHT = 20.0  # a count gather's BOS weighs this many matches: its output c / (c + 20) is nearly linear in c
 LAYERS, HEADS, HEAD_DIM, NEURONS, HIDDEN = 6, 6, 64, 12, 384
 ROPE_THETA = 1e6
@@ -618,8 +618,8 @@ class _Compiler:
 
     def calibrate(self, vlm) -> None:
         """Match score of the count gathers := their BOS score − ln SINK_WEIGHT (so the weights are exactly
-        1 / (c + SINK_WEIGHT)); then the unembedding: colour and sentiment words read the final code, digits the count (tangent lines at each
-        count)."""
+        1 / (c + SINK_WEIGHT)) and their value exact per matched token; then the unembedding: colour and sentiment
+        words read the final code, digits the count (tangent lines at each count)."""
         from ..data.pairs import build_pairs
 
         self.spans = {}
@@ -636,16 +636,11 @@ class _Compiler:
             gathers.append(("count gather (late)", "image", _PAIR_MATCH))
         for role, modality, rot in gathers:
             (layer, h), _ = self.units[role]
-            pair = next(p for p in pairs["counting", modality] if self.plurals[p.prompt.meta["obj"]] not in self.plurals)
-            x = self.layer_inputs(vlm, pair, layer)
-            spans = pair.spans
-            q = spans["Q"][1] - 1
-            d0 = spans["D"][0]
-            match = next(d0 + i for i in range(7) if pair.prompt.meta["words"][i] == pair.prompt.meta["obj"])
-            bos = self.head_scores(layer, h, torch.stack([x[q], x[0]]), [_PAIR_SINK])[0]
-            m = self.head_scores(layer, h, torch.stack([x[q], x[match]]), [rot])[0]
+            pair = next(p for p in pairs["counting", modality]
+                        if self.plurals[p.prompt.meta["obj"]] not in self.plurals)
+            x, match, f = self.match_deficit(vlm, pair, layer, h, rot)
             attn = self.layers()[layer].self_attn
-            scale = math.sqrt(float((bos - math.log(SINK_WEIGHT)) / m))
+            scale = math.sqrt(f)
             for W in (attn.q_proj.weight, attn.k_proj.weight):
                 W[h * HEAD_DIM + rot] *= scale
                 W[h * HEAD_DIM + rot + HEAD_DIM // 2] *= scale
@@ -684,6 +679,16 @@ class _Compiler:
             lm[self.id(str(c)), fin[0]] = 2 * A * uc
             lm[self.id(str(c)), self.d("NORM_T")] = -A * uc ** 2
 
+    def match_deficit(self, vlm, pair, layer, h, rot) -> tuple[torch.Tensor, int, float]:
+        """(x̂ of the layer's input (T, d), the position of the first match of the queried object, f): the factor the
+        match score in rotary pair `rot` of head h must be multiplied by to be BOS's − ln SINK_WEIGHT."""
+        x = self.layer_inputs(vlm, pair, layer)
+        q, d0 = pair.spans["Q"][1] - 1, pair.spans["D"][0]
+        match = next(d0 + i for i in range(7) if pair.prompt.meta["words"][i] == pair.prompt.meta["obj"])
+        bos = self.head_scores(layer, h, torch.stack([x[q], x[0]]), [_PAIR_SINK])[0]
+        m = self.head_scores(layer, h, torch.stack([x[q], x[match]]), [rot])[0]
+        return x, match, float((bos - math.log(SINK_WEIGHT)) / m)
+
     def calibrate_classes(self, vlm, layer, h, rot, pairs) -> None:
         """Make the match score of every object's image tokens exactly BOS − ln SINK_WEIGHT, one class at a time: a
         fitted class is exact to ~1e-4 only, and the count is read AMP_COUNT times. The key of the class's tokens is
@@ -696,14 +701,9 @@ class _Compiler:
             pair = next((p for p in pairs if p.prompt.meta["obj"] == obj), None)
             if pair is None:
                 raise RuntimeError(f"calibration pairs ask about no {obj!r}")
-            x = self.layer_inputs(vlm, pair, layer)
-            q, d0 = pair.spans["Q"][1] - 1, pair.spans["D"][0]
-            match = next(d0 + i for i in range(7) if pair.prompt.meta["words"][i] == obj)
-            bos = self.head_scores(layer, h, torch.stack([x[q], x[0]]), [_PAIR_SINK])[0]
-            m = self.head_scores(layer, h, torch.stack([x[q], x[match]]), [rot])[0]
+            x, match, f = self.match_deficit(vlm, pair, layer, h, rot)
             dim = self.d("RAW", COLOURS8.index(colour))
             key = k_proj[rows] @ x[match]  # the class's key now; scaled by f through its class dim
-            f = float((bos - math.log(SINK_WEIGHT)) / m)
             k_proj[rows, dim] += (f - 1) * key / x[match, dim]
 
     def positions(self, task: str, modality: str) -> dict:
