@@ -8,7 +8,8 @@ Every block between `<!-- numbers:NAME -->` and `<!-- /numbers -->` is rewritten
   scale-projection  results/scale/*.json               (the projection stored with the measurements)
   toy-time          results/toy/<task>/**/*.json       (the step times every record stores)
   organism-recovery results/organism/*/recovery.json   (modality-circuits validate --seed S [--control])
-  organism-seeds    results/organism-seeds/*/recovery.json (modality-circuits validate --seed S, more seeds)
+  organism-seeds    results/organism-seeds/*/recovery.json (modality-circuits validate --seed S, more seeds; with
+                    --tasks counting --counterfactuals random into seed-S-random)
   reproducibility   results/reproducibility/bench.json (python experiments/bench_reproducibility.py --json ...)
   ndif-e2e          results/ndif/e2e.json              (MC_CI_REMOTE=1 bash .ci/remote-server)
   study-share       results/toy/bench_study.json       (python experiments/bench_study.py --json ...)

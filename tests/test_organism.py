@@ -119,6 +119,10 @@ def test_report_section_from_committed_recovery(tmp_path):
     lines = organism_section(Path(__file__).resolve().parent.parent / "results" / "organism")
     assert lines[0] == "## Does the method recover planted circuits?"
     assert sum(line.startswith("| seed 0 control | ") for line in lines) == 7  # 6 circuits and the findings row
+    from modality_circuits.study.validate import organism_tables
+
+    seeds = organism_tables(Path(__file__).resolve().parent.parent / "results" / "organism-seeds")
+    assert sum(line.startswith("| seed 3 (random p') | counting | ") for line in seeds) == 2  # labelled apart
 
 
 def _changed_word(p):

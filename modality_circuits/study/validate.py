@@ -170,7 +170,15 @@ def _excludes(f: dict) -> str:
 
 
 def _records(folder: Path) -> list[dict]:
-    return sorted((read_json(p) for p in Path(folder).glob("*/recovery.json")), key=lambda r: (r["seed"], r["control"]))
+    return sorted((read_json(p) for p in Path(folder).glob("*/recovery.json")),
+                  key=lambda r: (_name(r).endswith("p')"), r["seed"], r["control"]))
+
+
+def _name(record: dict) -> str:
+    """seed S [control] [(random p')]: a row's organism and, when not minimal, how its counterfactuals were drawn."""
+    drawn = record.get("settings", {}).get("counterfactuals", "minimal")
+    return (f"seed {record['seed']}" + (" control" if record["control"] else "")
+            + (f" ({drawn} p')" if drawn != "minimal" else ""))
 
 
 def organism_tables(folder: Path) -> list[str]:
@@ -178,7 +186,7 @@ def organism_tables(folder: Path) -> list[str]:
     records = _records(folder)
     lines = ["| organism | task | modality | precision | recall | planted | found |", "|---|---|---|---|---|---|---|"]
     for r in records:
-        name = f"seed {r['seed']}" + (" control" if r["control"] else "")
+        name = _name(r)
         for task, entry in r["tasks"].items():
             for m in ("text", "image"):
                 e = entry[m]
@@ -186,7 +194,7 @@ def organism_tables(folder: Path) -> list[str]:
                              f"{e['found']} |")
     lines += ["", "| organism | " + " | ".join(FINDINGS) + " |", "|---|" + "---|" * len(FINDINGS)]
     for r in records:
-        name = f"seed {r['seed']}" + (" control" if r["control"] else "")
+        name = _name(r)
         cells = [f"{'planted' if f['planted'] else 'absent'}, {'detected' if f['detected'] else 'not detected'}: "
                  f"{f['value']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]{_excludes(f)}"
                  for f in (r["findings"][k] for k in FINDINGS)]
