@@ -501,16 +501,17 @@ class _Compiler:
         itself, but a D node patched alone moves it AMP_COUNT times as far."""
         h = self.head(layer, role)
         self.sink(layer, h)
-        keys = {_PAIR_MATCH: [(self.d("CODE", 0), 0.0), (self.d("CODE", 1), math.pi / 2)]}
-        if raw:  # a raw dim (1) weighs as a code dim (NORM) does; unit strength here, scaled in `calibrate`
+        if not raw:
+            keys = {_PAIR_MATCH: [(self.d("CODE", 0), 0.0), (self.d("CODE", 1), math.pi / 2)]}
+        else:  # the words' one-hots, and the image tokens' classes in their own pair
             keys = {_PAIR_MATCH: [(self.id(o), _angle(self.colour_of[o])) for o in self.plurals]}
             if self.sep:
                 keys[_PAIR_CLASS] = [(self.d("RAW", k), _angle(c)) for k, c in enumerate(COLOURS8)]
+        w = NORM if raw else 1.0  # a raw dim (1) weighs as a code dim (NORM); unit strength here, scaled in `calibrate`
         for pair, reads in keys.items():
             for i in range(2):  # q reads QOBJ
                 self.qk(layer, h, "q", pair, self.d("QOBJ", i), (1.0, 0.0) if i == 0 else (0.0, 1.0))
             for dim, a in reads:
-                w = NORM if raw else 1.0
                 self.qk(layer, h, "k", pair, dim, (w * math.cos(a), w * math.sin(a)))
         # x̂[NORM] at a data token: 1/sqrt(2) once it carries the 100-long code (image tokens before layer T + 1: 1)
         x_image = 1.0 if self.sep and layer <= self.T else math.sqrt(0.5)
